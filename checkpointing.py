@@ -1,0 +1,70 @@
+"""Checkpoints of a run: `checkpoint-<step>/` directories written atomically, rotated by ignite's Checkpoint.
+
+Each holds the model and tokenizer in the save_pretrained layout plus `training_state.pt` (optimizer, scheduler,
+scaler, engine: tensors and numbers only, read back with `weights_only=True`, so nothing is unpickled). The run
+directory's top level always mirrors the newest checkpoint, by hard links, for the scripts that load a run.
+"""
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from ignite.handlers.checkpoint import BaseSaveHandler
+
+from modeling import save_model
+
+TRAINING_STATE = "training_state.pt"
+_CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
+
+
+class RunSaver(BaseSaveHandler):
+    """ignite save handler writing a whole checkpoint directory; a crash mid-write leaves the previous intact."""
+
+    def __init__(self, run_dir, model, tokenizer):
+        self.run_dir, self.model, self.tokenizer = Path(run_dir), model, tokenizer
+
+    def __call__(self, checkpoint, filename, metadata=None):
+        final = self.run_dir / filename
+        tmp = self.run_dir / f".{filename}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_model(self.model, self.tokenizer, tmp)
+        torch.save(checkpoint, tmp / TRAINING_STATE)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        publish(final, self.run_dir)
+
+    def remove(self, filename):
+        shutil.rmtree(self.run_dir / filename, ignore_errors=True)
+
+
+def publish(checkpoint_dir, run_dir):
+    """Point the run directory's model and tokenizer files at a checkpoint's, each file replaced atomically."""
+    for src in Path(checkpoint_dir).iterdir():
+        if src.name == TRAINING_STATE or not src.is_file():
+            continue
+        tmp = Path(run_dir) / f".{src.name}.link"
+        if tmp.exists():
+            tmp.unlink()
+        try:
+            os.link(src, tmp)
+        except OSError:  # file systems without hard links
+            shutil.copy2(src, tmp)
+        os.replace(tmp, Path(run_dir) / src.name)
+
+
+def latest_checkpoint(path):
+    """The checkpoint directory to resume from: `path` itself when it is one, else its newest checkpoint-<step>."""
+    path = Path(path)
+    if (path / TRAINING_STATE).is_file():
+        return path
+    found = sorted((int(m.group(1)), p) for p in path.glob("checkpoint-*")
+                   if (m := _CHECKPOINT_DIR.match(p.name)) and (p / TRAINING_STATE).is_file())
+    if not found:
+        raise FileNotFoundError(f"--resume {path}: no checkpoint-<step>/ with {TRAINING_STATE} in it")
+    return found[-1][1]
+
+
+def load_training_state(checkpoint_dir):
+    return torch.load(Path(checkpoint_dir) / TRAINING_STATE, map_location="cpu", weights_only=True)

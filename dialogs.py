@@ -1,0 +1,207 @@
+"""Readers of dialog formats, all returning PersonaChat's shape.
+
+    {"train": [dialog, ...], "valid": [dialog, ...]}
+    dialog = {"personality": [str, ...], "utterances": [{"history": [str, ...], "candidates": [str, ..., gold]}]}
+
+The gold reply is always the last candidate, as in the original repo. Formats: PersonaChat JSON, ParlAI ConvAI2
+text files (with or without candidates) and the packaged chit-chat corpus (no persona). Where a file has no
+candidates, distractors are drawn from other dialogs of the same split with a fixed seed.
+"""
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+
+NUM_DISTRACTORS = 19  # ConvAI2 has 20 candidates per utterance: 19 distractors + gold
+VALID_FRACTION = 0.05
+
+
+class DialogFormatError(ValueError):
+    """Malformed dialog data; the message names the file and the line or JSON path."""
+
+
+def read_dialogs(path, seed=42, num_distractors=NUM_DISTRACTORS, valid_fraction=VALID_FRACTION):
+    """Read any supported file into {"train", "valid"} dialogs, splitting or pairing files where needed."""
+    path = str(path)
+    if path.endswith(".txt"):
+        splits = read_parlai_splits(path, seed, valid_fraction)
+    else:
+        obj = _load_json(path)
+        if isinstance(obj, dict) and ("train" in obj or "valid" in obj):
+            splits = read_personachat(obj, path)
+        elif isinstance(obj, dict) and obj and all(isinstance(v, dict) and "messages" in v for v in obj.values()):
+            splits = split_dialogs(read_chitchat(obj, path), seed, valid_fraction)
+        else:
+            raise DialogFormatError(
+                f"{path}: unknown JSON layout: expected PersonaChat ({{'train': [...], 'valid': [...]}}) "
+                f"or the chit-chat corpus ({{id: {{'messages': [...]}}}})")
+    for name, dialogs in splits.items():
+        add_distractors(dialogs, num_distractors, seed + (0 if name == "train" else 1))
+    return splits
+
+
+def _load_json(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise DialogFormatError(f"{path}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}") from None
+
+
+def _require_strings(value, where):
+    if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
+        raise DialogFormatError(f"{where}: expected a list of strings, got {type(value).__name__}")
+
+
+def read_personachat(obj, path):
+    """Validate PersonaChat JSON as the original repo reads it; errors give the JSON path of the fault."""
+    splits = {}
+    for split in ("train", "valid"):
+        if split not in obj:
+            raise DialogFormatError(f"{path}: missing the '{split}' list")
+        if not isinstance(obj[split], list):
+            raise DialogFormatError(f"{path}: {split}: expected a list of dialogs")
+        for i, dialog in enumerate(obj[split]):
+            where = f"{path}: {split}[{i}]"
+            if not isinstance(dialog, dict) or "utterances" not in dialog:
+                raise DialogFormatError(f"{where}: expected an object with 'personality' and 'utterances'")
+            dialog.setdefault("personality", [])
+            _require_strings(dialog["personality"], f"{where}.personality")
+            if not isinstance(dialog["utterances"], list):
+                raise DialogFormatError(f"{where}.utterances: expected a list")
+            for j, utterance in enumerate(dialog["utterances"]):
+                u_where = f"{where}.utterances[{j}]"
+                if not isinstance(utterance, dict):
+                    raise DialogFormatError(f"{u_where}: expected an object with 'history' and 'candidates'")
+                for key in ("history", "candidates"):
+                    if key not in utterance:
+                        raise DialogFormatError(f"{u_where}: missing '{key}'")
+                    _require_strings(utterance[key], f"{u_where}.{key}")
+                if not utterance["candidates"]:
+                    raise DialogFormatError(f"{u_where}.candidates: empty (the gold reply must be the last one)")
+        splits[split] = obj[split]
+    return splits
+
+
+def read_chitchat(obj, path):
+    """The chit-chat corpus: consecutive messages of one sender form a turn; every turn after the first is a reply."""
+    dialogs = []
+    for conv_id, conv in obj.items():
+        messages = conv["messages"]
+        if not isinstance(messages, list):
+            raise DialogFormatError(f"{path}: {conv_id}.messages: expected a list of turns")
+        turns = []
+        for k, turn in enumerate(messages):
+            try:
+                text = " ".join(m["text"].strip() for m in turn)
+            except (TypeError, KeyError, AttributeError):
+                raise DialogFormatError(
+                    f"{path}: {conv_id}.messages[{k}]: expected a list of {{'text': str}} messages") from None
+            if text:
+                turns.append(text)
+        utterances = [{"history": turns[:i], "candidates": [turns[i]]} for i in range(1, len(turns))]
+        if utterances:
+            dialogs.append({"personality": [], "utterances": utterances})
+    return dialogs
+
+
+_PARLAI_LINE = re.compile(r"^(\d+) (.*)$")
+
+
+def read_parlai(path):
+    """ParlAI / ConvAI2 text: `N your persona: ...` lines, then `N text\\tlabel[\\t\\treward\\tcand1|cand2|...]`."""
+    dialogs, dialog, history, last_id = [], None, [], 0
+    with open(path, encoding="utf-8") as f:
+        for line_no, raw in enumerate(f, 1):
+            line = raw.rstrip("\n")
+            if not line.strip():
+                continue
+            match = _PARLAI_LINE.match(line)
+            if not match:
+                raise DialogFormatError(f"{path}:{line_no}: expected 'N text[<tab>label...]', got {line[:60]!r}")
+            line_id, rest = int(match.group(1)), match.group(2)
+            if line_id <= last_id or dialog is None:  # numbering restarts: a new episode
+                if line_id != 1:
+                    raise DialogFormatError(f"{path}:{line_no}: an episode must start at line id 1, got {line_id}")
+                dialog, history = {"personality": [], "utterances": []}, []
+                dialogs.append(dialog)
+            elif line_id != last_id + 1:
+                raise DialogFormatError(f"{path}:{line_no}: line id {line_id} follows {last_id}")
+            last_id = line_id
+            fields = rest.split("\t")
+            text = fields[0].replace("\\n", "\n")
+            if len(fields) == 1:
+                if text.startswith("your persona:"):
+                    dialog["personality"].append(text[len("your persona:"):].strip())
+                elif not text.startswith("partner's persona:"):
+                    history.append(text)  # context line without a label
+                continue
+            labels = [s for s in fields[1].split("|") if s]
+            if not labels:
+                raise DialogFormatError(f"{path}:{line_no}: a tab but no label after it")
+            gold = labels[0]
+            candidates = [c for c in fields[3].split("|") if c] if len(fields) > 3 else []
+            candidates = [c for c in candidates if c != gold] + [gold]
+            dialog["utterances"].append({"history": history + [text], "candidates": candidates})
+            history = history + [text, gold]
+    if not dialogs:
+        raise DialogFormatError(f"{path}: no dialogs found")
+    return [d for d in dialogs if d["utterances"]]
+
+
+def source_files(path):
+    """The files read_dialogs(path) reads: a ConvAI2 train file brings its valid sibling."""
+    sibling = _valid_sibling(path)
+    return [str(path)] + ([str(sibling)] if sibling is not None else [])
+
+
+def _valid_sibling(path):
+    name = Path(path).name
+    if str(path).endswith(".txt") and name.startswith("train"):
+        sibling = Path(path).with_name("valid" + name[len("train"):])
+        if sibling.exists():
+            return sibling
+    return None
+
+
+def read_parlai_splits(path, seed, valid_fraction):
+    """A ConvAI2 `train_*.txt` is paired with its `valid_*.txt` sibling; any other file is split by dialog."""
+    sibling = _valid_sibling(path)
+    if sibling is not None:
+        return {"train": read_parlai(path), "valid": read_parlai(str(sibling))}
+    return split_dialogs(read_parlai(path), seed, valid_fraction)
+
+
+def split_dialogs(dialogs, seed, valid_fraction):
+    """Hold out whole dialogs (never utterances of one dialog on both sides), chosen with a fixed seed."""
+    order = np.random.default_rng(seed).permutation(len(dialogs))
+    n_valid = max(1, int(round(len(dialogs) * valid_fraction))) if len(dialogs) > 1 else 0
+    valid_ids = set(order[:n_valid].tolist())
+    return {"train": [d for i, d in enumerate(dialogs) if i not in valid_ids],
+            "valid": [d for i, d in enumerate(dialogs) if i in valid_ids]}
+
+
+def add_distractors(dialogs, num_distractors, seed):
+    """Give every utterance that has only its gold reply `num_distractors` replies drawn from other dialogs."""
+    pool, owner = [], []
+    for d_index, dialog in enumerate(dialogs):
+        for utterance in dialog["utterances"]:
+            pool.append(utterance["candidates"][-1])
+            owner.append(d_index)
+    if not pool or num_distractors <= 0:
+        return
+    owner = np.asarray(owner)
+    rng = np.random.default_rng(seed)
+    for d_index, dialog in enumerate(dialogs):
+        for utterance in dialog["utterances"]:
+            if len(utterance["candidates"]) > 1:
+                continue
+            drawn = rng.integers(0, len(pool), size=num_distractors)
+            bad = owner[drawn] == d_index
+            for _ in range(8):  # redraw the rare picks from the same dialog
+                if not bad.any():
+                    break
+                drawn[bad] = rng.integers(0, len(pool), size=int(bad.sum()))
+                bad = owner[drawn] == d_index
+            utterance["candidates"] = [pool[k] for k in drawn] + utterance["candidates"]

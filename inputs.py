@@ -1,0 +1,203 @@
+"""Model inputs TransferTransfo-style: segments, speaker tokens, labels, truncation, batching by length.
+
+One example is one utterance with `num_candidates` replies (distractors first, gold last). Each candidate is
+laid out as
+
+    <bos> persona... | <speakerX> turn | ... | <speaker1> reply <eos>
+
+The reply is the bot's and takes <speaker1>, and turns alternate speakers backwards from it (the original
+repo's layout for its odd-length histories); every token's type is its segment's speaker token, the persona
+being the bot's own. LM labels cover the gold reply's tokens and <eos> only; the multiple-choice head reads
+the last token.
+"""
+from collections import namedtuple
+from itertools import chain
+
+import numpy as np
+import torch
+
+SPECIAL_TOKENS = ["<bos>", "<eos>", "<speaker1>", "<speaker2>", "<pad>"]
+ATTR_TO_SPECIAL_TOKEN = {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>",
+                         "additional_special_tokens": ["<speaker1>", "<speaker2>"]}
+IGNORE_INDEX = -100
+MODEL_INPUTS = ("input_ids", "token_type_ids", "attention_mask", "lm_labels", "mc_token_ids", "mc_labels")
+
+SpecialIds = namedtuple("SpecialIds", "bos eos speaker1 speaker2 pad")
+
+
+def special_ids(tokenizer):
+    ids = tokenizer.convert_tokens_to_ids(SPECIAL_TOKENS)
+    if tokenizer.unk_token_id is not None and tokenizer.unk_token_id in ids:
+        raise ValueError(f"the tokenizer lacks the special tokens {SPECIAL_TOKENS}: add them with add_special_tokens_")
+    return SpecialIds(*ids)
+
+
+def speaker_of_turn(n_turns, j, special):
+    """Speaker token of history turn j of n: the turn just before the reply is the user's (<speaker2>)."""
+    return special.speaker2 if (n_turns - j) % 2 else special.speaker1
+
+
+def build_input_from_segments(persona, history, reply, special, lm_labels=False, with_eos=True):
+    """One candidate's input_ids, token_type_ids, mc_token_ids and lm_labels (labels only when lm_labels)."""
+    n = len(history)
+    segments = [[special.bos] + list(chain(*persona))]
+    types = [special.speaker1]
+    for j, turn in enumerate(history):
+        speaker = speaker_of_turn(n, j, special)
+        segments.append([speaker] + list(turn))
+        types.append(speaker)
+    reply_segment = [special.speaker1] + list(reply) + ([special.eos] if with_eos else [])
+    segments.append(reply_segment)
+    types.append(special.speaker1)
+
+    input_ids = list(chain(*segments))
+    instance = {
+        "input_ids": input_ids,
+        "token_type_ids": [t for t, s in zip(types, segments) for _ in s],
+        "mc_token_ids": len(input_ids) - 1,
+        "lm_labels": [IGNORE_INDEX] * len(input_ids),
+    }
+    if lm_labels:
+        context_len = len(input_ids) - len(reply_segment)
+        instance["lm_labels"] = [IGNORE_INDEX] * (context_len + 1) + reply_segment[1:]
+    return instance
+
+
+def fit_context(persona, history, reply_len, max_len):
+    """Cut persona/history so that a reply of reply_len tokens fits in max_len; returns (persona, history, reply_len).
+
+    Oldest history turns go first, then the oldest persona lines; the last turn and last persona line are then
+    shortened from their start; only when even that is not enough is the reply cut (from its end).
+    """
+    persona, history = list(persona), list(history)
+
+    def total():
+        return 1 + sum(len(p) for p in persona) + sum(1 + len(h) for h in history) + 2 + reply_len
+
+    while total() > max_len and len(history) > 1:
+        history.pop(0)
+    while total() > max_len and len(persona) > 1:
+        persona.pop(0)
+    for segments in (history, persona):
+        excess = total() - max_len
+        if excess > 0 and segments:
+            segments[-1] = segments[-1][min(excess, len(segments[-1])):]
+    excess = total() - max_len
+    if excess > 0:
+        reply_len = max(reply_len - excess, 0)
+    return persona, history, reply_len
+
+
+class DoubleHeadDataset(torch.utils.data.Dataset):
+    """Examples of one split for the double-head model: each item is `num_candidates` laid-out candidates."""
+
+    def __init__(self, tokenized, split, special, num_candidates=2, max_history=2, max_len=1024,
+                 personality_permutations=1, max_examples=None):
+        self.tokenized, self.split, self.special = tokenized, split, special
+        self.max_history, self.max_len = max_history, max_len
+        self.personality_permutations = max(1, personality_permutations)
+        n_utts = tokenized.num_utterances(split)
+        if max_examples:
+            n_utts = min(n_utts, max_examples)
+        self.n_utts = n_utts
+        cand_counts = np.diff(tokenized.arrays[f"{split}.cand_offsets"])[:n_utts]
+        available = int(cand_counts.min()) if n_utts else 1
+        self.num_candidates = max(1, min(num_candidates, available) if num_candidates > 0 else available)
+
+    def __len__(self):
+        return self.n_utts * self.personality_permutations
+
+    def context_ids(self, index):
+        """Text-table ids of an item's persona (rotated for its permutation), kept history and candidates."""
+        u, permutation = index % self.n_utts, index // self.n_utts
+        persona, history, candidates = self.tokenized.utterance_ids(self.split, u)
+        if permutation and len(persona):
+            persona = np.roll(persona, permutation % len(persona))
+        return persona, history[-(2 * self.max_history + 1):], candidates[-self.num_candidates:]
+
+    def context(self, index):
+        """(persona, history, candidates) of an item as token-id arrays."""
+        return tuple(self.tokenized.texts(ids) for ids in self.context_ids(index))
+
+    def __getitem__(self, index):
+        persona, history, candidates = self.context(index)
+        longest = max(len(c) for c in candidates)
+        persona, history, reply_len = fit_context(persona, history, longest, self.max_len)
+        instances = [build_input_from_segments(persona, history, c[:reply_len], self.special,
+                                               lm_labels=(j == len(candidates) - 1))
+                     for j, c in enumerate(candidates)]
+        return {"instances": instances, "mc_labels": len(candidates) - 1}
+
+    def lengths(self):
+        """Longest candidate's input length per item, without building the inputs (for length grouping)."""
+        text_lengths = self.tokenized.text_lengths()
+        out = np.empty(len(self), dtype=np.int64)
+        for index in range(len(self)):
+            persona, history, candidates = self.context_ids(index)
+            context = 1 + int(text_lengths[persona].sum()) + int(text_lengths[history].sum()) + len(history)
+            out[index] = min(context + 2 + int(text_lengths[candidates].max()), self.max_len)
+        return out
+
+
+def collate(items, pad_id, pad_to=None):
+    """Stack items into (batch, candidates, length) tensors padded to the batch's longest (or pad_to) sequence."""
+    length = max(len(inst["input_ids"]) for item in items for inst in item["instances"])
+    length = max(length, pad_to or 0)
+    pads = {"input_ids": pad_id, "token_type_ids": pad_id, "lm_labels": IGNORE_INDEX}
+    batch = {}
+    for name, pad in pads.items():
+        batch[name] = torch.tensor([[inst[name] + [pad] * (length - len(inst[name])) for inst in item["instances"]]
+                                    for item in items], dtype=torch.long)
+    batch["attention_mask"] = torch.tensor(
+        [[[1] * len(inst["input_ids"]) + [0] * (length - len(inst["input_ids"])) for inst in item["instances"]]
+         for item in items], dtype=torch.long)
+    batch["mc_token_ids"] = torch.tensor([[inst["mc_token_ids"] for inst in item["instances"]] for item in items],
+                                         dtype=torch.long)
+    batch["mc_labels"] = torch.tensor([item["mc_labels"] for item in items], dtype=torch.long)
+    return batch
+
+
+class LengthGroupedBatchSampler(torch.utils.data.Sampler):
+    """Batches of items of similar length, so that padding each batch to its own longest wastes little.
+
+    Shuffled items are cut into groups of `group_batches` batches, each group sorted by length and cut into
+    batches, and the batches shuffled (HF's LengthGroupedSampler idea). Deterministic per (seed, epoch).
+    Distributed: batches are dealt round-robin; for training (`even=True`) the list is wrapped so every rank
+    gets the same number of batches, as DDP needs.
+    """
+
+    def __init__(self, lengths, batch_size, seed=0, shuffle=True, num_replicas=1, rank=0, even=True,
+                 group_batches=50):
+        self.lengths = np.asarray(lengths)
+        self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
+        self.num_replicas, self.rank, self.even = num_replicas, rank, even
+        self.group_batches = group_batches
+        self.epoch = 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def _all_batches(self):
+        n = len(self.lengths)
+        rng = np.random.default_rng(self.seed + self.epoch)
+        order = rng.permutation(n) if self.shuffle else np.arange(n)
+        group = self.batch_size * self.group_batches if self.shuffle else max(n, 1)
+        batches = []
+        for start in range(0, n, group):
+            chunk = order[start:start + group]
+            chunk = chunk[np.argsort(-self.lengths[chunk], kind="stable")]
+            batches += [chunk[i:i + self.batch_size].tolist() for i in range(0, len(chunk), self.batch_size)]
+        if self.shuffle:
+            batches = [batches[i] for i in rng.permutation(len(batches))]
+        if self.even and batches and len(batches) % self.num_replicas:
+            batches += batches[:self.num_replicas - len(batches) % self.num_replicas]
+        return batches
+
+    def __iter__(self):
+        return iter(self._all_batches()[self.rank::self.num_replicas])
+
+    def __len__(self):
+        n_batches = -(-len(self.lengths) // self.batch_size)
+        if self.even:
+            return -(-n_batches // self.num_replicas)
+        return len(range(self.rank, n_batches, self.num_replicas))

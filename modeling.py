@@ -1,0 +1,178 @@
+"""Model loading and the two heads: next-token LM loss and the multiple-choice "which reply is real" head.
+
+GPT and GPT-2 use transformers' own double-heads classes, so checkpoints of the original repo load. Any other
+causal LM (Llama family, e.g. the packaged SmolLM2) is wrapped in `DoubleHeads`: the LM's own head plus a linear
+multiple-choice head on the hidden state of each candidate's last token, with speaker embeddings added to the
+token embeddings TransferTransfo-style (GPT-2 adds token-type embeddings from its token matrix the same way).
+A run directory holds the LM in the save_pretrained layout (loadable by AutoModelForCausalLM alone) plus
+`mc_head.safetensors`.
+"""
+import logging
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2DoubleHeadsModel,
+                          OpenAIGPTDoubleHeadsModel)
+
+from inputs import ATTR_TO_SPECIAL_TOKEN, IGNORE_INDEX
+from utils import default_model_checkpoint
+
+logger = logging.getLogger(__name__)
+
+MC_HEAD_FILE = "mc_head.safetensors"
+GPT_DOUBLE_HEADS = {"gpt2": GPT2DoubleHeadsModel, "openai-gpt": OpenAIGPTDoubleHeadsModel}
+
+
+def shifted_nll(hidden_or_logits, lm_labels, project=None):
+    """Sum and count of next-token NLL over labelled positions (position t predicts label t+1).
+
+    With `project` (the LM head), hidden states are projected only where a label exists: the original computed
+    vocabulary logits for every token of every candidate and kept those of the gold reply alone.
+    """
+    labels = lm_labels[..., 1:]
+    mask = labels != IGNORE_INDEX
+    selected = hidden_or_logits[..., :-1, :][mask]
+    logits = project(selected) if project is not None else selected
+    nll_sum = F.cross_entropy(logits.float(), labels[mask], reduction="sum")
+    return nll_sum, mask.sum()
+
+
+class DoubleHeads(nn.Module):
+    """A causal LM with a multiple-choice head and speaker (token-type) embeddings from its token matrix."""
+
+    def __init__(self, lm, mc_dropout=0.1):
+        super().__init__()
+        self.lm = lm
+        self.mc_dropout = nn.Dropout(mc_dropout)
+        self.mc_head = nn.Linear(lm.config.hidden_size, 1)
+        nn.init.normal_(self.mc_head.weight, std=getattr(lm.config, "initializer_range", 0.02))
+        nn.init.zeros_(self.mc_head.bias)
+
+    @property
+    def config(self):
+        return self.lm.config
+
+    def forward(self, input_ids, token_type_ids=None, attention_mask=None, mc_token_ids=None, lm_labels=None):
+        """(lm_nll_sum, lm_token_count, mc_logits) for inputs shaped (batch, candidates, length)."""
+        batch, n_cand, length = input_ids.shape
+        embed = self.lm.get_input_embeddings()
+        inputs_embeds = embed(input_ids.view(-1, length))
+        if token_type_ids is not None:
+            inputs_embeds = inputs_embeds + embed(token_type_ids.view(-1, length))
+        mask = attention_mask.view(-1, length) if attention_mask is not None else None
+        hidden = self.lm.base_model(inputs_embeds=inputs_embeds, attention_mask=mask,
+                                    use_cache=False).last_hidden_state
+        mc_logits = None
+        if mc_token_ids is not None:
+            last = hidden[torch.arange(hidden.shape[0], device=hidden.device), mc_token_ids.view(-1)]
+            mc_logits = self.mc_head(self.mc_dropout(last)).view(batch, n_cand).float()
+        nll_sum, count = (shifted_nll(hidden, lm_labels.view(-1, length), self.lm.get_output_embeddings())
+                          if lm_labels is not None else (None, None))
+        return nll_sum, count, mc_logits
+
+    def save_pretrained(self, directory):
+        self.lm.save_pretrained(directory)
+        save_file({k: v.contiguous() for k, v in self.mc_head.state_dict().items()},
+                  os.path.join(directory, MC_HEAD_FILE))
+
+    def load_mc_head(self, directory):
+        path = os.path.join(directory, MC_HEAD_FILE)
+        if os.path.exists(path):
+            self.mc_head.load_state_dict(load_file(path))
+            return True
+        return False
+
+
+class GPTDoubleHeads(nn.Module):
+    """transformers' GPT/GPT-2 double-heads model behind the same forward as DoubleHeads."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.lm = model
+
+    @property
+    def config(self):
+        return self.lm.config
+
+    def forward(self, input_ids, token_type_ids=None, attention_mask=None, mc_token_ids=None, lm_labels=None):
+        out = self.lm(input_ids=input_ids, token_type_ids=token_type_ids, attention_mask=attention_mask,
+                      mc_token_ids=mc_token_ids)
+        nll_sum, count = shifted_nll(out.logits, lm_labels) if lm_labels is not None else (None, None)
+        return nll_sum, count, out.mc_logits.float() if mc_token_ids is not None else None
+
+    def save_pretrained(self, directory):
+        self.lm.save_pretrained(directory)
+
+
+def double_head_loss(outputs, mc_labels, lm_coef=1.0, mc_coef=1.0):
+    """(loss, lm_loss, mc_loss): LM loss is the mean NLL per labelled token, MC loss the mean cross-entropy."""
+    nll_sum, count, mc_logits = outputs
+    lm_loss = nll_sum / count.clamp(min=1)
+    mc_loss = F.cross_entropy(mc_logits, mc_labels)
+    return lm_coef * lm_loss + mc_coef * mc_loss, lm_loss, mc_loss
+
+
+def add_special_tokens_(model, tokenizer):
+    """Add <bos> <eos> <speaker1> <speaker2> <pad> unless present, and resize the embeddings to match."""
+    added = tokenizer.add_special_tokens(ATTR_TO_SPECIAL_TOKEN)
+    lm = model.lm
+    if added or lm.get_input_embeddings().num_embeddings != len(tokenizer):
+        lm.resize_token_embeddings(len(tokenizer))
+    lm.config.pad_token_id = tokenizer.pad_token_id
+    lm.config.bos_token_id = tokenizer.bos_token_id
+    lm.config.eos_token_id = tokenizer.eos_token_id
+    return added
+
+
+def _split_gguf(checkpoint):
+    path = Path(checkpoint)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"--model_checkpoint {checkpoint}: no such GGUF file")
+        return str(path.parent), path.name
+    return checkpoint, None
+
+
+def load_tokenizer_and_model(model_checkpoint=None, mc_dropout=0.1):
+    """Tokenizer and double-heads model from a hub id, a local directory (e.g. a run) or a GGUF file.
+
+    GGUF weights are dequantized to full precision. The special tokens are added and embeddings resized once.
+    """
+    checkpoint = model_checkpoint or default_model_checkpoint()
+    source, gguf_file = _split_gguf(checkpoint)
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    config = AutoConfig.from_pretrained(source, **kwargs)
+    if config.model_type in GPT_DOUBLE_HEADS:
+        model = GPTDoubleHeads(GPT_DOUBLE_HEADS[config.model_type].from_pretrained(source, **kwargs))
+    else:
+        lm = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kwargs)
+        if gguf_file:  # dequantized on load: a saved copy is a plain full-precision model
+            lm.hf_quantizer = None
+            if hasattr(lm.config, "quantization_config"):
+                del lm.config.quantization_config
+        model = DoubleHeads(lm, mc_dropout=mc_dropout)
+        if os.path.isdir(source) and not model.load_mc_head(source):
+            logger.info("No %s in %s: the multiple-choice head starts untrained", MC_HEAD_FILE, source)
+    add_special_tokens_(model, tokenizer)
+    return tokenizer, model
+
+
+def save_model(model, tokenizer, directory):
+    """The save_pretrained layout of model and tokenizer; what load_tokenizer_and_model reads back."""
+    os.makedirs(directory, exist_ok=True)
+    getattr(model, "module", model).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+
+
+def model_max_length(model):
+    """The longest sequence the model's positions allow."""
+    config = model.config
+    for name in ("n_positions", "max_position_embeddings", "n_ctx"):
+        if getattr(config, name, None):
+            return int(getattr(config, name))
+    return 1024

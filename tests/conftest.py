@@ -1,0 +1,72 @@
+"""Tiny random models, a word-level tokenizer and dialog files made by the tests themselves (seconds, offline)."""
+import json
+import os
+import random
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+WORDS = ("hello hi how are you i am fine good great thanks what do like to play football music read books "
+         "cats dogs my name is from the city love cooking and running today weather nice yes no maybe sure "
+         "really cool fun work school friend family eat pizza").split()
+
+
+def make_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, **{w: i + 1 for i, w in enumerate(WORDS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
+
+
+def sentence(rng, n=None):
+    return " ".join(rng.choice(WORDS) for _ in range(n or rng.randint(2, 6)))
+
+
+def make_personachat(n_train=8, n_valid=3, n_utts=3, n_cands=3, seed=0, reply_len=None):
+    rng = random.Random(seed)
+
+    def dialog():
+        turns = [sentence(rng, reply_len) for _ in range(2 * n_utts)]
+        return {"personality": [sentence(rng) for _ in range(2)],
+                "utterances": [{"history": turns[:2 * i + 1],
+                                "candidates": [sentence(rng, reply_len) for _ in range(n_cands - 1)]
+                                + [turns[2 * i + 1]]} for i in range(n_utts)]}
+
+    return {"train": [dialog() for _ in range(n_train)], "valid": [dialog() for _ in range(n_valid)]}
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory):
+    """Directories holding a tiny random Llama and a tiny random GPT-2, each with the word-level tokenizer."""
+    import torch
+    from transformers import GPT2Config, GPT2DoubleHeadsModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    tokenizer = make_tokenizer()
+    n = len(tokenizer)
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=n, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                         tie_word_embeddings=True))
+    gpt2 = GPT2DoubleHeadsModel(GPT2Config(vocab_size=n, n_positions=256, n_embd=32, n_layer=2, n_head=2,
+                                           resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                           summary_first_dropout=0.0))
+    dirs = {}
+    for name, model in (("llama", llama), ("gpt2", gpt2)):
+        d = tmp_path_factory.mktemp(name)
+        model.save_pretrained(d)
+        tokenizer.save_pretrained(d)
+        dirs[name] = str(d)
+    return dirs
+
+
+@pytest.fixture
+def personachat_file(tmp_path):
+    path = tmp_path / "personachat.json"
+    path.write_text(json.dumps(make_personachat()))
+    return str(path)

@@ -1,0 +1,240 @@
+"""Fine-tune a causal LM with an LM head and a multiple-choice head on dialogs (TransferTransfo).
+
+    python train.py                                   # packaged SmolLM2 on the packaged chit-chat corpus
+    python train.py --model_checkpoint gpt2 --dataset_path personachat
+    torchrun --nproc_per_node=2 train.py --device cpu --max_steps 10
+"""
+import hashlib
+import logging
+import os
+from argparse import ArgumentParser
+from functools import partial
+from pprint import pformat
+
+import torch
+from ignite.engine import Engine, Events
+from ignite.handlers import Checkpoint, PiecewiseLinear, ProgressBar
+from ignite.handlers.tensorboard_logger import OptimizerParamsHandler, OutputHandler, TensorboardLogger
+from ignite.metrics import Accuracy, RunningAverage
+from torch.nn.parallel import DistributedDataParallel
+
+from checkpointing import RunSaver, latest_checkpoint, load_training_state
+from inputs import DoubleHeadDataset, LengthGroupedBatchSampler, collate, special_ids
+from metrics import TokenNLL, perplexity
+from modeling import load_tokenizer_and_model, model_max_length
+from tokenized import get_dataset
+from training import amp_dtype, make_inference, make_update
+from utils import (append_jsonl, is_main_process, make_run_dir, resolve_local_rank, set_seed, setup_distributed,
+                   setup_logging, write_json)
+
+logger = logging.getLogger(__file__)
+
+
+def get_args(argv=None):
+    parser = ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--dataset_path", type=str, default="",
+                        help="PersonaChat JSON, ParlAI ConvAI2 .txt, chit-chat JSON, a URL, or 'personachat' "
+                             "(default: the packaged chit-chat corpus)")
+    parser.add_argument("--dataset_cache", type=str, default="./dataset_cache",
+                        help="Directory of downloads and tokenized-dataset caches (default: ./dataset_cache)")
+    parser.add_argument("--model_checkpoint", type=str, default="",
+                        help="Hub id, local directory (e.g. a run) or .gguf file (default: the packaged SmolLM2)")
+    parser.add_argument("--num_candidates", type=int, default=2, help="Candidates per example, gold included (default: 2)")
+    parser.add_argument("--max_history", type=int, default=2, help="Previous exchanges kept in history (default: 2)")
+    parser.add_argument("--train_batch_size", type=int, default=4, help="Batch size per process for training (default: 4)")
+    parser.add_argument("--valid_batch_size", type=int, default=4, help="Batch size per process for validation (default: 4)")
+    parser.add_argument("--gradient_accumulation_steps", type=int, default=8,
+                        help="Batches whose gradients make one optimizer step (default: 8)")
+    parser.add_argument("--lr", type=float, default=6.25e-5, help="Peak learning rate (default: 6.25e-5)")
+    parser.add_argument("--lm_coef", type=float, default=1.0, help="LM loss coefficient (default: 1.0)")
+    parser.add_argument("--mc_coef", type=float, default=1.0, help="Multiple-choice loss coefficient (default: 1.0)")
+    parser.add_argument("--max_norm", type=float, default=1.0, help="Gradient clipping norm (default: 1.0)")
+    parser.add_argument("--n_epochs", type=int, default=3, help="Training epochs (default: 3)")
+    parser.add_argument("--max_steps", type=int, default=0,
+                        help="Stop after this many optimizer steps, then validate and save (default: 0, no limit)")
+    parser.add_argument("--warmup_steps", type=int, default=0, help="Linear warm-up optimizer steps (default: 0)")
+    parser.add_argument("--personality_permutations", type=int, default=1,
+                        help="Rotations of the persona sentences per example (default: 1)")
+    parser.add_argument("--max_valid_examples", type=int, default=0,
+                        help="Validate on at most this many examples (default: 0, all)")
+    parser.add_argument("--max_seq_len", type=int, default=0,
+                        help="Longest input in tokens; longer ones lose their oldest history (default: 0, the model's)")
+    parser.add_argument("--eval_before_start", action="store_true", help="Validate once before training")
+    parser.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--fp16", type=str, default="",
+                        help="Mixed precision with torch.amp: fp16 (O1/O2/O3 also mean fp16) or bf16 (default: off)")
+    parser.add_argument("--gradient_checkpointing", action="store_true",
+                        help="Recompute activations in backward: less memory for long histories and many candidates")
+    parser.add_argument("--seed", type=int, default=42, help="Seed of data order, dropout and splits (default: 42)")
+    parser.add_argument("--resume", type=str, default="",
+                        help="Run directory or checkpoint-<step> directory to resume from")
+    parser.add_argument("--output_dir", type=str, default="",
+                        help="Run directory (default: runs/<date>_<host>_<model>)")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=-1,
+                        help="Set by torch.distributed.launch; torchrun sets LOCAL_RANK instead")
+    return parser.parse_args(argv)
+
+
+def get_data_loaders(args, tokenizer, max_len, world_size, rank):
+    """Length-grouped loaders, each batch padded to its own longest sequence."""
+    if not is_main_process():
+        torch.distributed.barrier()  # rank 0 downloads and tokenizes first; the others read its cache
+    data = get_dataset(tokenizer, args.dataset_path, args.dataset_cache, args.seed)
+    if is_main_process() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    special = special_ids(tokenizer)
+    common = dict(max_history=args.max_history, max_len=max_len, num_candidates=args.num_candidates)
+    train_set = DoubleHeadDataset(data, "train", special, personality_permutations=args.personality_permutations,
+                                  **common)
+    valid_set = DoubleHeadDataset(data, "valid", special, max_examples=args.max_valid_examples or None, **common)
+    train_sampler = LengthGroupedBatchSampler(train_set.lengths(), args.train_batch_size, seed=args.seed,
+                                              num_replicas=world_size, rank=rank)
+    valid_sampler = LengthGroupedBatchSampler(valid_set.lengths(), args.valid_batch_size, shuffle=False,
+                                              num_replicas=world_size, rank=rank, even=False)
+    collate_fn = partial(collate, pad_id=special.pad)
+    train_loader = torch.utils.data.DataLoader(train_set, batch_sampler=train_sampler, collate_fn=collate_fn)
+    valid_loader = torch.utils.data.DataLoader(valid_set, batch_sampler=valid_sampler, collate_fn=collate_fn)
+    logger.info("Train: %d examples of %d candidates; valid: %d examples of %d candidates",
+                len(train_set), train_set.num_candidates, len(valid_set), valid_set.num_candidates)
+    return train_loader, valid_loader, train_sampler
+
+
+def check_replicas_agree(model):
+    """Raise unless every rank holds the same weights: DDP's promise, checked once at the end of a run."""
+    digest = hashlib.sha256()
+    for p in model.parameters():
+        digest.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    digests = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(digests, digest.hexdigest())
+    if any(d != digests[0] for d in digests):
+        raise RuntimeError("ranks ended with different weights")
+    logger.info("Weights identical on all %d ranks", len(digests))
+
+
+def train(argv=None):
+    args = get_args(argv)
+    local_rank = resolve_local_rank(args.local_rank)
+    setup_logging(local_rank)
+    device = setup_distributed(local_rank, args.device)
+    distributed = torch.distributed.is_initialized()
+    world_size, rank = (torch.distributed.get_world_size(), torch.distributed.get_rank()) if distributed else (1, 0)
+    logger.warning("Running process %d of %d on %s", rank, world_size, device)
+    logger.info("Arguments: %s", pformat(vars(args)))
+    set_seed(args.seed)
+    dtype = amp_dtype(args.fp16)
+
+    resume_dir = latest_checkpoint(args.resume) if args.resume else None
+    tokenizer, model = load_tokenizer_and_model(str(resume_dir) if resume_dir else args.model_checkpoint)
+    run_dir = resume_dir.parent if resume_dir else (args.output_dir or make_run_dir(
+        args.model_checkpoint or "SmolLM2-135M-Instruct"))
+    max_len = min(args.max_seq_len or model_max_length(model), model_max_length(model))
+    train_loader, valid_loader, train_sampler = get_data_loaders(args, tokenizer, max_len, world_size, rank)
+
+    accum = args.gradient_accumulation_steps
+    total_steps = args.n_epochs * len(train_loader) // accum
+    if args.max_steps:
+        total_steps = min(total_steps, args.max_steps) if total_steps else args.max_steps
+    if total_steps < 1:
+        raise ValueError(f"--gradient_accumulation_steps {accum} is more than the {len(train_loader)} batches "
+                         f"of {args.n_epochs} epoch(s): no optimizer step would be taken")
+
+    model.to(device)
+    if args.gradient_checkpointing:
+        model.lm.gradient_checkpointing_enable()
+    raw_model = model
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    if distributed:
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    def step_of(engine):
+        return engine.state.iteration // accum
+
+    trainer = Engine(make_update(model, optimizer, scaler, device, dtype, accum, args.lm_coef, args.mc_coef,
+                                 args.max_norm, where=f"The last good checkpoint stays in {run_dir}"))
+    evaluator = Engine(make_inference(raw_model, device, dtype))
+    TokenNLL(output_transform=lambda o: o["nll"], device=device).attach(evaluator, "nll")
+    Accuracy(output_transform=lambda o: o["mc"], device=device).attach(evaluator, "mc_accuracy")
+
+    # Linear decay from lr to zero over the optimizer steps (after an optional linear warm-up), set per batch.
+    milestones = [(0, args.lr), (total_steps * accum, 0.0)]
+    if args.warmup_steps:
+        warmup = min(args.warmup_steps, total_steps - 1) * accum
+        milestones = [(0, 0.0)] + ([(warmup, args.lr)] if warmup > 0 else []) + [(total_steps * accum, 0.0)]
+    scheduler = PiecewiseLinear(optimizer, "lr", milestones)
+    trainer.add_event_handler(Events.ITERATION_STARTED, scheduler)
+
+    @trainer.on(Events.EPOCH_STARTED)
+    def reseed(engine):  # data order and dropout depend on (seed, epoch) only: resuming replays them
+        train_sampler.set_epoch(engine.state.epoch)
+        torch.manual_seed(args.seed + engine.state.epoch)
+
+    if args.max_steps:
+        @trainer.on(Events.ITERATION_COMPLETED)
+        def stop_at_max_steps(engine):
+            if engine.state.iteration % accum == 0 and step_of(engine) >= args.max_steps:
+                engine.terminate()
+
+    to_save = {"trainer": trainer, "optimizer": optimizer, "lr_scheduler": scheduler, "scaler": scaler}
+    checkpoint = Checkpoint(to_save, RunSaver(run_dir, raw_model, tokenizer), n_saved=2,
+                            filename_pattern="checkpoint-{global_step}",
+                            global_step_transform=lambda engine, _: step_of(engine))
+    main = rank == 0
+    if main:
+        os.makedirs(run_dir, exist_ok=True)
+        write_json(os.path.join(run_dir, "training_args.json"),
+                   dict(vars(args), run_dir=str(run_dir), world_size=world_size, max_seq_len_used=max_len,
+                        total_steps=total_steps))
+        RunningAverage(output_transform=lambda o: o["loss"]).attach(trainer, "loss")
+        ProgressBar(persist=True).attach(trainer, metric_names=["loss"])
+        tb_logger = TensorboardLogger(log_dir=str(run_dir))
+        tb_logger.attach(trainer, OutputHandler(tag="training", output_transform=lambda o: o),
+                         event_name=Events.ITERATION_COMPLETED)
+        tb_logger.attach(trainer, OptimizerParamsHandler(optimizer), event_name=Events.ITERATION_STARTED)
+
+    def validate(engine):
+        evaluator.run(valid_loader)
+        metrics = dict(evaluator.state.metrics)
+        metrics["ppl"] = perplexity(metrics["nll"])
+        if main:
+            record = {"step": step_of(engine), "epoch": engine.state.epoch, **metrics}
+            append_jsonl(os.path.join(run_dir, "metrics.jsonl"), record)
+            for name, value in metrics.items():
+                tb_logger.writer.add_scalar(f"validation/{name}", value, step_of(engine))
+            logger.info("Validation at step %d: %s", step_of(engine), pformat(metrics))
+        return metrics
+
+    saved = {"step": None}
+
+    def validate_and_save(engine):
+        if saved["step"] == step_of(engine):  # the last epoch's end and the run's end are the same step
+            return
+        validate(engine)
+        if main:
+            checkpoint(engine)
+        saved["step"] = step_of(engine)
+
+    if args.eval_before_start:
+        trainer.add_event_handler(Events.STARTED, validate)
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, validate_and_save)
+    trainer.add_event_handler(Events.COMPLETED, validate_and_save)
+
+    if resume_dir:
+        Checkpoint.load_objects(to_load=to_save, checkpoint=load_training_state(resume_dir))
+        saved["step"] = step_of(trainer)
+        logger.info("Resumed from %s at optimizer step %d", resume_dir, step_of(trainer))
+
+    trainer.run(train_loader, max_epochs=args.n_epochs)
+    if distributed:
+        check_replicas_agree(raw_model)
+    if main:
+        tb_logger.close()
+        logger.info("Run saved in %s (load it with --model_checkpoint %s)", run_dir, run_dir)
+    if distributed:
+        torch.distributed.destroy_process_group()
+    return run_dir
+
+
+if __name__ == "__main__":
+    train()

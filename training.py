@@ -1,0 +1,81 @@
+"""The process functions of the ignite engines: one training micro-batch, one validation batch.
+
+Kept out of train.py so that their mechanics (autocast, loss, gradient accumulation, clipping, scaling, the
+non-finite-loss stop) are tested on their own.
+"""
+import contextlib
+
+import torch
+
+from modeling import double_head_loss
+
+
+def amp_dtype(fp16):
+    """torch.amp dtype of --fp16: '' or O0 off, O1-O3 or fp16 half precision, bf16 bfloat16."""
+    value = fp16.strip().lower()
+    if value in ("", "o0", "no", "fp32"):
+        return None
+    if value in ("o1", "o2", "o3", "fp16", "float16"):
+        return torch.float16
+    if value in ("bf16", "bfloat16"):
+        return torch.bfloat16
+    raise ValueError(f"--fp16 {fp16!r}: use fp16 (or O1, O2, O3), bf16, or leave it empty")
+
+
+def autocast(device, dtype):
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+def forward(model, batch):
+    return model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"], batch["mc_token_ids"],
+                 batch["lm_labels"])
+
+
+def make_update(model, optimizer, scaler, device, dtype=None, accumulation_steps=1, lm_coef=1.0, mc_coef=1.0,
+                max_norm=1.0, where=""):
+    """Process function of the trainer: backward on every batch, an optimizer step every `accumulation_steps`.
+
+    Each batch's loss is divided by accumulation_steps, so k batches of b examples step as one batch of k*b
+    (exactly, when the batches hold equal numbers of reply tokens). Under DDP, gradients are only all-reduced
+    on the stepping batch. A non-finite loss raises FloatingPointError naming the step, before anything is saved.
+    """
+    distributed = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+
+    def update(engine, batch):
+        model.train()
+        batch = {k: v.to(device) for k, v in batch.items()}
+        stepping = engine.state.iteration % accumulation_steps == 0
+        with contextlib.nullcontext() if stepping or not distributed else model.no_sync():
+            with autocast(device, dtype):
+                outputs = forward(model, batch)
+            loss, lm_loss, mc_loss = double_head_loss(outputs, batch["mc_labels"], lm_coef, mc_coef)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"loss is {loss.item()} at iteration {engine.state.iteration} (optimizer step "
+                    f"{engine.state.iteration // accumulation_steps}); stopping. {where}")
+            scaler.scale(loss / accumulation_steps).backward()
+        if stepping:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+        return {"loss": loss.item(), "lm_loss": lm_loss.item(), "mc_loss": mc_loss.item()}
+
+    return update
+
+
+def make_inference(model, device, dtype=None):
+    """Process function of the evaluator: (nll_sum, token_count) and (mc_logits, mc_labels) per batch.
+
+    Give it the bare module, not DDP's wrapper: no collectives, so ranks may hold unequal numbers of batches.
+    """
+
+    def inference(engine, batch):
+        model.eval()
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with torch.no_grad(), autocast(device, dtype):
+            nll_sum, count, mc_logits = forward(model, batch)
+        return {"nll": (nll_sum, count), "mc": (mc_logits, batch["mc_labels"])}
+
+    return inference

