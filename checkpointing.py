@@ -4,6 +4,7 @@ Each holds the model and tokenizer in the save_pretrained layout plus `training_
 scaler, engine: tensors and numbers only, read back with `weights_only=True`, so nothing is unpickled). The run
 directory's top level always mirrors the newest checkpoint, by hard links, for the scripts that load a run.
 """
+import json
 import os
 import re
 import shutil
@@ -12,7 +13,7 @@ from pathlib import Path
 import torch
 from ignite.handlers.checkpoint import BaseSaveHandler
 
-from modeling import save_model
+from modeling import load_tokenizer_and_model, save_model
 
 TRAINING_STATE = "training_state.pt"
 _CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
@@ -68,3 +69,24 @@ def latest_checkpoint(path):
 
 def load_training_state(checkpoint_dir):
     return torch.load(Path(checkpoint_dir) / TRAINING_STATE, map_location="cpu", weights_only=True)
+
+
+def summarize_run(run_dir):
+    """Load a run back as later scripts do, and return its validation history (one dict per validation)."""
+    _, model = load_tokenizer_and_model(str(run_dir))
+    with open(Path(run_dir) / "metrics.jsonl") as f:
+        history = [json.loads(line) for line in f]
+    return model, history
+
+
+if __name__ == "__main__":
+    import sys
+
+    model, history = summarize_run(sys.argv[1])
+    print(f"Loaded {sys.argv[1]}: {type(model.lm).__name__}, {model.lm.num_parameters():,} parameters")
+    for record in history:
+        print(f"  step {record['step']:>5}: ppl {record['ppl']:9.2f}  nll {record['nll']:.4f}  "
+              f"mc_accuracy {record['mc_accuracy']:.3f}")
+    if len(history) > 1:
+        first, last = history[0]["ppl"], history[-1]["ppl"]
+        print(f"Validation perplexity {first:.2f} -> {last:.2f} ({'lower' if last < first else 'NOT lower'})")

@@ -3,9 +3,11 @@
 GPT and GPT-2 use transformers' own double-heads classes, so checkpoints of the original repo load. Any other
 causal LM (Llama family, e.g. the packaged SmolLM2) is wrapped in `DoubleHeads`: the LM's own head plus a linear
 multiple-choice head on the hidden state of each candidate's last token, with speaker embeddings added to the
-token embeddings TransferTransfo-style (GPT-2 adds token-type embeddings from its token matrix the same way).
+token embeddings TransferTransfo-style. GPT-2 takes its token-type embeddings from its token matrix; ours are
+their own two vectors, started at zero, so that the model starts exactly where the pretrained LM is (adding
+the freshly made <speaker> token vectors to every position multiplied SmolLM2's starting perplexity by ten).
 A run directory holds the LM in the save_pretrained layout (loadable by AutoModelForCausalLM alone) plus
-`mc_head.safetensors`.
+`double_heads.safetensors` (multiple-choice head and speaker embeddings).
 """
 import logging
 import os
@@ -23,7 +25,7 @@ from utils import default_model_checkpoint
 
 logger = logging.getLogger(__name__)
 
-MC_HEAD_FILE = "mc_head.safetensors"
+HEADS_FILE = "double_heads.safetensors"
 GPT_DOUBLE_HEADS = {"gpt2": GPT2DoubleHeadsModel, "openai-gpt": OpenAIGPTDoubleHeadsModel}
 
 
@@ -42,11 +44,13 @@ def shifted_nll(hidden_or_logits, lm_labels, project=None):
 
 
 class DoubleHeads(nn.Module):
-    """A causal LM with a multiple-choice head and speaker (token-type) embeddings from its token matrix."""
+    """A causal LM with a multiple-choice head and speaker embeddings added where token_type_ids name a speaker."""
 
-    def __init__(self, lm, mc_dropout=0.1):
+    def __init__(self, lm, speaker_ids, mc_dropout=0.1):
         super().__init__()
         self.lm = lm
+        self.register_buffer("speaker_ids", torch.tensor(speaker_ids, dtype=torch.long), persistent=False)
+        self.speaker_embeddings = nn.Parameter(torch.zeros(len(speaker_ids), lm.config.hidden_size))
         self.mc_dropout = nn.Dropout(mc_dropout)
         self.mc_head = nn.Linear(lm.config.hidden_size, 1)
         nn.init.normal_(self.mc_head.weight, std=getattr(lm.config, "initializer_range", 0.02))
@@ -59,10 +63,10 @@ class DoubleHeads(nn.Module):
     def forward(self, input_ids, token_type_ids=None, attention_mask=None, mc_token_ids=None, lm_labels=None):
         """(lm_nll_sum, lm_token_count, mc_logits) for inputs shaped (batch, candidates, length)."""
         batch, n_cand, length = input_ids.shape
-        embed = self.lm.get_input_embeddings()
-        inputs_embeds = embed(input_ids.view(-1, length))
+        inputs_embeds = self.lm.get_input_embeddings()(input_ids.view(-1, length))
         if token_type_ids is not None:
-            inputs_embeds = inputs_embeds + embed(token_type_ids.view(-1, length))
+            speaker = token_type_ids.view(-1, length, 1) == self.speaker_ids  # (sequences, length, speakers)
+            inputs_embeds = inputs_embeds + speaker.to(inputs_embeds.dtype) @ self.speaker_embeddings
         mask = attention_mask.view(-1, length) if attention_mask is not None else None
         hidden = self.lm.base_model(inputs_embeds=inputs_embeds, attention_mask=mask,
                                     use_cache=False).last_hidden_state
@@ -74,17 +78,27 @@ class DoubleHeads(nn.Module):
                           if lm_labels is not None else (None, None))
         return nll_sum, count, mc_logits
 
+    def heads_state(self):
+        return {"speaker_embeddings": self.speaker_embeddings.detach(),
+                **{f"mc_head.{k}": v.detach() for k, v in self.mc_head.state_dict().items()}}
+
     def save_pretrained(self, directory):
         self.lm.save_pretrained(directory)
-        save_file({k: v.contiguous() for k, v in self.mc_head.state_dict().items()},
-                  os.path.join(directory, MC_HEAD_FILE))
+        save_file({k: v.contiguous() for k, v in self.heads_state().items()}, os.path.join(directory, HEADS_FILE),
+                  metadata={"speaker_ids": ",".join(map(str, self.speaker_ids.tolist()))})
 
-    def load_mc_head(self, directory):
-        path = os.path.join(directory, MC_HEAD_FILE)
-        if os.path.exists(path):
-            self.mc_head.load_state_dict(load_file(path))
-            return True
-        return False
+    def load_heads(self, directory):
+        """Load the heads saved beside an LM; False when there are none (a plain pretrained LM)."""
+        path = os.path.join(directory, HEADS_FILE)
+        if not os.path.exists(path):
+            return False
+        state = load_file(path)
+        if set(state) != set(self.heads_state()) or state["speaker_embeddings"].shape != self.speaker_embeddings.shape:
+            raise ValueError(f"{path}: expected tensors {sorted(self.heads_state())} of this model's sizes")
+        with torch.no_grad():
+            self.speaker_embeddings.copy_(state["speaker_embeddings"])
+            self.mc_head.load_state_dict({k[len("mc_head."):]: v for k, v in state.items() if k.startswith("mc_head.")})
+        return True
 
 
 class GPTDoubleHeads(nn.Module):
@@ -116,10 +130,9 @@ def double_head_loss(outputs, mc_labels, lm_coef=1.0, mc_coef=1.0):
     return lm_coef * lm_loss + mc_coef * mc_loss, lm_loss, mc_loss
 
 
-def add_special_tokens_(model, tokenizer):
-    """Add <bos> <eos> <speaker1> <speaker2> <pad> unless present, and resize the embeddings to match."""
+def add_special_tokens_(lm, tokenizer):
+    """Add <bos> <eos> <speaker1> <speaker2> <pad> unless present, and resize the LM's embeddings to match."""
     added = tokenizer.add_special_tokens(ATTR_TO_SPECIAL_TOKEN)
-    lm = model.lm
     if added or lm.get_input_embeddings().num_embeddings != len(tokenizer):
         lm.resize_token_embeddings(len(tokenizer))
     lm.config.pad_token_id = tokenizer.pad_token_id
@@ -148,17 +161,20 @@ def load_tokenizer_and_model(model_checkpoint=None, mc_dropout=0.1):
     tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     config = AutoConfig.from_pretrained(source, **kwargs)
     if config.model_type in GPT_DOUBLE_HEADS:
-        model = GPTDoubleHeads(GPT_DOUBLE_HEADS[config.model_type].from_pretrained(source, **kwargs))
-    else:
-        lm = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kwargs)
-        if gguf_file:  # dequantized on load: a saved copy is a plain full-precision model
-            lm.hf_quantizer = None
-            if hasattr(lm.config, "quantization_config"):
-                del lm.config.quantization_config
-        model = DoubleHeads(lm, mc_dropout=mc_dropout)
-        if os.path.isdir(source) and not model.load_mc_head(source):
-            logger.info("No %s in %s: the multiple-choice head starts untrained", MC_HEAD_FILE, source)
-    add_special_tokens_(model, tokenizer)
+        lm = GPT_DOUBLE_HEADS[config.model_type].from_pretrained(source, **kwargs)
+        add_special_tokens_(lm, tokenizer)
+        return tokenizer, GPTDoubleHeads(lm)
+    lm = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kwargs)
+    if gguf_file:  # dequantized on load: a saved copy is a plain full-precision model
+        lm.hf_quantizer = None
+        if hasattr(lm.config, "quantization_config"):
+            del lm.config.quantization_config
+    add_special_tokens_(lm, tokenizer)
+    speaker_ids = tokenizer.convert_tokens_to_ids(ATTR_TO_SPECIAL_TOKEN["additional_special_tokens"])
+    model = DoubleHeads(lm, speaker_ids, mc_dropout=mc_dropout)
+    if not (os.path.isdir(source) and model.load_heads(source)):
+        logger.info("No %s in %s: the multiple-choice head and speaker embeddings start untrained",
+                    HEADS_FILE, source)
     return tokenizer, model
 
 

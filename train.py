@@ -9,6 +9,7 @@ import logging
 import os
 from argparse import ArgumentParser
 from functools import partial
+from pathlib import Path
 from pprint import pformat
 
 import torch
@@ -126,7 +127,7 @@ def train(argv=None):
 
     resume_dir = latest_checkpoint(args.resume) if args.resume else None
     tokenizer, model = load_tokenizer_and_model(str(resume_dir) if resume_dir else args.model_checkpoint)
-    run_dir = resume_dir.parent if resume_dir else (args.output_dir or make_run_dir(
+    run_dir = resume_dir.parent if resume_dir else Path(args.output_dir or make_run_dir(
         args.model_checkpoint or "SmolLM2-135M-Instruct"))
     max_len = min(args.max_seq_len or model_max_length(model), model_max_length(model))
     train_loader, valid_loader, train_sampler = get_data_loaders(args, tokenizer, max_len, world_size, rank)
@@ -181,12 +182,12 @@ def train(argv=None):
                             filename_pattern="checkpoint-{global_step}",
                             global_step_transform=lambda engine, _: step_of(engine))
     main = rank == 0
+    RunningAverage(output_transform=lambda o: o["loss"]).attach(trainer, "loss")  # all ranks: it all-reduces
     if main:
         os.makedirs(run_dir, exist_ok=True)
         write_json(os.path.join(run_dir, "training_args.json"),
                    dict(vars(args), run_dir=str(run_dir), world_size=world_size, max_seq_len_used=max_len,
                         total_steps=total_steps))
-        RunningAverage(output_transform=lambda o: o["loss"]).attach(trainer, "loss")
         ProgressBar(persist=True).attach(trainer, metric_names=["loss"])
         tb_logger = TensorboardLogger(log_dir=str(run_dir))
         tb_logger.attach(trainer, OutputHandler(tag="training", output_transform=lambda o: o),

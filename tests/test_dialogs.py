@@ -1,0 +1,106 @@
+import json
+
+import pytest
+
+from conftest import make_personachat
+from dialogs import DialogFormatError, read_dialogs, source_files
+
+CONVAI2_WITH_CANDS = (
+    "1 your persona: i like cats.\n"
+    "2 your persona: i read books.\n"
+    "3 hi , how are you ?\ti am fine , thanks .\t\tnope|i am fine , thanks .|bye\n"
+    "4 do you have pets ?\tyes , two cats .\t\tyes , two cats .|no|maybe\n"
+    "1 your persona: i play football.\n"
+    "2 partner's persona: i am a chef.\n"
+    "3 hello !\they there .\t\tok|hey there .|sure\n"
+)
+CONVAI2_NO_CANDS = "".join(
+    f"1 your persona: persona {d}.\n2 turn {d} a\treply {d} a\n3 turn {d} b\treply {d} b\n" for d in range(6))
+
+
+def write(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def test_personachat_json_is_read_as_is(personachat_file):
+    data = read_dialogs(personachat_file)
+    original = make_personachat()
+    assert data["train"] == original["train"] and data["valid"] == original["valid"]
+
+
+def test_convai2_text_with_candidates_puts_gold_last_and_builds_history(tmp_path):
+    train = write(tmp_path, "train_self_original.txt", CONVAI2_WITH_CANDS)
+    write(tmp_path, "valid_self_original.txt", CONVAI2_WITH_CANDS)
+    data = read_dialogs(train)
+    first, second = data["train"]
+    assert first["personality"] == ["i like cats.", "i read books."]
+    assert second["personality"] == ["i play football."]  # partner's persona lines are not ours
+    assert first["utterances"][0] == {"history": ["hi , how are you ?"],
+                                      "candidates": ["nope", "bye", "i am fine , thanks ."]}
+    assert first["utterances"][1]["history"] == ["hi , how are you ?", "i am fine , thanks .", "do you have pets ?"]
+    assert first["utterances"][1]["candidates"][-1] == "yes , two cats ."
+    assert len(data["valid"]) == 2  # the valid_ sibling file is the valid split
+    assert source_files(train) == [train, str(tmp_path / "valid_self_original.txt")]
+
+
+def test_convai2_no_cands_gets_seeded_distractors_from_other_dialogs(tmp_path):
+    path = write(tmp_path, "train_no_cands.txt", CONVAI2_NO_CANDS)
+    data = read_dialogs(path, seed=1, num_distractors=4, valid_fraction=0.34)
+    assert len(data["valid"]) == 2 and len(data["train"]) == 4
+    for split in data.values():
+        for dialog in split:
+            own = {u["candidates"][-1] for u in dialog["utterances"]}
+            for utterance in dialog["utterances"]:
+                assert len(utterance["candidates"]) == 5
+                assert not own & set(utterance["candidates"][:-1])
+    assert read_dialogs(path, seed=1, num_distractors=4, valid_fraction=0.34) == data
+    assert read_dialogs(path, seed=2, num_distractors=4, valid_fraction=0.34) != data
+
+
+def test_chitchat_corpus_joins_messages_of_a_turn_and_splits_whole_dialogs(tmp_path):
+    convs = {f"c{k}": {"messages": [[{"text": f"hi {k}"}, {"text": "there"}], [{"text": f"yo {k}"}],
+                                    [{"text": f"bye {k}"}]]} for k in range(20)}
+    convs["lonely"] = {"messages": [[{"text": "anyone?"}]]}  # one turn: nothing to reply to
+    data = read_dialogs(write(tmp_path, "chat.json", json.dumps(convs)), num_distractors=3, valid_fraction=0.1)
+    assert len(data["train"]) == 18 and len(data["valid"]) == 2
+    dialog = data["train"][0]
+    k = dialog["utterances"][0]["history"][0].split()[1]
+    assert dialog["utterances"][0]["history"] == [f"hi {k} there"]
+    assert dialog["utterances"][1] == {"history": [f"hi {k} there", f"yo {k}"],
+                                       "candidates": dialog["utterances"][1]["candidates"][:3] + [f"bye {k}"]}
+
+
+@pytest.mark.parametrize("text, message", [
+    ("x your persona: a\n", "train_bad.txt:1: expected 'N text"),
+    ("1 hi\tok\n3 there\tyes\n", "train_bad.txt:2: line id 3 follows 1"),
+    ("2 hi\tok\n", "train_bad.txt:1: an episode must start at line id 1"),
+    ("1 hi\tok\n2 there\t\n", "train_bad.txt:2: a tab but no label"),
+])
+def test_malformed_convai2_lines_are_named(tmp_path, text, message):
+    with pytest.raises(DialogFormatError, match=message):
+        read_dialogs(write(tmp_path, "train_bad.txt", text))
+
+
+def test_malformed_json_names_line_and_column(tmp_path):
+    with pytest.raises(DialogFormatError, match=r"broken.json:2:\d+: invalid JSON"):
+        read_dialogs(write(tmp_path, "broken.json", '{"train": [\n  {"personality": ]}'))
+
+
+@pytest.mark.parametrize("mutate, where", [
+    (lambda d: d["train"][1]["utterances"][2].update(candidates=[]), r"train\[1\].utterances\[2\].candidates: empty"),
+    (lambda d: d["valid"][0]["utterances"][0].update(history="hi"), r"valid\[0\].utterances\[0\].history: expected"),
+    (lambda d: d["train"][0].update(personality=[3]), r"train\[0\].personality: expected a list of strings"),
+    (lambda d: d.pop("valid"), "missing the 'valid' list"),
+])
+def test_malformed_personachat_names_the_json_path(tmp_path, mutate, where):
+    data = make_personachat()
+    mutate(data)
+    with pytest.raises(DialogFormatError, match=where):
+        read_dialogs(write(tmp_path, "pc.json", json.dumps(data)))
+
+
+def test_unknown_json_layout_is_an_error(tmp_path):
+    with pytest.raises(DialogFormatError, match="unknown JSON layout"):
+        read_dialogs(write(tmp_path, "x.json", "[1, 2]"))

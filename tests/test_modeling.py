@@ -1,0 +1,122 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import make_personachat
+from inputs import SPECIAL_TOKENS, DoubleHeadDataset, collate, special_ids
+from modeling import DoubleHeads, GPTDoubleHeads, double_head_loss, load_tokenizer_and_model, save_model
+from tokenized import tokenize_dialogs
+from training import forward
+
+
+def batch_for(tokenizer, n=3, num_candidates=3, pad_to=None):
+    data = tokenize_dialogs(make_personachat(), tokenizer)
+    ds = DoubleHeadDataset(data, "train", special_ids(tokenizer), num_candidates=num_candidates)
+    return collate([ds[i] for i in range(n)], special_ids(tokenizer).pad, pad_to=pad_to)
+
+
+@pytest.fixture(params=["llama", "gpt2"])
+def loaded(request, tiny_dirs):
+    torch.manual_seed(0)
+    tokenizer, model = load_tokenizer_and_model(tiny_dirs[request.param])
+    return request.param, tokenizer, model.eval()
+
+
+def test_gpt_family_uses_transformers_double_heads_and_others_get_ours(loaded):
+    name, tokenizer, model = loaded
+    assert isinstance(model, GPTDoubleHeads if name == "gpt2" else DoubleHeads)
+    assert type(model.lm).__name__ == ("GPT2DoubleHeadsModel" if name == "gpt2" else "LlamaForCausalLM")
+    assert model.lm.get_input_embeddings().num_embeddings == len(tokenizer)
+    assert all(tokenizer.convert_tokens_to_ids(t) != tokenizer.unk_token_id for t in SPECIAL_TOKENS)
+
+
+def test_gpt2_losses_equal_transformers_own(tiny_dirs):
+    tokenizer, model = load_tokenizer_and_model(tiny_dirs["gpt2"])
+    model.eval()
+    batch = batch_for(tokenizer)
+    with torch.no_grad():
+        _, lm_loss, mc_loss = double_head_loss(forward(model, batch), batch["mc_labels"])
+        hf = model.lm(input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"],
+                      attention_mask=batch["attention_mask"], mc_token_ids=batch["mc_token_ids"],
+                      labels=batch["lm_labels"], mc_labels=batch["mc_labels"])
+    assert lm_loss.item() == pytest.approx(hf.loss.item(), rel=1e-5)
+    assert mc_loss.item() == pytest.approx(hf.mc_loss.item(), rel=1e-5)
+
+
+def test_llama_losses_equal_an_independent_computation(tiny_dirs):
+    tokenizer, model = load_tokenizer_and_model(tiny_dirs["llama"])
+    model.eval()
+    torch.nn.init.normal_(model.speaker_embeddings)
+    batch = batch_for(tokenizer)
+    b, c, length = batch["input_ids"].shape
+    with torch.no_grad():
+        loss, lm_loss, mc_loss = double_head_loss(forward(model, batch), batch["mc_labels"], lm_coef=2.0, mc_coef=0.5)
+        ids, types = batch["input_ids"].view(-1, length), batch["token_type_ids"].view(-1, length)
+        s1, s2 = tokenizer.convert_tokens_to_ids(["<speaker1>", "<speaker2>"])
+        speaker = torch.zeros(ids.shape + (model.config.hidden_size,))
+        speaker[types == s1] = model.speaker_embeddings[0]
+        speaker[types == s2] = model.speaker_embeddings[1]
+        embeds = model.lm.get_input_embeddings()(ids) + speaker
+        out = model.lm(inputs_embeds=embeds, attention_mask=batch["attention_mask"].view(-1, length))
+        labels = batch["lm_labels"].view(-1, length)
+        expected_lm = F.cross_entropy(out.logits[:, :-1].reshape(-1, out.logits.shape[-1]), labels[:, 1:].reshape(-1),
+                                      ignore_index=-100)
+        hidden = model.lm.model(inputs_embeds=embeds,
+                                attention_mask=batch["attention_mask"].view(-1, length)).last_hidden_state
+        hidden = hidden.view(b, c, length, -1)
+        mc_logits = torch.stack([torch.stack([model.mc_head(hidden[i, j, batch["mc_token_ids"][i, j]])[0]
+                                              for j in range(c)]) for i in range(b)])
+        expected_mc = F.cross_entropy(mc_logits, batch["mc_labels"])
+    assert lm_loss.item() == pytest.approx(expected_lm.item(), rel=1e-5)
+    assert mc_loss.item() == pytest.approx(expected_mc.item(), rel=1e-5)
+    assert loss.item() == pytest.approx(2.0 * expected_lm.item() + 0.5 * expected_mc.item(), rel=1e-5)
+
+
+def test_speaker_embeddings_start_at_zero_then_change_the_output(tiny_dirs):
+    tokenizer, model = load_tokenizer_and_model(tiny_dirs["llama"])
+    model.eval()
+    batch = batch_for(tokenizer)
+    no_types = batch["input_ids"], None, batch["attention_mask"], batch["mc_token_ids"], batch["lm_labels"]
+    with torch.no_grad():
+        assert torch.equal(forward(model, batch)[0], model(*no_types)[0])  # starts as the pretrained LM
+        torch.nn.init.normal_(model.speaker_embeddings)
+        assert not torch.allclose(forward(model, batch)[0], model(*no_types)[0])
+
+
+def test_extra_padding_changes_nothing(loaded):
+    _, tokenizer, model = loaded
+    tight, padded = batch_for(tokenizer), batch_for(tokenizer, pad_to=80)
+    assert padded["input_ids"].shape[-1] == 80 > tight["input_ids"].shape[-1]
+    with torch.no_grad():
+        a, b = forward(model, tight), forward(model, padded)
+    assert a[1] == b[1]
+    assert a[0].item() == pytest.approx(b[0].item(), rel=1e-4)
+    assert torch.allclose(a[2], b[2], atol=1e-5)
+
+
+def test_save_and_reload_gives_the_same_outputs_and_adds_tokens_once(loaded, tmp_path):
+    _, tokenizer, model = loaded
+    with torch.no_grad():  # trained-looking heads, so that the round trip has something to carry
+        for name, p in model.named_parameters():
+            if "mc_head" in name or "multiple_choice" in name or "speaker" in name:
+                torch.nn.init.normal_(p)
+    save_model(model, tokenizer, tmp_path)
+    tokenizer2, model2 = load_tokenizer_and_model(str(tmp_path))
+    model2.eval()
+    assert len(tokenizer2) == len(tokenizer)
+    assert {p.name for p in tmp_path.iterdir()} >= {"config.json", "model.safetensors", "tokenizer.json"}
+    assert model2.lm.get_input_embeddings().num_embeddings == len(tokenizer)
+    batch = batch_for(tokenizer)
+    with torch.no_grad():
+        a, b = forward(model, batch), forward(model2, batch)
+    assert a[0].item() == pytest.approx(b[0].item(), rel=1e-6)
+    assert torch.allclose(a[2], b[2], atol=1e-6)
+
+
+def test_heads_file_of_another_model_is_refused(tiny_dirs, tmp_path):
+    from safetensors.torch import save_file
+    tokenizer, model = load_tokenizer_and_model(tiny_dirs["llama"])
+    save_model(model, tokenizer, tmp_path)
+    save_file({"speaker_embeddings": torch.zeros(2, 7)}, tmp_path / "double_heads.safetensors")
+    with pytest.raises(ValueError, match="double_heads.safetensors: expected tensors"):
+        load_tokenizer_and_model(str(tmp_path))

@@ -1,0 +1,140 @@
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train as train_script
+from conftest import ROOT
+from modeling import load_tokenizer_and_model
+from test_dialogs import CONVAI2_NO_CANDS, CONVAI2_WITH_CANDS
+
+
+def tiny_args(tiny_dirs, data, tmp_path, out="run", *extra):
+    return ["--model_checkpoint", tiny_dirs["llama"], "--dataset_path", data,
+            "--dataset_cache", str(tmp_path / "cache"), "--train_batch_size", "2", "--valid_batch_size", "2",
+            "--gradient_accumulation_steps", "2", "--device", "cpu", "--lr", "1e-2",
+            "--output_dir", str(tmp_path / out), *extra]
+
+
+def read_metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_run_directory_holds_what_later_scripts_load(tiny_dirs, personachat_file, tmp_path):
+    run_dir = train_script.train(tiny_args(tiny_dirs, personachat_file, tmp_path, "run", "--n_epochs", "2",
+                                           "--eval_before_start"))
+    names = set(os.listdir(run_dir))
+    assert {"config.json", "model.safetensors", "double_heads.safetensors", "tokenizer.json", "training_args.json",
+            "metrics.jsonl"} <= names
+    assert any(n.startswith("events.out.tfevents") for n in names)
+    assert sorted(n for n in names if n.startswith("checkpoint-")) == ["checkpoint-12", "checkpoint-6"]
+    metrics = read_metrics(run_dir)
+    assert [m["step"] for m in metrics] == [0, 6, 12]
+    for m in metrics:
+        assert m["ppl"] == pytest.approx(math.exp(m["nll"])) and 0 <= m["mc_accuracy"] <= 1
+    assert metrics[-1]["nll"] < metrics[0]["nll"]
+    args = json.load(open(os.path.join(run_dir, "training_args.json")))
+    assert args["n_epochs"] == 2 and args["total_steps"] == 12
+    tokenizer, model = load_tokenizer_and_model(str(run_dir))
+    saved = load_file(os.path.join(run_dir, "double_heads.safetensors"))
+    assert torch.equal(model.mc_head.weight, saved["mc_head.weight"])
+    assert torch.equal(model.speaker_embeddings, saved["speaker_embeddings"])
+    assert saved["speaker_embeddings"].abs().sum() > 0  # trained away from their zero start
+
+
+def test_max_steps_stops_then_validates_and_saves(tiny_dirs, personachat_file, tmp_path):
+    run_dir = train_script.train(tiny_args(tiny_dirs, personachat_file, tmp_path, "run", "--max_steps", "2",
+                                           "--max_valid_examples", "3"))
+    assert [m["step"] for m in read_metrics(run_dir)] == [2]
+    assert os.path.isdir(os.path.join(run_dir, "checkpoint-2"))
+
+
+def test_resume_after_an_interruption_equals_an_uninterrupted_run(tiny_dirs, personachat_file, tmp_path,
+                                                                  monkeypatch):
+    whole = train_script.train(tiny_args(tiny_dirs, personachat_file, tmp_path, "whole", "--n_epochs", "2"))
+
+    real_make_update = train_script.make_update
+
+    def make_update_that_dies_in_epoch_2(*args, **kwargs):
+        update = real_make_update(*args, **kwargs)
+
+        def dying(engine, batch):
+            if engine.state.epoch == 2:
+                raise KeyboardInterrupt
+            return update(engine, batch)
+        return dying
+
+    monkeypatch.setattr(train_script, "make_update", make_update_that_dies_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        train_script.train(tiny_args(tiny_dirs, personachat_file, tmp_path, "cut", "--n_epochs", "2"))
+    cut = tmp_path / "cut"
+    assert sorted(p.name for p in cut.glob("checkpoint-*")) == ["checkpoint-6"]  # the last good one stays
+    monkeypatch.setattr(train_script, "make_update", real_make_update)
+    resumed = train_script.train(tiny_args(tiny_dirs, personachat_file, tmp_path, "ignored", "--n_epochs", "2",
+                                           "--resume", str(cut)))
+    assert resumed == cut
+    a, b = load_file(os.path.join(whole, "model.safetensors")), load_file(os.path.join(cut, "model.safetensors"))
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-6), name
+    assert [m["step"] for m in read_metrics(cut)] == [6, 12]
+
+
+def test_nan_loss_stops_the_run_without_saving(tiny_dirs, personachat_file, tmp_path):
+    tokenizer, model = load_tokenizer_and_model(tiny_dirs["llama"])
+    with torch.no_grad():
+        model.lm.get_input_embeddings().weight.fill_(float("nan"))
+    model.lm.save_pretrained(tmp_path / "nan_model")
+    tokenizer.save_pretrained(tmp_path / "nan_model")
+    args = tiny_args(tiny_dirs, personachat_file, tmp_path)
+    args[1] = str(tmp_path / "nan_model")
+    with pytest.raises(FloatingPointError, match="loss is nan at iteration 1"):
+        train_script.train(args)
+    assert not list((tmp_path / "run").glob("checkpoint-*"))
+
+
+@pytest.mark.parametrize("text", [CONVAI2_WITH_CANDS * 3, CONVAI2_NO_CANDS], ids=["cands", "no_cands"])
+def test_trains_on_a_parlai_convai2_file(tiny_dirs, tmp_path, text):
+    path = tmp_path / "train_self_original.txt"
+    path.write_text(text)
+    run_dir = train_script.train(tiny_args(tiny_dirs, str(path), tmp_path, "run", "--n_epochs", "1",
+                                           "--gradient_accumulation_steps", "1"))
+    assert read_metrics(run_dir)[-1]["step"] > 0
+
+
+def test_gpt2_double_heads_train_and_reload(tiny_dirs, personachat_file, tmp_path):
+    args = tiny_args(tiny_dirs, personachat_file, tmp_path, "run", "--max_steps", "2")
+    args[1] = tiny_dirs["gpt2"]
+    run_dir = train_script.train(args)
+    _, model = load_tokenizer_and_model(str(run_dir))
+    assert type(model.lm).__name__ == "GPT2DoubleHeadsModel"
+
+
+@pytest.mark.parametrize("launcher", [["torch.distributed.run"], ["torch.distributed.launch"]],
+                         ids=["torchrun", "legacy_launch"])
+def test_two_process_cpu_training_ends_with_identical_weights(tiny_dirs, personachat_file, tmp_path, launcher):
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    cmd = [sys.executable, "-m", *launcher, "--nproc_per_node=2", "--master_port", port,
+           os.path.join(ROOT, "train.py"), *tiny_args(tiny_dirs, personachat_file, tmp_path, "run", "--max_steps", "2")]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Weights identical on all 2 ranks" in done.stderr
+    args = json.load(open(tmp_path / "run" / "training_args.json"))
+    assert args["world_size"] == 2
+    assert [m["step"] for m in read_metrics(tmp_path / "run")] == [2]
+
+
+def test_gradient_accumulation_larger_than_the_data_is_refused(tiny_dirs, personachat_file, tmp_path):
+    with pytest.raises(ValueError, match="--gradient_accumulation_steps 500"):
+        train_script.train(tiny_args(tiny_dirs, personachat_file, tmp_path, "run", "--n_epochs", "1",
+                                     "--gradient_accumulation_steps", "500"))

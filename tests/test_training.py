@@ -1,0 +1,98 @@
+import copy
+
+import pytest
+import torch
+from ignite.engine import Engine
+
+from conftest import make_personachat
+from inputs import DoubleHeadDataset, collate, special_ids
+from modeling import DoubleHeads, load_tokenizer_and_model
+from tokenized import tokenize_dialogs
+from training import amp_dtype, make_inference, make_update
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture
+def setup(tiny_dirs):
+    torch.manual_seed(0)
+    tokenizer, model = load_tokenizer_and_model(tiny_dirs["llama"])
+    model = DoubleHeads(model.lm, model.speaker_ids.tolist(), mc_dropout=0.0)  # no dropout: exact comparisons
+    data = tokenize_dialogs(make_personachat(reply_len=4), tokenizer)  # equal reply lengths
+    ds = DoubleHeadDataset(data, "train", special_ids(tokenizer), num_candidates=2)
+    items = [ds[i] for i in range(4)]
+    return model, items, special_ids(tokenizer).pad
+
+
+def run_updates(model, batches, accumulation_steps, dtype=None, scaler=None):
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    scaler = scaler or torch.amp.GradScaler("cpu", enabled=False)
+    engine = Engine(make_update(model, optimizer, scaler, CPU, dtype, accumulation_steps))
+    engine.run(batches, max_epochs=1)
+    return engine.state.output
+
+
+def test_accumulating_k_batches_of_b_equals_one_batch_of_k_times_b(setup):
+    model, items, pad = setup
+    accumulated, single = copy.deepcopy(model), copy.deepcopy(model)
+    run_updates(accumulated, [collate(items[:2], pad), collate(items[2:], pad)], accumulation_steps=2)
+    run_updates(single, [collate(items, pad)], accumulation_steps=1)
+    moved = 0
+    for (name, a), b, before in zip(accumulated.named_parameters(), single.parameters(), model.parameters()):
+        assert torch.allclose(a, b, atol=1e-6), name
+        moved += not torch.equal(a, before)
+    assert moved > 0
+
+
+def test_no_optimizer_step_before_the_accumulation_window_closes(setup):
+    model, items, pad = setup
+    before = copy.deepcopy(model)
+    run_updates(model, [collate(items[:2], pad)], accumulation_steps=2)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before.parameters()))
+
+
+def test_bf16_autocast_trains_on_cpu(setup):
+    model, items, pad = setup
+    fp32, bf16 = copy.deepcopy(model), copy.deepcopy(model)
+    out32 = run_updates(fp32, [collate(items, pad)], 1)
+    out16 = run_updates(bf16, [collate(items, pad)], 1, dtype=torch.bfloat16)
+    assert out16["loss"] != out32["loss"]  # autocast really ran in bfloat16
+    assert out16["loss"] == pytest.approx(out32["loss"], rel=0.02)
+    assert all(p.dtype == torch.float32 for p in bf16.parameters())  # master weights stay fp32
+    assert any(not torch.equal(a, b) for a, b in zip(bf16.parameters(), model.parameters()))
+
+
+def test_fp16_with_grad_scaler_steps_on_cpu(setup):
+    model, items, pad = setup
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    out = run_updates(model, [collate(items, pad)], 1, dtype=amp_dtype("O1"), scaler=scaler)
+    assert out["loss"] > 0 and scaler.get_scale() > 0
+
+
+@pytest.mark.parametrize("value, dtype", [("", None), ("O0", None), ("O1", torch.float16), ("O2", torch.float16),
+                                          ("fp16", torch.float16), ("bf16", torch.bfloat16)])
+def test_fp16_flag_values(value, dtype):
+    assert amp_dtype(value) == dtype
+
+
+def test_unknown_fp16_value_is_refused():
+    with pytest.raises(ValueError, match="--fp16 'O5'"):
+        amp_dtype("O5")
+
+
+def test_non_finite_loss_stops_with_the_step_named(setup):
+    model, items, pad = setup
+    with torch.no_grad():
+        model.mc_head.weight.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match=r"loss is nan at iteration 1 \(optimizer step 0\)"):
+        run_updates(model, [collate(items, pad)], 2)
+
+
+def test_inference_returns_token_nll_and_mc_logits(setup):
+    model, items, pad = setup
+    batch = collate(items, pad)
+    out = make_inference(model, CPU)(None, batch)
+    nll_sum, count = out["nll"]
+    assert count.item() == 4 * 5  # 4 gold replies of 4 words plus <eos>
+    assert nll_sum.item() > 0 and out["mc"][0].shape == (4, 2)
+    assert out["mc"][1].tolist() == [1, 1, 1, 1]
