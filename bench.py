@@ -1,0 +1,156 @@
+"""Benchmarks that print ratios measured in one run (these machines are noisy: compare within a run only).
+
+    python bench.py train [--examples 32] [--json]
+
+`train`: training steps of the packaged model on the packaged corpus through our pipeline (length-grouped
+batches padded to their own longest sequence), against the original repo's batching (random batches, every
+example padded to the dataset's longest, here cut at --max_seq_len) on the same examples (per example: its
+batches all cost the same, so a few are timed), and against a bare transformers
+forward/backward of the same model on the same batches. MFU counts useful FLOPs, 6 x parameters x non-pad
+tokens, against an fp32 matmul measured in the same run.
+"""
+import argparse
+import copy
+import json
+import resource
+import time
+from functools import partial
+
+import numpy as np
+import torch
+from ignite.engine import Engine
+
+from inputs import DoubleHeadDataset, LengthGroupedBatchSampler, collate, special_ids
+from modeling import load_tokenizer_and_model
+from tokenized import get_dataset
+from training import amp_dtype, make_update
+
+
+def matmul_flops(size=2048, repeats=10, dtype=torch.float32, device="cpu"):
+    """FLOP/s of a large square matmul: the reference peak for MFU."""
+    a, b = torch.randn(size, size, dtype=dtype, device=device), torch.randn(size, size, dtype=dtype, device=device)
+    torch.mm(a, b)
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        torch.mm(a, b)
+    sync(device)
+    return 2 * size ** 3 * repeats / (time.perf_counter() - start)
+
+
+def sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed_training(model, batches, device, dtype):
+    """Seconds for one optimizer step per batch through the ignite trainer (collation included), after a warm-up."""
+    model = copy.deepcopy(model).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    scaler = torch.amp.GradScaler(torch.device(device).type, enabled=dtype == torch.float16)
+    update = make_update(model, optimizer, scaler, torch.device(device), dtype)
+    Engine(update).run([collate(*batches[0])], max_epochs=1)  # warm-up: allocator, kernels
+    sync(device)
+    start = time.perf_counter()
+    Engine(lambda engine, items: update(engine, collate(*items))).run(batches, max_epochs=1)
+    sync(device)
+    return time.perf_counter() - start
+
+
+def timed_bare_hf(model, batches, device, dtype):
+    """Seconds for transformers' own forward/backward + AdamW step of the bare LM on the same padded batches."""
+    lm = copy.deepcopy(model.lm).to(device)
+    optimizer = torch.optim.AdamW(lm.parameters(), lr=1e-5)
+    tensors = [collate(*items) for items in batches]
+
+    def step(batch):
+        length = batch["input_ids"].shape[-1]
+        with torch.autocast(torch.device(device).type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            out = lm(input_ids=batch["input_ids"].view(-1, length).to(device),
+                     attention_mask=batch["attention_mask"].view(-1, length).to(device),
+                     labels=batch["lm_labels"].view(-1, length).to(device))
+        out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step(tensors[0])
+    sync(device)
+    start = time.perf_counter()
+    for batch in tensors:
+        step(batch)
+    sync(device)
+    return time.perf_counter() - start
+
+
+def bench_train(args):
+    device = args.device
+    dtype = amp_dtype(args.fp16)
+    tokenizer, model = load_tokenizer_and_model(args.model_checkpoint)
+    special = special_ids(tokenizer)
+    data = get_dataset(tokenizer, args.dataset_path, args.dataset_cache)
+    full = DoubleHeadDataset(data, "train", special, num_candidates=args.num_candidates, max_len=args.max_seq_len)
+    lengths = full.lengths()
+    rng = np.random.default_rng(args.seed)
+    picked = rng.choice(len(full), size=args.examples, replace=False)
+    items = [full[int(i)] for i in picked]
+    dataset_longest = int(lengths.max())
+
+    ours = [[items[i] for i in b] for b in LengthGroupedBatchSampler(lengths[picked], args.batch_size, seed=args.seed)]
+    ours = [(b, special.pad) for b in ours]
+    order = rng.permutation(len(items))
+    original = [([items[i] for i in order[k:k + args.batch_size]], special.pad, dataset_longest)
+                for k in range(0, len(items), args.batch_size)][:args.baseline_batches]
+
+    tokens = sum(len(inst["input_ids"]) for item in items for inst in item["instances"])
+    params = model.lm.num_parameters()
+    peak = matmul_flops(device=device)
+    t_ours = timed_training(model, ours, device, dtype)
+    rss_ours = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before the baselines add theirs
+    t_original = timed_training(model, original, device, dtype)  # every batch costs the same: a few suffice
+    n_original = sum(len(b[0]) for b in original)
+    t_bare = timed_bare_hf(model, ours, device, dtype)
+    useful = 6 * params * tokens
+    result = {
+        "device": str(device), "dtype": str(dtype or torch.float32).replace("torch.", ""),
+        "examples": len(items), "candidates": full.num_candidates, "batch_size": args.batch_size,
+        "non_pad_tokens": tokens, "dataset_longest": dataset_longest, "parameters": params,
+        "tokens_per_s": tokens / t_ours, "examples_per_s": len(items) / t_ours,
+        "peak_rss_mb": rss_ours,
+        "matmul_tflops": peak / 1e12,
+        "mfu": useful / t_ours / peak,
+        "bare_hf_mfu": useful / t_bare / peak,
+        "speedup_vs_dataset_padding": (t_original / n_original) / (t_ours / len(items)),
+        "pipeline_vs_bare_hf": t_bare / t_ours,
+    }
+    return result
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="training throughput, MFU and the speedup of per-batch padding")
+    train.add_argument("--model_checkpoint", default="", help="Model to train (default: the packaged SmolLM2)")
+    train.add_argument("--dataset_path", default="", help="Dialog data (default: the packaged chit-chat corpus)")
+    train.add_argument("--dataset_cache", default="./dataset_cache", help="Cache directory (default: ./dataset_cache)")
+    train.add_argument("--examples", type=int, default=32, help="Examples trained on per variant (default: 32)")
+    train.add_argument("--batch_size", type=int, default=4, help="Examples per optimizer step (default: 4)")
+    train.add_argument("--num_candidates", type=int, default=2, help="Candidates per example (default: 2)")
+    train.add_argument("--max_seq_len", type=int, default=512,
+                       help="Longest input in tokens, longer ones cut as in training (default: 512, GPT's context)")
+    train.add_argument("--baseline_batches", type=int, default=2,
+                       help="Batches timed for the dataset-padding baseline, all of equal cost (default: 2)")
+    train.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                       help="cuda or cpu (default: cuda when available)")
+    train.add_argument("--fp16", default="", help="Mixed precision: fp16 or bf16 (default: off)")
+    train.add_argument("--seed", type=int, default=0, help="Which examples are drawn (default: 0)")
+    train.add_argument("--json", action="store_true", help="End with one JSON object on the last line")
+    args = parser.parse_args(argv)
+    result = bench_train(args)
+    for name, value in result.items():
+        print(f"{name:>28}: {value:.4g}" if isinstance(value, float) else f"{name:>28}: {value}")
+    if args.json:
+        print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
