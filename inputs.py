@@ -27,7 +27,7 @@ SpecialIds = namedtuple("SpecialIds", "bos eos speaker1 speaker2 pad")
 
 def special_ids(tokenizer):
     ids = tokenizer.convert_tokens_to_ids(SPECIAL_TOKENS)
-    if tokenizer.unk_token_id is not None and tokenizer.unk_token_id in ids:
+    if None in ids or (tokenizer.unk_token_id is not None and tokenizer.unk_token_id in ids):
         raise ValueError(f"the tokenizer lacks the special tokens {SPECIAL_TOKENS}: add them with add_special_tokens_")
     return SpecialIds(*ids)
 

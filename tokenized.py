@@ -33,7 +33,8 @@ class TokenizedDialogs:
         self.token_offsets = arrays["token_offsets"]
 
     def text(self, i):
-        return self.tokens[self.token_offsets[i]:self.token_offsets[i + 1]]
+        """Token ids of text i as a list of ints (model inputs are built from plain lists)."""
+        return self.tokens[self.token_offsets[i]:self.token_offsets[i + 1]].tolist()
 
     def texts(self, ids):
         return [self.text(i) for i in ids]

@@ -7,6 +7,7 @@
 import hashlib
 import logging
 import os
+import sys
 from argparse import ArgumentParser
 from functools import partial
 from pathlib import Path
@@ -20,6 +21,7 @@ from ignite.metrics import Accuracy, RunningAverage
 from torch.nn.parallel import DistributedDataParallel
 
 from checkpointing import RunSaver, latest_checkpoint, load_training_state
+from dialogs import DialogFormatError
 from inputs import DoubleHeadDataset, LengthGroupedBatchSampler, collate, special_ids
 from metrics import TokenNLL, perplexity
 from modeling import load_tokenizer_and_model, model_max_length
@@ -69,7 +71,7 @@ def get_args(argv=None):
                         help="Recompute activations in backward: less memory for long histories and many candidates")
     parser.add_argument("--seed", type=int, default=42, help="Seed of data order, dropout and splits (default: 42)")
     parser.add_argument("--resume", type=str, default="",
-                        help="Run directory or checkpoint-<step> directory to resume from")
+                        help="Run directory or checkpoint-<step> directory to resume from; the run goes on there")
     parser.add_argument("--output_dir", type=str, default="",
                         help="Run directory (default: runs/<date>_<host>_<model>)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=-1,
@@ -238,4 +240,7 @@ def train(argv=None):
 
 
 if __name__ == "__main__":
-    train()
+    try:
+        train()
+    except (DialogFormatError, FileNotFoundError) as e:  # bad input: the message names the file and line
+        sys.exit(f"train.py: error: {e}")

@@ -138,3 +138,12 @@ def test_gradient_accumulation_larger_than_the_data_is_refused(tiny_dirs, person
     with pytest.raises(ValueError, match="--gradient_accumulation_steps 500"):
         train_script.train(tiny_args(tiny_dirs, personachat_file, tmp_path, "run", "--n_epochs", "1",
                                      "--gradient_accumulation_steps", "500"))
+
+
+def test_bad_data_file_ends_the_script_with_file_and_line(tiny_dirs, tmp_path):
+    bad = tmp_path / "train_bad.txt"
+    bad.write_text("1 hi\tok\n2 there\n4 oops\tyes\n")
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"),
+                           *tiny_args(tiny_dirs, str(bad), tmp_path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert done.stderr.strip().endswith(f"train.py: error: {bad}:3: line id 4 follows 2")

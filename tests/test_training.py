@@ -44,6 +44,16 @@ def test_accumulating_k_batches_of_b_equals_one_batch_of_k_times_b(setup):
     assert moved > 0
 
 
+def test_gradient_checkpointing_gives_the_same_step(setup):
+    model, items, pad = setup
+    plain, checkpointed = copy.deepcopy(model), copy.deepcopy(model)
+    checkpointed.lm.gradient_checkpointing_enable()
+    run_updates(plain, [collate(items, pad)], 1)
+    run_updates(checkpointed, [collate(items, pad)], 1)
+    for (name, a), b in zip(plain.named_parameters(), checkpointed.parameters()):
+        assert torch.allclose(a, b, atol=1e-6), name
+
+
 def test_no_optimizer_step_before_the_accumulation_window_closes(setup):
     model, items, pad = setup
     before = copy.deepcopy(model)
