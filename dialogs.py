@@ -37,7 +37,10 @@ def read_dialogs(path, seed=42, num_distractors=NUM_DISTRACTORS, valid_fraction=
                 f"{path}: unknown JSON layout: expected PersonaChat ({{'train': [...], 'valid': [...]}}) "
                 f"or the chit-chat corpus ({{id: {{'messages': [...]}}}})")
     for name, dialogs in splits.items():
-        add_distractors(dialogs, num_distractors, seed + (0 if name == "train" else 1))
+        if not dialogs:
+            raise DialogFormatError(f"{path}: the {name} split has no dialog with a reply (valid is held out "
+                                    f"from the dialogs of train when the file has no valid part: give more dialogs)")
+    add_distractors([d for name in sorted(splits) for d in splits[name]], num_distractors, seed, where=path)
     return splits
 
 
@@ -47,6 +50,8 @@ def _load_json(path):
             return json.load(f)
     except json.JSONDecodeError as e:
         raise DialogFormatError(f"{path}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}") from None
+    except UnicodeDecodeError as e:
+        raise DialogFormatError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
 
 
 def _require_strings(value, where):
@@ -112,42 +117,52 @@ _PARLAI_LINE = re.compile(r"^(\d+) (.*)$")
 def read_parlai(path):
     """ParlAI / ConvAI2 text: `N your persona: ...` lines, then `N text\\tlabel[\\t\\treward\\tcand1|cand2|...]`."""
     dialogs, dialog, history, last_id = [], None, [], 0
-    with open(path, encoding="utf-8") as f:
-        for line_no, raw in enumerate(f, 1):
-            line = raw.rstrip("\n")
-            if not line.strip():
-                continue
-            match = _PARLAI_LINE.match(line)
-            if not match:
-                raise DialogFormatError(f"{path}:{line_no}: expected 'N text[<tab>label...]', got {line[:60]!r}")
-            line_id, rest = int(match.group(1)), match.group(2)
-            if line_id <= last_id or dialog is None:  # numbering restarts: a new episode
-                if line_id != 1:
-                    raise DialogFormatError(f"{path}:{line_no}: an episode must start at line id 1, got {line_id}")
-                dialog, history = {"personality": [], "utterances": []}, []
-                dialogs.append(dialog)
-            elif line_id != last_id + 1:
-                raise DialogFormatError(f"{path}:{line_no}: line id {line_id} follows {last_id}")
-            last_id = line_id
-            fields = rest.split("\t")
-            text = fields[0].replace("\\n", "\n")
-            if len(fields) == 1:
-                if text.startswith("your persona:"):
-                    dialog["personality"].append(text[len("your persona:"):].strip())
-                elif not text.startswith("partner's persona:"):
-                    history.append(text)  # context line without a label
-                continue
-            labels = [s for s in fields[1].split("|") if s]
-            if not labels:
-                raise DialogFormatError(f"{path}:{line_no}: a tab but no label after it")
-            gold = labels[0]
-            candidates = [c for c in fields[3].split("|") if c] if len(fields) > 3 else []
-            candidates = [c for c in candidates if c != gold] + [gold]
-            dialog["utterances"].append({"history": history + [text], "candidates": candidates})
-            history = history + [text, gold]
+    for line_no, raw in _numbered_lines(path):
+        line = raw.rstrip("\r\n")
+        if not line.strip():
+            continue
+        match = _PARLAI_LINE.match(line)
+        if not match:
+            raise DialogFormatError(f"{path}:{line_no}: expected 'N text[<tab>label...]', got {line[:60]!r}")
+        line_id, rest = int(match.group(1)), match.group(2)
+        if line_id <= last_id or dialog is None:  # numbering restarts: a new episode
+            if line_id != 1:
+                raise DialogFormatError(f"{path}:{line_no}: an episode must start at line id 1, got {line_id}")
+            dialog, history = {"personality": [], "utterances": []}, []
+            dialogs.append(dialog)
+        elif line_id != last_id + 1:
+            raise DialogFormatError(f"{path}:{line_no}: line id {line_id} follows {last_id}")
+        last_id = line_id
+        fields = rest.split("\t")
+        text = fields[0].replace("\\n", "\n")
+        if len(fields) == 1:
+            if text.startswith("your persona:"):
+                dialog["personality"].append(text[len("your persona:"):].strip())
+            elif not text.startswith("partner's persona:"):
+                history.append(text)  # context line without a label
+            continue
+        labels = [s for s in fields[1].split("|") if s]
+        if not labels:
+            raise DialogFormatError(f"{path}:{line_no}: a tab but no label after it")
+        gold = labels[0]
+        candidates = [c for c in fields[3].split("|") if c] if len(fields) > 3 else []
+        candidates = [c for c in candidates if c != gold] + [gold]
+        dialog["utterances"].append({"history": history + [text], "candidates": candidates})
+        history = history + [text, gold]
+    dialogs = [d for d in dialogs if d["utterances"]]
     if not dialogs:
-        raise DialogFormatError(f"{path}: no dialogs found")
-    return [d for d in dialogs if d["utterances"]]
+        raise DialogFormatError(f"{path}: no dialog with a labelled line ('N text<tab>label')")
+    return dialogs
+
+
+def _numbered_lines(path):
+    """(line number, line) of a UTF-8 text file; a byte that is not UTF-8 is reported with its line."""
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, 1):
+            try:
+                yield line_no, raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DialogFormatError(f"{path}:{line_no}: not UTF-8 text ({e.reason})") from None
 
 
 def source_files(path):
@@ -182,8 +197,13 @@ def split_dialogs(dialogs, seed, valid_fraction):
             "valid": [d for i, d in enumerate(dialogs) if i in valid_ids]}
 
 
-def add_distractors(dialogs, num_distractors, seed):
-    """Give every utterance that has only its gold reply `num_distractors` replies drawn from other dialogs."""
+def add_distractors(dialogs, num_distractors, seed, where=""):
+    """Give every utterance that has only its gold reply `num_distractors` replies drawn from other dialogs.
+
+    A distractor never comes from the same dialog and never equals the gold reply's text. Pass the dialogs of
+    all splits: a small held-out split draws its distractors from the training replies too (they are negatives
+    only, so nothing of the held-out gold leaks).
+    """
     pool, owner = [], []
     for d_index, dialog in enumerate(dialogs):
         for utterance in dialog["utterances"]:
@@ -191,17 +211,24 @@ def add_distractors(dialogs, num_distractors, seed):
             owner.append(d_index)
     if not pool or num_distractors <= 0:
         return
-    owner = np.asarray(owner)
+    owner, texts = np.asarray(owner), np.asarray(pool, dtype=object)
     rng = np.random.default_rng(seed)
     for d_index, dialog in enumerate(dialogs):
         for utterance in dialog["utterances"]:
             if len(utterance["candidates"]) > 1:
                 continue
+            gold = utterance["candidates"][-1]
             drawn = rng.integers(0, len(pool), size=num_distractors)
-            bad = owner[drawn] == d_index
-            for _ in range(8):  # redraw the rare picks from the same dialog
+            bad = (owner[drawn] == d_index) | (texts[drawn] == gold)
+            for _ in range(8):  # redraw the rare bad picks
                 if not bad.any():
                     break
                 drawn[bad] = rng.integers(0, len(pool), size=int(bad.sum()))
-                bad = owner[drawn] == d_index
+                bad = (owner[drawn] == d_index) | (texts[drawn] == gold)
+            if bad.any():  # a small pool: draw from the allowed replies only
+                allowed = np.flatnonzero((owner != d_index) & (texts != gold))
+                if not len(allowed):
+                    raise DialogFormatError(f"{where}: no reply outside dialog {d_index} differs from its gold "
+                                            f"replies, so no distractor can be drawn; give more dialogs")
+                drawn[bad] = rng.choice(allowed, size=int(bad.sum()))
             utterance["candidates"] = [pool[k] for k in drawn] + utterance["candidates"]

@@ -167,15 +167,16 @@ class LengthGroupedBatchSampler(torch.utils.data.Sampler):
     """
 
     def __init__(self, lengths, batch_size, seed=0, shuffle=True, num_replicas=1, rank=0, even=True,
-                 group_batches=50):
+                 group_batches=50, multiple_of=1):
         self.lengths = np.asarray(lengths)
         self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
         self.num_replicas, self.rank, self.even = num_replicas, rank, even
-        self.group_batches = group_batches
-        self.epoch = 0
+        self.group_batches, self.multiple_of = group_batches, multiple_of
+        self.epoch, self.skip = 0, 0
 
-    def set_epoch(self, epoch):
-        self.epoch = epoch
+    def set_epoch(self, epoch, skip=0):
+        """Order of `epoch`; the next pass starts after its first `skip` batches (a resumed epoch)."""
+        self.epoch, self.skip = epoch, skip
 
     def _all_batches(self):
         n = len(self.lengths)
@@ -189,15 +190,16 @@ class LengthGroupedBatchSampler(torch.utils.data.Sampler):
             batches += [chunk[i:i + self.batch_size].tolist() for i in range(0, len(chunk), self.batch_size)]
         if self.shuffle:
             batches = [batches[i] for i in rng.permutation(len(batches))]
-        if self.even and batches and len(batches) % self.num_replicas:
-            batches += batches[:self.num_replicas - len(batches) % self.num_replicas]
+        if self.even and batches:  # repeat batches from the start until every rank has as many
+            missing = -len(batches) % self.num_replicas
+            batches += [batches[k % len(batches)] for k in range(missing)]
         return batches
 
     def __iter__(self):
-        return iter(self._all_batches()[self.rank::self.num_replicas])
+        return iter(self._all_batches()[self.rank::self.num_replicas][self.skip:len(self)])
 
     def __len__(self):
+        """Batches of this rank per epoch: a multiple of `multiple_of` (whole accumulation windows), the rest dropped."""
         n_batches = -(-len(self.lengths) // self.batch_size)
-        if self.even:
-            return -(-n_batches // self.num_replicas)
-        return len(range(self.rank, n_batches, self.num_replicas))
+        mine = -(-n_batches // self.num_replicas) if self.even else len(range(self.rank, n_batches, self.num_replicas))
+        return mine // self.multiple_of * self.multiple_of

@@ -135,9 +135,12 @@ def add_special_tokens_(lm, tokenizer):
     added = tokenizer.add_special_tokens(ATTR_TO_SPECIAL_TOKEN)
     if added or lm.get_input_embeddings().num_embeddings != len(tokenizer):
         lm.resize_token_embeddings(len(tokenizer))
-    lm.config.pad_token_id = tokenizer.pad_token_id
-    lm.config.bos_token_id = tokenizer.bos_token_id
-    lm.config.eos_token_id = tokenizer.eos_token_id
+    ids = {"pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id,
+           "eos_token_id": tokenizer.eos_token_id}
+    for config in (lm.config, getattr(lm, "generation_config", None)):  # generate() stops at our <eos>
+        if config is not None:
+            for name, value in ids.items():
+                setattr(config, name, value)
     return added
 
 

@@ -13,6 +13,7 @@ import numpy as np
 from safetensors.numpy import load_file, save
 from tqdm import tqdm
 
+import dialogs
 from dialogs import NUM_DISTRACTORS, VALID_FRACTION, read_dialogs, source_files
 from utils import atomic_write, file_sha256, resolve_dataset_path
 
@@ -102,7 +103,9 @@ def tokenizer_fingerprint(tokenizer):
 
 
 def cache_key(data_files, reader_options, tokenizer):
-    payload = {"format": CACHE_FORMAT, "data": [file_sha256(f) for f in data_files],
+    """What the cached arrays depend on: data, reader options, tokenizer, and the reading/tokenizing code itself."""
+    code = [file_sha256(f) for f in (dialogs.__file__, __file__)]
+    payload = {"format": CACHE_FORMAT, "data": [file_sha256(f) for f in data_files], "code": code,
                "reader": reader_options, "tokenizer": tokenizer_fingerprint(tokenizer)}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 

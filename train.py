@@ -5,6 +5,7 @@
     torchrun --nproc_per_node=2 train.py --device cpu --max_steps 10
 """
 import hashlib
+import json
 import logging
 import os
 import sys
@@ -15,7 +16,7 @@ from pprint import pformat
 
 import torch
 from ignite.engine import Engine, Events
-from ignite.handlers import Checkpoint, PiecewiseLinear, ProgressBar
+from ignite.handlers import Checkpoint, ProgressBar
 from ignite.handlers.tensorboard_logger import OptimizerParamsHandler, OutputHandler, TensorboardLogger
 from ignite.metrics import Accuracy, RunningAverage
 from torch.nn.parallel import DistributedDataParallel
@@ -26,14 +27,45 @@ from inputs import DoubleHeadDataset, LengthGroupedBatchSampler, collate, specia
 from metrics import TokenNLL, perplexity
 from modeling import load_tokenizer_and_model, model_max_length
 from tokenized import get_dataset
-from training import amp_dtype, make_inference, make_update
+from training import amp_dtype, linear_lr, make_inference, make_update
 from utils import (append_jsonl, is_main_process, make_run_dir, resolve_local_rank, set_seed, setup_distributed,
                    setup_logging, write_json)
 
 logger = logging.getLogger(__file__)
 
 
+NOT_RESUMED = ("resume", "output_dir", "local_rank")
+
+
 def get_args(argv=None):
+    """Parse the flags; with --resume, the run's saved flags are the defaults and the given ones override them."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.resume:
+        if args.output_dir:
+            parser.error("--output_dir: a resumed run goes on in the directory given to --resume")
+        saved = read_training_args(latest_checkpoint(args.resume).parent)
+        parser.set_defaults(**{k: v for k, v in saved.items() if k in vars(args) and k not in NOT_RESUMED})
+        args = parser.parse_args(argv)
+    if args.num_candidates < 2:
+        parser.error("--num_candidates: the multiple-choice head needs at least 2 (the gold reply and a distractor)")
+    if args.max_seq_len and args.max_seq_len < 32:
+        parser.error("--max_seq_len: at least 32 tokens (or 0 for the model's own limit)")
+    if args.gradient_accumulation_steps < 1:
+        parser.error("--gradient_accumulation_steps: at least 1")
+    return args
+
+
+def read_training_args(run_dir):
+    path = Path(run_dir) / "training_args.json"
+    if not path.exists():
+        logger.warning("%s not found: resuming with the flags given only", path)
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def build_parser():
     parser = ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dataset_path", type=str, default="",
                         help="PersonaChat JSON, ParlAI ConvAI2 .txt, chit-chat JSON, a URL, or 'personachat' "
@@ -71,30 +103,42 @@ def get_args(argv=None):
                         help="Recompute activations in backward: less memory for long histories and many candidates")
     parser.add_argument("--seed", type=int, default=42, help="Seed of data order, dropout and splits (default: 42)")
     parser.add_argument("--resume", type=str, default="",
-                        help="Run directory or checkpoint-<step> directory to resume from; the run goes on there")
+                        help="Run directory or checkpoint-<step> directory to resume from; the run goes on there, "
+                             "with its saved flags unless given again")
     parser.add_argument("--output_dir", type=str, default="",
                         help="Run directory (default: runs/<date>_<host>_<model>)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=-1,
                         help="Set by torch.distributed.launch; torchrun sets LOCAL_RANK instead")
-    return parser.parse_args(argv)
+    return parser
 
 
 def get_data_loaders(args, tokenizer, max_len, world_size, rank):
     """Length-grouped loaders, each batch padded to its own longest sequence."""
     if not is_main_process():
         torch.distributed.barrier()  # rank 0 downloads and tokenizes first; the others read its cache
-    data = get_dataset(tokenizer, args.dataset_path, args.dataset_cache, args.seed)
-    if is_main_process() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
+    try:
+        data = get_dataset(tokenizer, args.dataset_path, args.dataset_cache, args.seed)
+    finally:  # also when rank 0 fails: the others then meet the same error instead of waiting forever
+        if is_main_process() and torch.distributed.is_initialized():
+            torch.distributed.barrier()
     special = special_ids(tokenizer)
     common = dict(max_history=args.max_history, max_len=max_len, num_candidates=args.num_candidates)
     train_set = DoubleHeadDataset(data, "train", special, personality_permutations=args.personality_permutations,
                                   **common)
     valid_set = DoubleHeadDataset(data, "valid", special, max_examples=args.max_valid_examples or None, **common)
+    if train_set.num_candidates < 2:
+        raise ValueError(f"--dataset_path {args.dataset_path}: some utterances have a single candidate")
     train_sampler = LengthGroupedBatchSampler(train_set.lengths(), args.train_batch_size, seed=args.seed,
-                                              num_replicas=world_size, rank=rank)
+                                              num_replicas=world_size, rank=rank,
+                                              multiple_of=args.gradient_accumulation_steps)
     valid_sampler = LengthGroupedBatchSampler(valid_set.lengths(), args.valid_batch_size, shuffle=False,
                                               num_replicas=world_size, rank=rank, even=False)
+    if len(train_sampler) == 0:
+        raise ValueError(f"--gradient_accumulation_steps {args.gradient_accumulation_steps} is more than the "
+                         f"{len(train_set)} training examples make batches of {args.train_batch_size} per process")
+    if -(-len(valid_set) // args.valid_batch_size) < world_size:
+        raise ValueError(f"{len(valid_set)} validation examples in batches of {args.valid_batch_size} leave a "
+                         f"process of {world_size} without a batch: lower --valid_batch_size")
     collate_fn = partial(collate, pad_id=special.pad)
     train_loader = torch.utils.data.DataLoader(train_set, batch_sampler=train_sampler, collate_fn=collate_fn)
     valid_loader = torch.utils.data.DataLoader(valid_set, batch_sampler=valid_sampler, collate_fn=collate_fn)
@@ -134,13 +178,12 @@ def train(argv=None):
     max_len = min(args.max_seq_len or model_max_length(model), model_max_length(model))
     train_loader, valid_loader, train_sampler = get_data_loaders(args, tokenizer, max_len, world_size, rank)
 
-    accum = args.gradient_accumulation_steps
+    accum = args.gradient_accumulation_steps  # each epoch's batches are a multiple of it (the sampler drops the rest)
     total_steps = args.n_epochs * len(train_loader) // accum
     if args.max_steps:
-        total_steps = min(total_steps, args.max_steps) if total_steps else args.max_steps
+        total_steps = min(total_steps, args.max_steps)
     if total_steps < 1:
-        raise ValueError(f"--gradient_accumulation_steps {accum} is more than the {len(train_loader)} batches "
-                         f"of {args.n_epochs} epoch(s): no optimizer step would be taken")
+        raise ValueError(f"--n_epochs {args.n_epochs}: no optimizer step would be taken")
 
     model.to(device)
     if args.gradient_checkpointing:
@@ -160,18 +203,16 @@ def train(argv=None):
     TokenNLL(output_transform=lambda o: o["nll"], device=device).attach(evaluator, "nll")
     Accuracy(output_transform=lambda o: o["mc"], device=device).attach(evaluator, "mc_accuracy")
 
-    # Linear decay from lr to zero over the optimizer steps (after an optional linear warm-up), set per batch.
-    milestones = [(0, args.lr), (total_steps * accum, 0.0)]
-    if args.warmup_steps:
-        warmup = min(args.warmup_steps, total_steps - 1) * accum
-        milestones = [(0, 0.0)] + ([(warmup, args.lr)] if warmup > 0 else []) + [(total_steps * accum, 0.0)]
-    scheduler = PiecewiseLinear(optimizer, "lr", milestones)
-    trainer.add_event_handler(Events.ITERATION_STARTED, scheduler)
+    @trainer.on(Events.ITERATION_STARTED)
+    def set_lr_and_seed(engine):  # both depend on the step alone, so a resumed run replays them exactly
+        step = (engine.state.iteration - 1) // accum
+        for group in optimizer.param_groups:
+            group["lr"] = linear_lr(step, args.lr, total_steps, args.warmup_steps)
+        torch.manual_seed(args.seed + engine.state.iteration)  # dropout masks
 
     @trainer.on(Events.EPOCH_STARTED)
-    def reseed(engine):  # data order and dropout depend on (seed, epoch) only: resuming replays them
-        train_sampler.set_epoch(engine.state.epoch)
-        torch.manual_seed(args.seed + engine.state.epoch)
+    def order_batches(engine):  # batch order depends on (seed, epoch); a resumed epoch skips what it has done
+        train_sampler.set_epoch(engine.state.epoch, skip=engine.state.iteration % len(train_loader))
 
     if args.max_steps:
         @trainer.on(Events.ITERATION_COMPLETED)
@@ -179,7 +220,7 @@ def train(argv=None):
             if engine.state.iteration % accum == 0 and step_of(engine) >= args.max_steps:
                 engine.terminate()
 
-    to_save = {"trainer": trainer, "optimizer": optimizer, "lr_scheduler": scheduler, "scaler": scaler}
+    to_save = {"trainer": trainer, "optimizer": optimizer, "scaler": scaler}
     checkpoint = Checkpoint(to_save, RunSaver(run_dir, raw_model, tokenizer), n_saved=2,
                             filename_pattern="checkpoint-{global_step}",
                             global_step_transform=lambda engine, _: step_of(engine))
@@ -227,6 +268,10 @@ def train(argv=None):
         Checkpoint.load_objects(to_load=to_save, checkpoint=load_training_state(resume_dir))
         saved["step"] = step_of(trainer)
         logger.info("Resumed from %s at optimizer step %d", resume_dir, step_of(trainer))
+        if step_of(trainer) >= total_steps or trainer.state.epoch >= args.n_epochs:
+            logger.info("The run already took its %d steps: nothing to resume (raise --n_epochs or --max_steps)",
+                        step_of(trainer))
+            return run_dir
 
     trainer.run(train_loader, max_epochs=args.n_epochs)
     if distributed:

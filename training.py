@@ -22,6 +22,13 @@ def amp_dtype(fp16):
     raise ValueError(f"--fp16 {fp16!r}: use fp16 (or O1, O2, O3), bf16, or leave it empty")
 
 
+def linear_lr(step, lr, total_steps, warmup_steps=0):
+    """Learning rate of optimizer step `step` (from 0): linear warm-up to lr, then linear decay towards 0."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    return lr * max(total_steps - step, 0) / max(total_steps - warmup_steps, 1)
+
+
 def autocast(device, dtype):
     return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 

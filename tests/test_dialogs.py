@@ -104,3 +104,28 @@ def test_malformed_personachat_names_the_json_path(tmp_path, mutate, where):
 def test_unknown_json_layout_is_an_error(tmp_path):
     with pytest.raises(DialogFormatError, match="unknown JSON layout"):
         read_dialogs(write(tmp_path, "x.json", "[1, 2]"))
+
+
+def test_distractors_never_repeat_the_gold_text_even_from_a_small_pool(tmp_path):
+    text = "1 hi\tyo\n2 sure\tyo\n1 hey\tyo\n2 ok\tsure\n1 a\tb\n2 c\td\n1 e\tyo\n2 f\tg\n1 h\ti\n"
+    data = read_dialogs(write(tmp_path, "few.txt", text), num_distractors=5, valid_fraction=0.4)
+    for split in data.values():
+        for dialog in split:
+            for utterance in dialog["utterances"]:
+                assert utterance["candidates"][-1] not in utterance["candidates"][:-1]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("1 hi\tok\n2 there\tyes\n", "the valid split has no dialog"),
+    ("1 your persona: i like cats.\n2 your persona: i read.\n", "no dialog with a labelled line"),
+])
+def test_files_without_enough_dialogs_are_refused(tmp_path, text, message):
+    with pytest.raises(DialogFormatError, match=message):
+        read_dialogs(write(tmp_path, "one.txt", text))
+
+
+def test_non_utf8_bytes_are_reported_with_their_line(tmp_path):
+    path = tmp_path / "latin.txt"
+    path.write_bytes(b"1 hi\tok\n2 caf\xe9\tyes\n")
+    with pytest.raises(DialogFormatError, match="latin.txt:2: not UTF-8"):
+        read_dialogs(str(path))

@@ -106,6 +106,21 @@ def test_length_grouped_order_depends_on_seed_and_epoch_only():
     assert list(a) != list(b)
 
 
+@pytest.mark.parametrize("n_items, batch_size, replicas", [(3, 4, 4), (9, 2, 4), (1, 1, 3)])
+def test_every_rank_gets_the_batches_len_promises_even_with_few_items(n_items, batch_size, replicas):
+    for rank in range(replicas):
+        sampler = LengthGroupedBatchSampler(np.arange(n_items), batch_size, num_replicas=replicas, rank=rank)
+        assert len(list(sampler)) == len(sampler) >= 1
+
+
+def test_epochs_hold_whole_accumulation_windows_and_a_resumed_epoch_skips_done_batches():
+    sampler = LengthGroupedBatchSampler(np.arange(50), 4, seed=0, multiple_of=3)  # 13 batches -> 12
+    assert len(sampler) == 12 and len(list(sampler)) == 12
+    full = list(sampler)
+    sampler.set_epoch(0, skip=5)
+    assert list(sampler) == full[5:]
+
+
 def test_distributed_shards_are_disjoint_and_equal_for_training():
     lengths = np.arange(90)
     shards = [list(LengthGroupedBatchSampler(lengths, 4, seed=0, num_replicas=2, rank=r)) for r in range(2)]

@@ -105,6 +105,8 @@ def test_save_and_reload_gives_the_same_outputs_and_adds_tokens_once(loaded, tmp
     model2.eval()
     assert len(tokenizer2) == len(tokenizer)
     assert {p.name for p in tmp_path.iterdir()} >= {"config.json", "model.safetensors", "tokenizer.json"}
+    assert model2.lm.generation_config.eos_token_id == tokenizer.convert_tokens_to_ids("<eos>")
+    assert model2.lm.config.pad_token_id == tokenizer.convert_tokens_to_ids("<pad>")
     assert model2.lm.get_input_embeddings().num_embeddings == len(tokenizer)
     batch = batch_for(tokenizer)
     with torch.no_grad():

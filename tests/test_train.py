@@ -77,14 +77,29 @@ def test_resume_after_an_interruption_equals_an_uninterrupted_run(tiny_dirs, per
     cut = tmp_path / "cut"
     assert sorted(p.name for p in cut.glob("checkpoint-*")) == ["checkpoint-6"]  # the last good one stays
     monkeypatch.setattr(train_script, "make_update", real_make_update)
-    resumed = train_script.train(tiny_args(tiny_dirs, personachat_file, tmp_path, "ignored", "--n_epochs", "2",
-                                           "--resume", str(cut)))
+    resumed = train_script.train(["--resume", str(cut)])  # the saved flags come back
     assert resumed == cut
     a, b = load_file(os.path.join(whole, "model.safetensors")), load_file(os.path.join(cut, "model.safetensors"))
     assert a.keys() == b.keys()
     for name in a:
         assert torch.allclose(a[name], b[name], atol=1e-6), name
     assert [m["step"] for m in read_metrics(cut)] == [6, 12]
+
+
+def test_resume_after_max_steps_takes_the_remaining_steps_and_a_finished_run_stays(tiny_dirs, personachat_file,
+                                                                                    tmp_path):
+    run_dir = train_script.train(tiny_args(tiny_dirs, personachat_file, tmp_path, "run", "--max_steps", "2",
+                                           "--n_epochs", "1"))
+    train_script.train(["--resume", str(run_dir), "--max_steps", "0"])
+    assert [m["step"] for m in read_metrics(run_dir)] == [2, 6]
+    train_script.train(["--resume", str(run_dir)])  # already done: nothing runs, nothing is added
+    assert [m["step"] for m in read_metrics(run_dir)] == [2, 6]
+
+
+def test_resume_refuses_another_output_dir(tiny_dirs, personachat_file, tmp_path):
+    run_dir = train_script.train(tiny_args(tiny_dirs, personachat_file, tmp_path, "run", "--max_steps", "1"))
+    with pytest.raises(SystemExit):
+        train_script.get_args(["--resume", str(run_dir), "--output_dir", str(tmp_path / "elsewhere")])
 
 
 def test_nan_loss_stops_the_run_without_saving(tiny_dirs, personachat_file, tmp_path):

@@ -8,7 +8,7 @@ from conftest import make_personachat
 from inputs import DoubleHeadDataset, collate, special_ids
 from modeling import DoubleHeads, load_tokenizer_and_model
 from tokenized import tokenize_dialogs
-from training import amp_dtype, make_inference, make_update
+from training import amp_dtype, linear_lr, make_inference, make_update
 
 CPU = torch.device("cpu")
 
@@ -77,6 +77,12 @@ def test_fp16_with_grad_scaler_steps_on_cpu(setup):
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
     out = run_updates(model, [collate(items, pad)], 1, dtype=amp_dtype("O1"), scaler=scaler)
     assert out["loss"] > 0 and scaler.get_scale() > 0
+
+
+def test_linear_lr_warms_up_then_decays_and_never_sits_at_zero():
+    assert [linear_lr(s, 1.0, 4) for s in range(4)] == [1.0, 0.75, 0.5, 0.25]
+    assert [linear_lr(s, 1.0, 4, warmup_steps=2) for s in range(4)] == [0.5, 1.0, 1.0, 0.5]
+    assert linear_lr(0, 1.0, 1, warmup_steps=1) == 1.0
 
 
 @pytest.mark.parametrize("value, dtype", [("", None), ("O0", None), ("O1", torch.float16), ("O2", torch.float16),
