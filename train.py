@@ -287,5 +287,5 @@ def train(argv=None):
 if __name__ == "__main__":
     try:
         train()
-    except (DialogFormatError, FileNotFoundError) as e:  # bad input: the message names the file and line
+    except (DialogFormatError, FileNotFoundError, IsADirectoryError) as e:  # bad input: the message names the file and line
         sys.exit(f"train.py: error: {e}")

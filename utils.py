@@ -57,6 +57,9 @@ def resolve_dataset_path(dataset_path, cache_dir):
 
         logger.info("Downloading %s into %s", dataset_path, cache_dir)
         return pooch.retrieve(dataset_path, known_hash=None, path=cache_dir, progressbar=True)
+    if os.path.isdir(dataset_path):
+        raise IsADirectoryError(f"--dataset_path {dataset_path!r} is a directory: give the data file itself "
+                                f"(e.g. its train_*.txt, or the PersonaChat JSON)")
     if not os.path.exists(dataset_path):
         raise FileNotFoundError(
             f"--dataset_path {dataset_path!r}: no such file (give a local file, a URL, or one of "

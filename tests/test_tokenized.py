@@ -89,3 +89,5 @@ def test_get_dataset_reads_a_local_file_and_refuses_a_missing_one(tmp_path, pers
     assert data.num_utterances("train") == 24
     with pytest.raises(FileNotFoundError, match="--dataset_path"):
         get_dataset(tokenizer, str(tmp_path / "nope.json"), str(tmp_path / "c"))
+    with pytest.raises(IsADirectoryError, match="is a directory"):
+        get_dataset(tokenizer, str(tmp_path), str(tmp_path / "c"))
