@@ -78,6 +78,15 @@ class DoubleHeads(nn.Module):
                           if lm_labels is not None else (None, None))
         return nll_sum, count, mc_logits
 
+    def step(self, input_ids, token_type_ids, attention_mask, position_ids, cache=None):
+        """Next-token logits at the last position, reading and extending the KV cache (for decoding)."""
+        inputs_embeds = self.lm.get_input_embeddings()(input_ids)
+        speaker = token_type_ids.unsqueeze(-1) == self.speaker_ids
+        inputs_embeds = inputs_embeds + speaker.to(inputs_embeds.dtype) @ self.speaker_embeddings
+        out = self.lm.base_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+                                 cache=cache, use_cache=True)
+        return self.lm.get_output_embeddings()(out.last_hidden_state[:, -1]).float(), out.cache
+
     def heads_state(self):
         return {"speaker_embeddings": self.speaker_embeddings.detach(),
                 **{f"mc_head.{k}": v.detach() for k, v in self.mc_head.state_dict().items()}}
@@ -117,6 +126,12 @@ class GPTDoubleHeads(nn.Module):
                       mc_token_ids=mc_token_ids)
         nll_sum, count = shifted_nll(out.logits, lm_labels) if lm_labels is not None else (None, None)
         return nll_sum, count, out.mc_logits.float() if mc_token_ids is not None else None
+
+    def step(self, input_ids, token_type_ids, attention_mask, position_ids, cache=None):
+        """Next-token logits at the last position, reading and extending the KV cache (for decoding)."""
+        out = self.lm.transformer(input_ids=input_ids, token_type_ids=token_type_ids, attention_mask=attention_mask,
+                                  position_ids=position_ids, cache=cache, use_cache=True)
+        return self.lm.lm_head(out.last_hidden_state[:, -1]).float(), out.cache
 
     def save_pretrained(self, directory):
         self.lm.save_pretrained(directory)

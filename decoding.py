@@ -1,0 +1,157 @@
+"""Decoding replies, shared by chat and evaluation: top-k / nucleus filtering, sampling, greedy and beam search.
+
+Many contexts decode at once (left-padded, one batch), and the sequence so far lives in the model's KV cache:
+each new token costs one position, where the original re-ran the whole sequence for every token.
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from inputs import build_input_from_segments, fit_context
+
+
+@dataclass
+class DecodingConfig:
+    """The original interact.py's defaults, plus beam search and n-gram blocking."""
+    max_length: int = 20
+    min_length: int = 1
+    temperature: float = 0.7
+    top_k: int = 0
+    top_p: float = 0.9
+    no_sample: bool = False
+    num_beams: int = 1
+    no_repeat_ngram_size: int = 0
+
+
+def top_filtering(logits, top_k=0, top_p=0.0, filter_value=-float("inf")):
+    """Keep, per row, the top_k highest logits and/or the fewest most likely tokens whose probability reaches top_p."""
+    logits = logits.clone()
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits[logits < kth] = filter_value
+    if 0.0 < top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cumulative = F.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+        remove = cumulative > top_p
+        remove[..., 1:] = remove[..., :-1].clone()  # keep the token that crosses top_p
+        remove[..., 0] = False
+        logits.scatter_(-1, order, sorted_logits.masked_fill(remove, filter_value))
+    return logits
+
+
+def context_inputs(persona, history, special, max_len, reply_budget):
+    """input_ids and token_type_ids of a context ending with the reply's <speaker1>, cut to leave reply_budget."""
+    persona, history, _ = fit_context(persona, history, reply_budget, max_len)
+    inst = build_input_from_segments(persona, history, [], special, with_eos=False)
+    return inst["input_ids"], inst["token_type_ids"]
+
+
+def left_pad(contexts, pad_id, device):
+    """Stack (input_ids, token_type_ids) pairs left-padded, with the attention mask and position ids that implies."""
+    length = max(len(ids) for ids, _ in contexts)
+    ids = torch.tensor([[pad_id] * (length - len(i)) + list(i) for i, _ in contexts], device=device)
+    types = torch.tensor([[pad_id] * (length - len(t)) + list(t) for _, t in contexts], device=device)
+    mask = torch.tensor([[0] * (length - len(i)) + [1] * len(i) for i, _ in contexts], device=device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return ids, types, mask, positions
+
+
+def banned_by_ngrams(tokens, n):
+    """Tokens that would repeat an n-gram already in `tokens`."""
+    if n <= 0 or len(tokens) < n - 1:
+        return set()
+    prefix = tuple(tokens[len(tokens) - n + 1:]) if n > 1 else ()
+    return {tokens[i + n - 1] for i in range(len(tokens) - n + 1) if tuple(tokens[i:i + n - 1]) == prefix}
+
+
+def _adjust(logits, replies, t, special_ids, config):
+    """min_length (no special token before it) and n-gram blocking, in place."""
+    if t < config.min_length:
+        logits[:, special_ids] = -float("inf")
+    if config.no_repeat_ngram_size:
+        for row, reply in enumerate(replies):
+            banned = banned_by_ngrams(reply, config.no_repeat_ngram_size)
+            if banned:
+                logits[row, list(banned)] = -float("inf")
+    return logits
+
+
+@torch.no_grad()
+def generate(model, contexts, special, config, generator=None):
+    """Replies (token-id lists, end token excluded) to contexts [(input_ids, token_type_ids), ...].
+
+    A reply ends at any special token once min_length tokens are out, or at max_length tokens.
+    """
+    if config.num_beams > 1:
+        return [beam_search(model, context, special, config) for context in contexts]
+    device = next(model.parameters()).device
+    ids, types, mask, positions = left_pad(contexts, special.pad, device)
+    special_ids = list(special)
+    logits, past = model.step(ids, types, mask, positions)
+    replies = [[] for _ in contexts]
+    done = [False] * len(contexts)
+    next_position = positions[:, -1:] + 1
+    speaker = torch.full((len(contexts), 1), special.speaker1, device=device)
+    for t in range(config.max_length):
+        logits = _adjust(logits, replies, t, special_ids, config)
+        if config.no_sample:
+            tokens = logits.argmax(dim=-1)
+        else:
+            probs = F.softmax(top_filtering(logits / config.temperature, config.top_k, config.top_p), dim=-1)
+            tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        for row, token in enumerate(tokens.tolist()):
+            if done[row]:
+                continue
+            if token in special_ids:
+                done[row] = True
+            else:
+                replies[row].append(token)
+        if all(done) or t == config.max_length - 1:
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
+        logits, past = model.step(tokens[:, None], speaker, mask, next_position, past)
+        next_position = next_position + 1
+    return replies
+
+
+@torch.no_grad()
+def beam_search(model, context, special, config):
+    """The reply of highest mean token log-probability among `num_beams` beams (finished ones and survivors)."""
+    device = next(model.parameters()).device
+    special_ids = list(special)
+    ids, types, mask, positions = left_pad([context], special.pad, device)
+    logits, past = model.step(ids, types, mask, positions)
+    beams, scores = [[]], torch.zeros(1, device=device)
+    finished = []
+    position = positions[:, -1:] + 1
+    for t in range(config.max_length):
+        logp = _adjust(F.log_softmax(logits, dim=-1), beams, t, special_ids, config)
+        total = (scores[:, None] + logp).view(-1)
+        top_scores, top_index = total.topk(min(2 * config.num_beams, total.numel()))
+        keep_beam, keep_token, keep_score = [], [], []
+        vocab = logp.shape[-1]
+        for score, index in zip(top_scores.tolist(), top_index.tolist()):
+            beam, token = divmod(index, vocab)
+            if score == -float("inf"):
+                break
+            if token in special_ids:
+                finished.append((score / (len(beams[beam]) + 1), beams[beam]))
+            elif len(keep_beam) < config.num_beams:
+                keep_beam.append(beam)
+                keep_token.append(token)
+                keep_score.append(score)
+        if not keep_beam:
+            break
+        beams = [beams[b] + [tok] for b, tok in zip(keep_beam, keep_token)]
+        scores = torch.tensor(keep_score, device=device)
+        if len(finished) >= config.num_beams or t == config.max_length - 1:
+            break
+        index = torch.tensor(keep_beam, device=device)
+        past.reorder_cache(index)
+        mask = torch.cat([mask[index], torch.ones(len(index), 1, dtype=mask.dtype, device=device)], dim=-1)
+        position = position[index] + 1
+        tokens = torch.tensor(keep_token, device=device)[:, None]
+        logits, past = model.step(tokens, torch.full_like(tokens, special.speaker1), mask, position, past)
+    survivors = [(s / max(len(b), 1), b) for s, b in zip(scores.tolist(), beams)]
+    return max(finished + survivors, key=lambda pair: pair[0])[1]

@@ -1,0 +1,127 @@
+import math
+
+import pytest
+import torch
+
+from decoding import DecodingConfig, banned_by_ngrams, context_inputs, generate, top_filtering
+from inputs import SpecialIds, special_ids
+from modeling import load_tokenizer_and_model
+
+NEG = -float("inf")
+
+
+def test_top_k_keeps_the_k_highest_logits_per_row():
+    logits = torch.tensor([[1.0, 2.0, 3.0, 4.0], [4.0, 3.0, 2.0, 1.0]])
+    assert top_filtering(logits, top_k=2).tolist() == [[NEG, NEG, 3.0, 4.0], [4.0, 3.0, NEG, NEG]]
+
+
+def test_top_p_keeps_the_fewest_tokens_reaching_p():
+    logits = torch.log(torch.tensor([[0.05, 0.1, 0.25, 0.6]]))
+    kept = lambda p: [math.isfinite(x) for x in top_filtering(logits, top_p=p)[0].tolist()]  # noqa: E731
+    assert kept(0.5) == [False, False, False, True]
+    assert kept(0.7) == [False, False, True, True]  # 0.6 < 0.7: the token crossing p is kept
+    assert kept(0.9) == [False, True, True, True]
+    assert kept(1.0) == [True, True, True, True]
+
+
+def test_filtered_distribution_renormalises_over_kept_tokens():
+    logits = torch.log(torch.tensor([[0.1, 0.2, 0.3, 0.4]]))
+    probs = torch.softmax(top_filtering(logits, top_k=2), dim=-1)[0]
+    assert probs.tolist() == pytest.approx([0.0, 0.0, 3 / 7, 4 / 7])
+
+
+def test_ngram_blocking():
+    assert banned_by_ngrams([1, 2, 3, 1, 2], 3) == {3}
+    assert banned_by_ngrams([1, 2, 3], 2) == set()
+    assert banned_by_ngrams([5, 5], 1) == {5}
+
+
+SPECIAL = SpecialIds(bos=0, eos=1, speaker1=2, speaker2=3, pad=4)
+
+
+class EndEagerModel(torch.nn.Module):
+    """Always prefers <eos>, then token 7: shows what min_length and max_length do."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+
+    def step(self, input_ids, token_type_ids, attention_mask, position_ids, cache=None):
+        logits = torch.full((input_ids.shape[0], 10), -5.0)
+        logits[:, SPECIAL.eos] = 5.0
+        logits[:, 7] = 4.0
+        return logits, cache
+
+
+@pytest.mark.parametrize("min_length", [0, 1, 3])
+def test_min_length_holds_then_the_reply_ends(min_length):
+    config = DecodingConfig(no_sample=True, min_length=min_length, max_length=8)
+    assert generate(EndEagerModel(), [([0, 2], [2, 2])], SPECIAL, config) == [[7] * min_length]
+
+
+def test_max_length_bounds_the_reply():
+    config = DecodingConfig(no_sample=True, min_length=50, max_length=6)
+    assert generate(EndEagerModel(), [([0, 2], [2, 2])], SPECIAL, config) == [[7] * 6]
+
+
+@pytest.fixture(scope="module")
+def chat_model(tmp_path_factory):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from conftest import make_tokenizer
+
+    torch.manual_seed(0)
+    tokenizer = make_tokenizer()
+    d = tmp_path_factory.mktemp("chatty")
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, initializer_range=0.5)).save_pretrained(d)
+    tokenizer.save_pretrained(d)
+    tokenizer, model = load_tokenizer_and_model(str(d))
+    torch.nn.init.normal_(model.speaker_embeddings)
+    special = special_ids(tokenizer)
+    contexts = [context_inputs([[3, 4]], [[5, 6, 7]], special, 256, 20),
+                context_inputs([[3]], [[5, 6, 7, 8, 9, 10], [11], [12, 13]], special, 256, 20)]
+    return model.eval(), special, contexts
+
+
+def no_cache_greedy(model, context, special, length):
+    """The original's loop: the whole sequence again for every new token."""
+    ids, types, reply = list(context[0]), list(context[1]), []
+    for _ in range(length):
+        n = len(ids)
+        logits, _ = model.step(torch.tensor([ids]), torch.tensor([types]), torch.ones(1, n, dtype=torch.long),
+                               torch.arange(n)[None])
+        logits[:, list(special)] = NEG
+        token = int(logits.argmax())
+        reply.append(token)
+        ids.append(token)
+        types.append(special.speaker1)
+    return reply
+
+
+def test_greedy_with_kv_cache_equals_the_no_cache_loop_in_a_batch(chat_model):
+    model, special, contexts = chat_model
+    config = DecodingConfig(no_sample=True, min_length=12, max_length=12)
+    with torch.no_grad():
+        expected = [no_cache_greedy(model, c, special, 12) for c in contexts]
+    assert generate(model, contexts, special, config) == expected
+    assert len(set(expected[0])) > 1  # a model that says something
+
+
+def test_same_seed_same_reply(chat_model):
+    model, special, contexts = chat_model
+    config = DecodingConfig(temperature=1.5, top_p=0.95, max_length=15)
+    replies = [generate(model, contexts, special, config, generator=torch.Generator().manual_seed(s))
+               for s in (3, 3, 4, 5)]
+    assert replies[0] == replies[1]
+    assert replies[0] != replies[2] or replies[0] != replies[3]
+
+
+def test_beam_search_gives_a_reply_per_context_without_special_tokens(chat_model):
+    model, special, contexts = chat_model
+    config = DecodingConfig(num_beams=3, max_length=10, no_repeat_ngram_size=2)
+    replies = generate(model, contexts, special, config)
+    assert len(replies) == 2
+    for reply in replies:
+        assert 0 < len(reply) <= 10 and not set(reply) & set(special)
+        assert all(banned_by_ngrams(reply[:i], 2).isdisjoint({reply[i]}) for i in range(len(reply)))
