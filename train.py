@@ -280,6 +280,7 @@ def train(argv=None):
         tb_logger.close()
         logger.info("Run saved in %s (load it with --model_checkpoint %s)", run_dir, run_dir)
     if distributed:
+        torch.distributed.barrier()  # leave together: a rank tearing gloo down under another one aborts
         torch.distributed.destroy_process_group()
     return run_dir
 
