@@ -44,6 +44,21 @@ def read_dialogs(path, seed=42, num_distractors=NUM_DISTRACTORS, valid_fraction=
     return splits
 
 
+def read_personas(path):
+    """Every non-empty persona of a file (all splits), without building or tokenizing anything else."""
+    path = str(path)
+    if path.endswith(".txt"):
+        personas = [d["personality"] for d in read_parlai(path)]
+    else:
+        obj = _load_json(path)
+        dialogs = [d for split in ("train", "valid") for d in obj.get(split, [])] \
+            if isinstance(obj, dict) and ("train" in obj or "valid" in obj) else []
+        personas = [d.get("personality", []) for d in dialogs if isinstance(d, dict)]
+        for i, persona in enumerate(personas):
+            _require_strings(persona, f"{path}: persona {i}")
+    return [p for p in personas if p]
+
+
 def _load_json(path):
     try:
         with open(path, encoding="utf-8") as f:

@@ -1,0 +1,145 @@
+"""Chat in the terminal with a trained run and a persona.
+
+    python interact.py                                   # the newest run under runs/, a persona from the data
+    python interact.py --model_checkpoint runs/x --personality "i love cats." --personality "i am a nurse."
+    printf 'hi!\\nhow are you?\\n' | python interact.py --no_sample   # scripted: one reply per input line
+
+Type /reset for a new conversation, /persona to see the persona; Ctrl-D or Ctrl-C ends. Replies go to stdout,
+everything else to stderr.
+"""
+import logging
+import random
+import sys
+from argparse import ArgumentParser
+from pathlib import Path
+
+import torch
+
+from decoding import DecodingConfig, context_inputs, generate
+from dialogs import DialogFormatError, read_personas
+from inputs import special_ids
+from modeling import load_tokenizer_and_model, model_max_length
+from utils import resolve_dataset_path, set_seed
+
+logger = logging.getLogger(__file__)
+
+
+def get_args(argv=None):
+    parser = ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--dataset_path", type=str, default="",
+                        help="Dialog data to draw a persona from (default: the packaged chit-chat corpus, which has "
+                             "no personas)")
+    parser.add_argument("--dataset_cache", type=str, default="./dataset_cache",
+                        help="Where downloaded data is kept (default: ./dataset_cache)")
+    parser.add_argument("--model", type=str, default="",
+                        help="Model type to expect (openai-gpt, gpt2, llama, ...): an error if the checkpoint is another")
+    parser.add_argument("--model_checkpoint", type=str, default="",
+                        help="Run directory, hub id or .gguf file (default: the newest run under --runs_dir)")
+    parser.add_argument("--runs_dir", type=str, default="runs", help="Where to look for the newest run (default: runs)")
+    parser.add_argument("--personality", action="append", default=[],
+                        help="A persona sentence; repeat for several. With it no dataset is read")
+    parser.add_argument("--personality_file", type=str, default="", help="Persona sentences, one per line")
+    parser.add_argument("--max_history", type=int, default=2, help="Previous exchanges kept in history (default: 2)")
+    parser.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--no_sample", action="store_true", help="Greedy decoding instead of sampling")
+    parser.add_argument("--max_length", type=int, default=20, help="Most tokens in a reply (default: 20)")
+    parser.add_argument("--min_length", type=int, default=1,
+                        help="Fewest tokens in a reply: no special token before (default: 1)")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the persona draw and of sampling (default: 0)")
+    parser.add_argument("--temperature", type=float, default=0.7, help="Sampling softmax temperature (default: 0.7)")
+    parser.add_argument("--top_k", type=int, default=0, help="Sample among the k likeliest tokens; 0: off (default: 0)")
+    parser.add_argument("--top_p", type=float, default=0.9, help="Nucleus sampling mass; 0: off (default: 0.9)")
+    parser.add_argument("--num_beams", type=int, default=1, help="Beam search with this many beams (default: 1, off)")
+    parser.add_argument("--no_repeat_ngram_size", type=int, default=0,
+                        help="Never repeat an n-gram of this size within a reply (default: 0, off)")
+    args = parser.parse_args(argv)
+    if args.temperature <= 0:
+        parser.error("--temperature: must be above 0 (use --no_sample for greedy decoding)")
+    return args
+
+
+def newest_run(runs_dir):
+    """The most recently written run directory under runs_dir, or None."""
+    runs = [p for p in Path(runs_dir).glob("*") if (p / "config.json").is_file()]
+    return str(max(runs, key=lambda p: (p / "config.json").stat().st_mtime)) if runs else None
+
+
+def choose_persona(args):
+    """Persona sentences from the flags, else one drawn at random from the dataset (never tokenizing all of it)."""
+    if args.personality:
+        return args.personality
+    if args.personality_file:
+        with open(args.personality_file, encoding="utf-8") as f:
+            return [line.strip() for line in f if line.strip()]
+    personas = read_personas(resolve_dataset_path(args.dataset_path, args.dataset_cache))
+    return random.Random(args.seed).choice(personas) if personas else []
+
+
+def user_lines(prompt):
+    """User messages: prompted in a terminal, one per line when piped; ends at EOF."""
+    if not sys.stdin.isatty():
+        yield from sys.stdin
+        return
+    while True:
+        try:
+            yield input(prompt)
+        except EOFError:
+            print(file=sys.stderr)
+            return
+
+
+def run(args):
+    checkpoint = args.model_checkpoint or newest_run(args.runs_dir)
+    if checkpoint is None:
+        sys.exit(f"interact.py: no run under {args.runs_dir}/: train one with `make demo` (or `python train.py`), "
+                 f"or pass --model_checkpoint (a run directory, hub id or .gguf file)")
+    set_seed(args.seed)
+    persona = choose_persona(args)
+    tokenizer, model = load_tokenizer_and_model(checkpoint)
+    if args.model and args.model != model.config.model_type:
+        sys.exit(f"interact.py: --model {args.model}, but {checkpoint} holds a {model.config.model_type} model")
+    model.to(args.device).eval()
+    special = special_ids(tokenizer)
+    config = DecodingConfig(max_length=args.max_length, min_length=args.min_length, temperature=args.temperature,
+                            top_k=args.top_k, top_p=args.top_p, no_sample=args.no_sample, num_beams=args.num_beams,
+                            no_repeat_ngram_size=args.no_repeat_ngram_size)
+    generator = torch.Generator(device=args.device).manual_seed(args.seed)
+    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    persona_ids = [encode(s) for s in persona]
+    max_len = model_max_length(model)
+
+    def show_persona():
+        print("Persona: " + (" ".join(persona) if persona else "(none: this data has no personas)"), file=sys.stderr)
+
+    print(f"Chatting with {checkpoint}", file=sys.stderr)
+    show_persona()
+    history = []
+    for line in user_lines(">>> "):
+        text = line.strip()
+        if not text:
+            continue
+        if text == "/reset":
+            history = []
+            print("(a new conversation)", file=sys.stderr)
+            continue
+        if text == "/persona":
+            show_persona()
+            continue
+        history.append(encode(text))
+        history = history[-(2 * args.max_history + 1):]
+        context = context_inputs(persona_ids, history, special, max_len, args.max_length)
+        reply = generate(model, [context], special, config, generator=generator)[0]
+        history.append(reply)
+        text = " ".join(tokenizer.decode(reply, skip_special_tokens=True).split())  # one reply, one line
+        print(text, flush=True)
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING)
+    try:
+        run(get_args())
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+    except (DialogFormatError, FileNotFoundError, IsADirectoryError) as e:
+        sys.exit(f"interact.py: error: {e}")

@@ -1,0 +1,51 @@
+import os
+import subprocess
+import sys
+
+from conftest import ROOT
+from dialogs import read_personas
+from interact import newest_run
+
+
+def run_interact(args, stdin, cwd=None):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "interact.py"), *args], input=stdin,
+                          capture_output=True, text=True, timeout=120, cwd=cwd)
+
+
+def test_piped_conversation_gets_one_reply_per_line_and_ends_at_eof(tiny_dirs):
+    done = run_interact(["--model_checkpoint", tiny_dirs["llama"], "--personality", "i like cats",
+                         "--personality", "i read books", "--max_length", "5"],
+                        "hello how are you\n\n/persona\nwhat do you like\n/reset\ngood\n")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert len(done.stdout.splitlines()) == 3  # three messages; the empty line and commands get no reply
+    assert "Persona: i like cats i read books" in done.stderr
+    assert "(a new conversation)" in done.stderr
+
+
+def test_same_seed_same_replies(tiny_dirs):
+    args = ["--model_checkpoint", tiny_dirs["llama"], "--personality", "i like cats", "--seed", "7",
+            "--temperature", "2.0"]
+    first, second = run_interact(args, "hi\nhow are you\n"), run_interact(args, "hi\nhow are you\n")
+    assert first.returncode == 0 and first.stdout == second.stdout
+
+
+def test_without_runs_it_says_how_to_make_one(tmp_path):
+    done = run_interact(["--runs_dir", str(tmp_path / "runs")], "hi\n")
+    assert done.returncode == 1 and "make demo" in done.stderr
+
+
+def test_newest_run_is_the_last_written(tmp_path):
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text("{}")
+    os.utime(tmp_path / "a" / "config.json", (2e9, 2e9))
+    assert newest_run(tmp_path) == str(tmp_path / "a")
+    assert newest_run(tmp_path / "none") is None
+
+
+def test_personas_are_read_without_the_rest(personachat_file, tmp_path):
+    personas = read_personas(personachat_file)
+    assert len(personas) == 11 and all(len(p) == 2 for p in personas)
+    chat = tmp_path / "chat.json"
+    chat.write_text('{"c1": {"messages": [[{"text": "hi"}], [{"text": "yo"}]]}}')
+    assert read_personas(chat) == []
