@@ -1,6 +1,7 @@
 """Benchmarks that print ratios measured in one run (these machines are noisy: compare within a run only).
 
     python bench.py train [--examples 32] [--json]
+    python bench.py generate [--reply_tokens 20] [--json]
 
 `train`: training steps of the packaged model on the packaged corpus through our pipeline (length-grouped
 batches padded to their own longest sequence), against the original repo's batching (random batches, every
@@ -8,6 +9,10 @@ example padded to the dataset's longest, here cut at --max_seq_len) on the same 
 batches all cost the same, so a few are timed), and against a bare transformers
 forward/backward of the same model on the same batches. MFU counts useful FLOPs, 6 x parameters x non-pad
 tokens, against an fp32 matmul measured in the same run.
+
+`generate`: greedy replies of exactly --reply_tokens tokens after a ConvAI2-sized context (~100 tokens) with
+our KV-cache decoding, against re-running the whole sequence for every token (the original's loop) and
+against transformers' own `generate` on the same prompt.
 """
 import argparse
 import copy
@@ -20,6 +25,7 @@ import numpy as np
 import torch
 from ignite.engine import Engine
 
+from decoding import DecodingConfig, context_inputs, generate
 from inputs import DoubleHeadDataset, LengthGroupedBatchSampler, collate, special_ids
 from modeling import load_tokenizer_and_model
 from tokenized import get_dataset
@@ -125,6 +131,62 @@ def bench_train(args):
     return result
 
 
+def pick_context(data, special, target, max_history=2):
+    """The first valid-split context (persona + history up to the reply's speaker token) of about `target` tokens."""
+    for u in range(data.num_utterances("valid")):
+        persona, history, _ = data.utterance("valid", u)
+        context = context_inputs(persona, history[-(2 * max_history + 1):], special, 10_000, 0)
+        if target <= len(context[0]) <= target * 1.3:
+            return context
+    raise ValueError(f"no validation context of about {target} tokens")
+
+
+def greedy_without_cache(model, context, special, n_tokens):
+    """The original repo's decoding loop: the whole sequence through the model again for every new token."""
+    ids, types = list(context[0]), list(context[1])
+    device = next(model.parameters()).device
+    for _ in range(n_tokens):
+        n = len(ids)
+        logits, _ = model.step(torch.tensor([ids], device=device), torch.tensor([types], device=device),
+                               torch.ones(1, n, dtype=torch.long, device=device), torch.arange(n, device=device)[None])
+        logits[:, list(special)] = -float("inf")
+        ids.append(int(logits.argmax()))
+        types.append(special.speaker1)
+    return ids[len(context[0]):]
+
+
+def best_time(fn, repeats):
+    """Fastest of `repeats` runs (after one warm-up): the least disturbed by the machine's noise."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def bench_generate(args):
+    tokenizer, model = load_tokenizer_and_model(args.model_checkpoint)
+    model.to(args.device).eval()
+    special = special_ids(tokenizer)
+    data = get_dataset(tokenizer, args.dataset_path, args.dataset_cache)
+    context = pick_context(data, special, args.context_tokens)
+    n = args.reply_tokens
+    config = DecodingConfig(no_sample=True, min_length=n, max_length=n)
+    ours = generate(model, [context], special, config)[0]
+    with torch.no_grad():
+        assert ours == greedy_without_cache(model, context, special, n), "cached and uncached replies differ"
+        t_ours = best_time(lambda: generate(model, [context], special, config), args.repeats)
+        t_no_cache = best_time(lambda: greedy_without_cache(model, context, special, n), args.repeats)
+        prompt = torch.tensor([context[0]], device=args.device)
+        t_hf = best_time(lambda: model.lm.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                                                   max_new_tokens=n, min_new_tokens=n), args.repeats)
+    return {"device": str(args.device), "context_tokens": len(context[0]), "reply_tokens": n,
+            "tokens_per_s": n / t_ours, "no_cache_tokens_per_s": n / t_no_cache, "hf_generate_tokens_per_s": n / t_hf,
+            "speedup_vs_no_cache": t_no_cache / t_ours, "ratio_vs_hf_generate": t_hf / t_ours}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -144,8 +206,18 @@ def main(argv=None):
     train.add_argument("--fp16", default="", help="Mixed precision: fp16 or bf16 (default: off)")
     train.add_argument("--seed", type=int, default=0, help="Which examples are drawn (default: 0)")
     train.add_argument("--json", action="store_true", help="End with one JSON object on the last line")
+    gen = sub.add_parser("generate", help="decoding speed with the KV cache, without it, and transformers' generate")
+    gen.add_argument("--model_checkpoint", default="", help="Model (default: the packaged SmolLM2)")
+    gen.add_argument("--dataset_path", default="", help="Where the context comes from (default: the packaged corpus)")
+    gen.add_argument("--dataset_cache", default="./dataset_cache", help="Cache directory (default: ./dataset_cache)")
+    gen.add_argument("--context_tokens", type=int, default=100, help="Context length to look for (default: 100)")
+    gen.add_argument("--reply_tokens", type=int, default=20, help="Tokens per reply (default: 20)")
+    gen.add_argument("--repeats", type=int, default=3, help="Timed runs per variant, the fastest kept (default: 3)")
+    gen.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                     help="cuda or cpu (default: cuda when available)")
+    gen.add_argument("--json", action="store_true", help="End with one JSON object on the last line")
     args = parser.parse_args(argv)
-    result = bench_train(args)
+    result = bench_train(args) if args.command == "train" else bench_generate(args)
     for name, value in result.items():
         print(f"{name:>28}: {value:.4g}" if isinstance(value, float) else f"{name:>28}: {value}")
     if args.json:

@@ -88,7 +88,8 @@ def generate(model, contexts, special, config, generator=None):
     device = next(model.parameters()).device
     ids, types, mask, positions = left_pad(contexts, special.pad, device)
     special_ids = list(special)
-    logits, past = model.step(ids, types, mask, positions)
+    padded = not bool(mask.all())  # without padding the model needs no mask: it skips building one per step
+    logits, past = model.step(ids, types, mask if padded else None, positions)
     replies = [[] for _ in contexts]
     done = [False] * len(contexts)
     next_position = positions[:, -1:] + 1
@@ -109,7 +110,7 @@ def generate(model, contexts, special, config, generator=None):
                 replies[row].append(token)
         if all(done) or t == config.max_length - 1:
             break
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1) if padded else None
         logits, past = model.step(tokens[:, None], speaker, mask, next_position, past)
         next_position = next_position + 1
     return replies
