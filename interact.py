@@ -11,7 +11,6 @@ import logging
 import random
 import sys
 from argparse import ArgumentParser
-from pathlib import Path
 
 import torch
 
@@ -19,7 +18,7 @@ from decoding import DecodingConfig, context_inputs, generate
 from dialogs import DialogFormatError, read_personas
 from inputs import special_ids
 from modeling import load_tokenizer_and_model, model_max_length
-from utils import resolve_dataset_path, set_seed
+from utils import newest_run, resolve_dataset_path, set_seed
 
 logger = logging.getLogger(__file__)
 
@@ -57,12 +56,6 @@ def get_args(argv=None):
     if args.temperature <= 0:
         parser.error("--temperature: must be above 0 (use --no_sample for greedy decoding)")
     return args
-
-
-def newest_run(runs_dir):
-    """The most recently written run directory under runs_dir, or None."""
-    runs = [p for p in Path(runs_dir).glob("*") if (p / "config.json").is_file()]
-    return str(max(runs, key=lambda p: (p / "config.json").stat().st_mtime)) if runs else None
 
 
 def choose_persona(args):

@@ -1,5 +1,7 @@
-"""Validation metrics as ignite metrics, so they are summed across processes before they are computed."""
+"""Metrics: token NLL as an ignite metric (summed across processes before it is computed) and ParlAI's F1."""
 import math
+import re
+from collections import Counter
 
 import torch
 from ignite.exceptions import NotComputableError
@@ -36,3 +38,30 @@ class TokenNLL(Metric):
 
 def perplexity(nll):
     return math.exp(min(nll, 700.0))  # exp overflows past ~709
+
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCTUATION = re.compile(r"[!\"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~]")
+
+
+def normalize_answer(text):
+    """ParlAI's normalization: lower case, punctuation and articles (a, an, the) removed, whitespace squashed."""
+    text = _PUNCTUATION.sub(" ", text.lower())
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def f1_score(guess, answers):
+    """ParlAI's unigram F1 of a guess against the best-matching of several gold answers."""
+    if guess is None or not answers:
+        return 0.0
+    guess_tokens = normalize_answer(guess).split()
+    return max(_prec_recall_f1(guess_tokens, normalize_answer(a).split()) for a in answers)
+
+
+def _prec_recall_f1(pred, gold):
+    common = Counter(pred) & Counter(gold)
+    num_same = sum(common.values())
+    if num_same == 0:
+        return 0.0
+    precision, recall = num_same / len(pred), num_same / len(gold)
+    return 2 * precision * recall / (precision + recall)

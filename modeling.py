@@ -78,14 +78,27 @@ class DoubleHeads(nn.Module):
                           if lm_labels is not None else (None, None))
         return nll_sum, count, mc_logits
 
-    def step(self, input_ids, token_type_ids, attention_mask, position_ids, cache=None):
-        """Next-token logits at the last position, reading and extending the KV cache (for decoding)."""
+    def hidden_states(self, input_ids, token_type_ids, attention_mask, position_ids, cache=None):
+        """Last-layer hidden states of (sequences, length) inputs, reading and extending the KV cache."""
         inputs_embeds = self.lm.get_input_embeddings()(input_ids)
         speaker = token_type_ids.unsqueeze(-1) == self.speaker_ids
         inputs_embeds = inputs_embeds + speaker.to(inputs_embeds.dtype) @ self.speaker_embeddings
         out = self.lm.base_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
                                  cache=cache, use_cache=True)
-        return self.lm.get_output_embeddings()(out.last_hidden_state[:, -1]).float(), out.cache
+        return out.last_hidden_state, out.cache
+
+    def lm_logits(self, hidden):
+        return self.lm.get_output_embeddings()(hidden).float()
+
+    def mc_logits_at(self, hidden, index):
+        """Multiple-choice logit of each sequence from its hidden state at `index`."""
+        last = hidden[torch.arange(hidden.shape[0], device=hidden.device), index]
+        return self.mc_head(self.mc_dropout(last)).squeeze(-1).float()
+
+    def step(self, input_ids, token_type_ids, attention_mask, position_ids, cache=None):
+        """Next-token logits at the last position, reading and extending the KV cache (for decoding)."""
+        hidden, cache = self.hidden_states(input_ids, token_type_ids, attention_mask, position_ids, cache)
+        return self.lm_logits(hidden[:, -1]), cache
 
     def heads_state(self):
         return {"speaker_embeddings": self.speaker_embeddings.detach(),
@@ -127,11 +140,23 @@ class GPTDoubleHeads(nn.Module):
         nll_sum, count = shifted_nll(out.logits, lm_labels) if lm_labels is not None else (None, None)
         return nll_sum, count, out.mc_logits.float() if mc_token_ids is not None else None
 
-    def step(self, input_ids, token_type_ids, attention_mask, position_ids, cache=None):
-        """Next-token logits at the last position, reading and extending the KV cache (for decoding)."""
+    def hidden_states(self, input_ids, token_type_ids, attention_mask, position_ids, cache=None):
+        """Last-layer hidden states of (sequences, length) inputs, reading and extending the KV cache."""
         out = self.lm.transformer(input_ids=input_ids, token_type_ids=token_type_ids, attention_mask=attention_mask,
                                   position_ids=position_ids, cache=cache, use_cache=True)
-        return self.lm.lm_head(out.last_hidden_state[:, -1]).float(), out.cache
+        return out.last_hidden_state, out.cache
+
+    def lm_logits(self, hidden):
+        return self.lm.lm_head(hidden).float()
+
+    def mc_logits_at(self, hidden, index):
+        """Multiple-choice logit of each sequence from its hidden state at `index`."""
+        return self.lm.multiple_choice_head(hidden, index).squeeze(-1).float()
+
+    def step(self, input_ids, token_type_ids, attention_mask, position_ids, cache=None):
+        """Next-token logits at the last position, reading and extending the KV cache (for decoding)."""
+        hidden, cache = self.hidden_states(input_ids, token_type_ids, attention_mask, position_ids, cache)
+        return self.lm_logits(hidden[:, -1]), cache
 
     def save_pretrained(self, directory):
         self.lm.save_pretrained(directory)

@@ -110,6 +110,12 @@ def make_run_dir(model_checkpoint, root="runs"):
     return Path(root) / name
 
 
+def newest_run(runs_dir):
+    """The most recently written run directory under runs_dir (one holding a config.json), or None."""
+    runs = [p for p in Path(runs_dir).glob("*") if (p / "config.json").is_file()]
+    return str(max(runs, key=lambda p: (p / "config.json").stat().st_mtime)) if runs else None
+
+
 def set_seed(seed):
     random.seed(seed)
     np.random.seed(seed % 2**32)

@@ -4,7 +4,7 @@ import sys
 
 from conftest import ROOT
 from dialogs import read_personas
-from interact import newest_run
+from utils import newest_run
 
 
 def run_interact(args, stdin, cwd=None):

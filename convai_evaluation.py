@@ -1,0 +1,162 @@
+"""ConvAI2 metrics of a run, without ParlAI: hits@1 (and hits@k, MRR), perplexity and F1.
+
+    python convai_evaluation.py --eval_type all --model_checkpoint runs/x --dataset_path valid_self_original.txt
+    python convai_evaluation.py --eval_type hits@1 --ranker lm --max_examples 200
+
+Data: the valid split of PersonaChat JSON or of the chit-chat corpus, or every dialog of a ParlAI/ConvAI2 text
+file. Results go to a JSON file next to the run and to a table on stdout.
+"""
+import json
+import logging
+import math
+import os
+import sys
+from argparse import ArgumentParser
+
+import torch
+from tqdm import tqdm
+
+from decoding import DecodingConfig, context_inputs, generate
+from dialogs import (NUM_DISTRACTORS, VALID_FRACTION, DialogFormatError, add_distractors, read_dialogs, read_parlai)
+from inputs import special_ids
+from metrics import f1_score
+from modeling import load_tokenizer_and_model, model_max_length
+from ranking import rank_of_gold, score_candidates
+from utils import newest_run, resolve_dataset_path, set_seed, write_json
+
+logger = logging.getLogger(__file__)
+HITS_AT = (1, 5, 10)
+
+
+def get_args(argv=None):
+    parser = ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--eval_type", default="all", choices=["hits@1", "ppl", "f1", "all"],
+                        help="Which metrics (default: all)")
+    parser.add_argument("--model_checkpoint", default="",
+                        help="Run directory, hub id or .gguf file (default: the newest run under runs/)")
+    parser.add_argument("--dataset_path", default="", help="Evaluation data (default: the packaged corpus' valid split)")
+    parser.add_argument("--dataset_cache", default="./dataset_cache", help="Where downloads are kept")
+    parser.add_argument("--ranker", default="mc", choices=["mc", "lm", "bert"],
+                        help="hits@1 scoring: the multiple-choice head, LM likelihood per token, or the BERT ranker")
+    parser.add_argument("--num_candidates", type=int, default=20, help="Candidates per example (default: 20)")
+    parser.add_argument("--max_history", type=int, default=2, help="Previous exchanges kept (default: 2)")
+    parser.add_argument("--max_examples", type=int, default=0, help="Evaluate the first N examples (default: all)")
+    parser.add_argument("--batch_size", type=int, default=8, help="Contexts decoded at once for F1 (default: 8)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--sample", action="store_true", help="Sample replies for F1 (default: greedy)")
+    parser.add_argument("--max_length", type=int, default=20, help="Most tokens in a generated reply (default: 20)")
+    parser.add_argument("--min_length", type=int, default=1, help="Fewest tokens in a generated reply (default: 1)")
+    parser.add_argument("--temperature", type=float, default=0.7, help="Sampling temperature (default: 0.7)")
+    parser.add_argument("--top_k", type=int, default=0, help="Top-k sampling; 0: off (default: 0)")
+    parser.add_argument("--top_p", type=float, default=0.9, help="Nucleus sampling mass (default: 0.9)")
+    parser.add_argument("--num_beams", type=int, default=1, help="Beam search beams (default: 1, off)")
+    parser.add_argument("--no_repeat_ngram_size", type=int, default=0, help="n-gram blocking (default: 0, off)")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of distractors and sampling (default: 0)")
+    parser.add_argument("--results_file", default="",
+                        help="Where to write the results JSON (default: convai_evaluation.json in the run directory)")
+    parser.add_argument("--save_predictions", default="", help="One JSON line per example to this file")
+    return parser.parse_args(argv)
+
+
+def evaluation_dialogs(path, seed):
+    """Dialogs to evaluate: all of a ParlAI text file, else the valid split; every utterance with candidates."""
+    if str(path).endswith(".txt"):
+        dialogs = read_parlai(path)
+        add_distractors(dialogs, NUM_DISTRACTORS, seed, where=path)
+        return dialogs
+    return read_dialogs(path, seed=seed, num_distractors=NUM_DISTRACTORS, valid_fraction=VALID_FRACTION)["valid"]
+
+
+def examples_of(dialogs, max_examples):
+    """(id, persona, history, candidates) texts, in order."""
+    out = []
+    for d, dialog in enumerate(dialogs):
+        for u, utterance in enumerate(dialog["utterances"]):
+            out.append((f"{d}:{u}", dialog["personality"], utterance["history"], utterance["candidates"]))
+            if max_examples and len(out) >= max_examples:
+                return out
+    return out
+
+
+def main(argv=None):
+    args = get_args(argv)
+    if args.ranker == "bert":
+        sys.exit("convai_evaluation.py: --ranker bert needs the BERT ranker of bert_classifier.py, not built yet")
+    set_seed(args.seed)
+    checkpoint = args.model_checkpoint or newest_run("runs")
+    if checkpoint is None:
+        sys.exit("convai_evaluation.py: no run under runs/: train one with `make demo`, or pass --model_checkpoint")
+    tokenizer, model = load_tokenizer_and_model(checkpoint)
+    model.to(args.device).eval()
+    special = special_ids(tokenizer)
+    encode = lambda texts: tokenizer(list(texts), add_special_tokens=False)["input_ids"] if texts else []  # noqa
+    max_len = model_max_length(model)
+    path = resolve_dataset_path(args.dataset_path, args.dataset_cache)
+    examples = examples_of(evaluation_dialogs(path, args.seed), args.max_examples)
+    want = {"hits@1", "ppl", "f1"} if args.eval_type == "all" else {args.eval_type}
+
+    ranks, nll, n_tokens, n_words, f1s, records = [], 0.0, 0, 0, [], []
+    contexts = []
+    for example_id, persona, history, candidates in tqdm(examples, desc="Scoring", disable=not want & {"hits@1", "ppl"}):
+        history = history[-(2 * args.max_history + 1):]
+        candidates = candidates[-args.num_candidates:] if "hits@1" in want else candidates[-1:]
+        persona_ids, history_ids, cand_ids = encode(persona), encode(history), encode(candidates)
+        context = context_inputs(persona_ids, history_ids, special, max_len,
+                                 max(max(len(c) for c in cand_ids) + 1, args.max_length))
+        contexts.append(context)
+        record = {"id": example_id, "context": history[-1] if history else "", "gold": candidates[-1]}
+        if want & {"hits@1", "ppl"}:
+            mc, logp, lengths = score_candidates(model, context, cand_ids, special)
+            gold = len(candidates) - 1
+            if "hits@1" in want:
+                scores = mc if args.ranker == "mc" else logp / lengths
+                rank = rank_of_gold(scores, gold)
+                ranks.append(rank)
+                record["top_candidate"] = candidates[int(scores.argmax())]
+            nll -= float(logp[gold])
+            n_tokens += int(lengths[gold])
+            n_words += max(len(candidates[-1].split()), 1)
+        records.append(record)
+
+    if "f1" in want:
+        config = DecodingConfig(max_length=args.max_length, min_length=args.min_length, temperature=args.temperature,
+                                top_k=args.top_k, top_p=args.top_p, no_sample=not args.sample,
+                                num_beams=args.num_beams, no_repeat_ngram_size=args.no_repeat_ngram_size)
+        generator = torch.Generator(device=args.device).manual_seed(args.seed)
+        for start in tqdm(range(0, len(contexts), args.batch_size), desc="Generating"):
+            replies = generate(model, contexts[start:start + args.batch_size], special, config, generator=generator)
+            for record, reply in zip(records[start:], replies):
+                record["reply"] = " ".join(tokenizer.decode(reply, skip_special_tokens=True).split())
+                record["f1"] = f1_score(record["reply"], [record["gold"]])
+                f1s.append(record["f1"])
+
+    results = {"model_checkpoint": str(checkpoint), "dataset_path": str(path), "examples": len(examples)}
+    if "hits@1" in want:
+        results.update({f"hits@{k}": sum(r <= k for r in ranks) / len(ranks) for k in HITS_AT})
+        results.update({"mrr": sum(1 / r for r in ranks) / len(ranks), "ranker": args.ranker,
+                        "candidates": args.num_candidates})
+    if "ppl" in want:
+        results.update({"ppl": math.exp(nll / n_tokens), "word_ppl": math.exp(nll / n_words), "nll": nll / n_tokens})
+    if "f1" in want:
+        results["f1"] = sum(f1s) / len(f1s)
+    results_file = args.results_file or (os.path.join(checkpoint, "convai_evaluation.json")
+                                         if os.path.isdir(checkpoint) else "convai_evaluation.json")
+    write_json(results_file, results)
+    if args.save_predictions:
+        with open(args.save_predictions, "w") as f:
+            for record in records:
+                f.write(json.dumps(record) + "\n")
+    print(f"{'metric':>10}  value")
+    for name, value in results.items():
+        if isinstance(value, float):
+            print(f"{name:>10}  {value:.4f}")
+    print(f"Results in {results_file}", file=sys.stderr)
+    return results
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING)
+    try:
+        main()
+    except (DialogFormatError, FileNotFoundError, IsADirectoryError) as e:
+        sys.exit(f"convai_evaluation.py: error: {e}")

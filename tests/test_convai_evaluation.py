@@ -1,0 +1,97 @@
+import json
+import math
+
+import pytest
+import torch
+
+import convai_evaluation
+from decoding import DecodingConfig, context_inputs, generate
+from inputs import build_input_from_segments, collate, special_ids
+from modeling import load_tokenizer_and_model
+
+DISTRACTORS = ["cats dogs pizza music", "school work family", "yes no maybe sure", "running cooking today",
+               "weather nice cool fun", "books friend city"]
+HISTORIES = ["hello how are you", "what do you like", "my name is from the city"]
+
+
+@pytest.fixture(scope="module")
+def chatty(tmp_path_factory):
+    """A tiny random Llama with large weights, so that its preferences are sharp, and its tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from conftest import make_tokenizer
+
+    torch.manual_seed(1)
+    tokenizer = make_tokenizer()
+    d = tmp_path_factory.mktemp("chatty")
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, initializer_range=0.5)).save_pretrained(d)
+    tokenizer.save_pretrained(d)
+    return str(d)
+
+
+@pytest.fixture(scope="module")
+def convai_file(chatty, tmp_path_factory):
+    """ConvAI2 text whose gold replies are the model's own greedy replies, among random distractors."""
+    tokenizer, model = load_tokenizer_and_model(chatty)
+    model.eval()
+    special = special_ids(tokenizer)
+    lines = []
+    for k, text in enumerate(HISTORIES):
+        context = context_inputs([tokenizer("i like cats", add_special_tokens=False)["input_ids"]],
+                                 [tokenizer(text, add_special_tokens=False)["input_ids"]], special, 256, 10)
+        reply = generate(model, [context], special, DecodingConfig(no_sample=True, min_length=4, max_length=4))[0]
+        gold = tokenizer.decode(reply)
+        cands = DISTRACTORS[k:k + 3] + [gold]
+        lines += ["1 your persona: i like cats", f"2 {text}\t{gold}\t\t{'|'.join(cands)}"]
+    path = tmp_path_factory.mktemp("data") / "valid_self_original.txt"
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def evaluate(chatty, convai_file, tmp_path, *extra):
+    return convai_evaluation.main(["--model_checkpoint", chatty, "--dataset_path", convai_file, "--device", "cpu",
+                                   "--results_file", str(tmp_path / "results.json"), *extra])
+
+
+def test_hits_at_1_finds_the_reply_the_model_prefers(chatty, convai_file, tmp_path):
+    results = evaluate(chatty, convai_file, tmp_path, "--eval_type", "hits@1", "--ranker", "lm")
+    assert results["examples"] == 3 and results["candidates"] == 20  # asked 20, the data has 4: no harm
+    assert results["hits@1"] == 1.0 and results["mrr"] == 1.0
+    assert json.load(open(tmp_path / "results.json"))["hits@1"] == 1.0
+
+
+def test_ppl_is_exp_of_the_mean_nll_of_gold_tokens(chatty, convai_file, tmp_path):
+    results = evaluate(chatty, convai_file, tmp_path, "--eval_type", "ppl")
+    tokenizer, model = load_tokenizer_and_model(chatty)
+    model.eval()
+    special = special_ids(tokenizer)
+    encode = lambda t: tokenizer(t, add_special_tokens=False)["input_ids"]  # noqa: E731
+    nll, tokens, words = 0.0, 0, 0
+    for line in open(convai_file).read().splitlines()[1::2]:
+        text, gold = line.split(" ", 1)[1].split("\t")[:2]
+        batch = collate([{"instances": [build_input_from_segments([encode("i like cats")], [encode(text)],
+                                                                  encode(gold), special, lm_labels=True)],
+                          "mc_labels": 0}], special.pad)
+        with torch.no_grad():
+            nll_sum, count, _ = model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"], None,
+                                      batch["lm_labels"])
+        nll, tokens, words = nll + nll_sum.item(), tokens + count.item(), words + len(gold.split())
+    assert results["ppl"] == pytest.approx(math.exp(nll / tokens), rel=1e-3)
+    assert results["word_ppl"] == pytest.approx(math.exp(nll / words), rel=1e-3)
+
+
+def test_f1_and_saved_predictions(chatty, convai_file, tmp_path):
+    predictions = tmp_path / "pred.jsonl"
+    results = evaluate(chatty, convai_file, tmp_path, "--eval_type", "all", "--max_length", "4", "--min_length", "4",
+                       "--save_predictions", str(predictions))
+    rows = [json.loads(line) for line in open(predictions)]
+    assert len(rows) == 3
+    assert set(rows[0]) == {"id", "context", "gold", "reply", "top_candidate", "f1"}
+    assert all(row["reply"] == row["gold"] and row["f1"] == 1.0 for row in rows)  # greedy reproduces the gold
+    assert results["f1"] == 1.0
+
+
+def test_bert_ranker_is_refused_until_it_exists(chatty, convai_file, tmp_path):
+    with pytest.raises(SystemExit, match="BERT ranker"):
+        evaluate(chatty, convai_file, tmp_path, "--ranker", "bert")

@@ -1,0 +1,42 @@
+import pytest
+import torch
+
+from conftest import make_personachat
+from decoding import context_inputs
+from inputs import build_input_from_segments, collate, fit_context, special_ids
+from modeling import load_tokenizer_and_model
+from ranking import rank_of_gold, score_candidates
+from tokenized import tokenize_dialogs
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_shared_context_scores_equal_full_sequence_scores(tiny_dirs, name):
+    torch.manual_seed(0)
+    tokenizer, model = load_tokenizer_and_model(tiny_dirs[name])
+    model.eval()
+    if name == "llama":
+        torch.nn.init.normal_(model.speaker_embeddings)
+    special = special_ids(tokenizer)
+    data = tokenize_dialogs(make_personachat(n_cands=5), tokenizer)
+    persona, history, candidates = data.utterance("train", 4)
+    longest = max(len(c) for c in candidates) + 1
+    mc, logp, lengths = score_candidates(model, context_inputs(persona, history, special, 256, longest),
+                                         candidates, special)
+    persona, history, _ = fit_context(persona, history, longest, 256)
+    full_mc = model(**{k: v for k, v in collate([{"instances": [
+        build_input_from_segments(persona, history, c, special) for c in candidates], "mc_labels": 0}],
+        special.pad).items() if k in ("input_ids", "token_type_ids", "attention_mask", "mc_token_ids")})[2][0]
+    assert torch.allclose(mc, full_mc, atol=1e-4)
+    for j, c in enumerate(candidates):
+        batch = collate([{"instances": [build_input_from_segments(persona, history, c, special, lm_labels=True)],
+                          "mc_labels": 0}], special.pad)
+        nll_sum, count, _ = model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"], None,
+                                  batch["lm_labels"])
+        assert -logp[j].item() == pytest.approx(nll_sum.item(), rel=1e-4)
+        assert lengths[j].item() == count.item() == len(c) + 1
+
+
+def test_rank_of_gold_counts_strictly_better_candidates():
+    assert rank_of_gold(torch.tensor([0.1, 0.9, 0.5]), 2) == 2
+    assert rank_of_gold(torch.tensor([0.1, 0.2, 0.5]), 2) == 1
+    assert rank_of_gold(torch.tensor([0.7, 0.9, 0.5]), 2) == 3
