@@ -2,6 +2,7 @@
 
     python bench.py train [--examples 32] [--json]
     python bench.py generate [--reply_tokens 20] [--json]
+    python bench.py rank [--examples 8] [--json]
 
 `train`: training steps of the packaged model on the packaged corpus through our pipeline (length-grouped
 batches padded to their own longest sequence), against the original repo's batching (random batches, every
@@ -13,6 +14,9 @@ tokens, against an fp32 matmul measured in the same run.
 `generate`: greedy replies of exactly --reply_tokens tokens after a ConvAI2-sized context (~100 tokens) with
 our KV-cache decoding, against re-running the whole sequence for every token (the original's loop) and
 against transformers' own `generate` on the same prompt.
+
+`rank`: hits@1 scoring of 20 candidates per example with the context computed once and the candidates on its
+KV cache, against 20 full sequences through the double-heads model (the scores are checked to agree).
 """
 import argparse
 import copy
@@ -26,8 +30,9 @@ import torch
 from ignite.engine import Engine
 
 from decoding import DecodingConfig, context_inputs, generate
-from inputs import DoubleHeadDataset, LengthGroupedBatchSampler, collate, special_ids
+from inputs import DoubleHeadDataset, LengthGroupedBatchSampler, build_input_from_segments, collate, fit_context, special_ids
 from modeling import load_tokenizer_and_model
+from ranking import score_candidates
 from tokenized import get_dataset
 from training import amp_dtype, make_update
 
@@ -187,6 +192,47 @@ def bench_generate(args):
             "speedup_vs_no_cache": t_no_cache / t_ours, "ratio_vs_hf_generate": t_hf / t_ours}
 
 
+def bench_rank(args):
+    tokenizer, model = load_tokenizer_and_model(args.model_checkpoint)
+    model.to(args.device).eval()
+    special = special_ids(tokenizer)
+    data = get_dataset(tokenizer, args.dataset_path, args.dataset_cache)
+    examples = []
+    for u in range(data.num_utterances("valid")):  # ConvAI2-sized contexts (~100 tokens), as hits@1 meets them
+        persona, history, candidates = data.utterance("valid", u)
+        history, candidates = history[-5:], candidates[-args.num_candidates:]
+        longest = max(len(c) for c in candidates) + 1
+        context = context_inputs(persona, history, special, 8192, longest)
+        if args.context_tokens <= len(context[0]) <= 1.3 * args.context_tokens:
+            examples.append((context, fit_context(persona, history, longest, 8192)[:2], candidates))
+        if len(examples) == args.examples:
+            break
+
+    def shared():  # ranking by the MC head: no LM projection needed
+        return [score_candidates(model, context, candidates, special, lm_rows=[])[0]
+                for context, _, candidates in examples]
+
+    def full():
+        out = []
+        for _, (persona, history), candidates in examples:
+            batch = collate([{"instances": [build_input_from_segments(persona, history, c, special) for c in candidates],
+                              "mc_labels": 0}], special.pad)
+            batch = {k: v.to(args.device) for k, v in batch.items()}
+            out.append(model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"],
+                             batch["mc_token_ids"])[2][0])
+        return out
+
+    with torch.no_grad():
+        agree = max(float((a - b).abs().max()) for a, b in zip(shared(), full()))
+        t_shared, t_full = best_time(shared, args.repeats), best_time(full, args.repeats)
+    context_tokens = sum(len(c[0]) for c, _, _ in examples) / len(examples)
+    candidate_tokens = sum(len(c) + 1 for _, _, cands in examples for c in cands) / len(examples) / args.num_candidates
+    return {"device": str(args.device), "examples": len(examples), "candidates": args.num_candidates,
+            "mean_context_tokens": context_tokens, "mean_candidate_tokens": candidate_tokens, "max_abs_score_difference": agree,
+            "examples_per_s": len(examples) / t_shared, "full_sequences_examples_per_s": len(examples) / t_full,
+            "speedup_vs_full_sequences": t_full / t_shared}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -216,8 +262,19 @@ def main(argv=None):
     gen.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                      help="cuda or cpu (default: cuda when available)")
     gen.add_argument("--json", action="store_true", help="End with one JSON object on the last line")
+    rank = sub.add_parser("rank", help="hits@1 scoring with a shared context against full sequences")
+    rank.add_argument("--model_checkpoint", default="", help="Model (default: the packaged SmolLM2)")
+    rank.add_argument("--dataset_path", default="", help="Where the examples come from (default: the packaged corpus)")
+    rank.add_argument("--dataset_cache", default="./dataset_cache", help="Cache directory (default: ./dataset_cache)")
+    rank.add_argument("--examples", type=int, default=8, help="Validation examples scored (default: 8)")
+    rank.add_argument("--context_tokens", type=int, default=100, help="Context length to look for (default: 100)")
+    rank.add_argument("--num_candidates", type=int, default=20, help="Candidates per example (default: 20)")
+    rank.add_argument("--repeats", type=int, default=1, help="Timed runs per variant, the fastest kept (default: 1)")
+    rank.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                      help="cuda or cpu (default: cuda when available)")
+    rank.add_argument("--json", action="store_true", help="End with one JSON object on the last line")
     args = parser.parse_args(argv)
-    result = bench_train(args) if args.command == "train" else bench_generate(args)
+    result = {"train": bench_train, "generate": bench_generate, "rank": bench_rank}[args.command](args)
     for name, value in result.items():
         print(f"{name:>28}: {value:.4g}" if isinstance(value, float) else f"{name:>28}: {value}")
     if args.json:

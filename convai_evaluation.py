@@ -106,8 +106,9 @@ def main(argv=None):
         contexts.append(context)
         record = {"id": example_id, "context": history[-1] if history else "", "gold": candidates[-1]}
         if want & {"hits@1", "ppl"}:
-            mc, logp, lengths = score_candidates(model, context, cand_ids, special)
             gold = len(candidates) - 1
+            lm_rows = None if "hits@1" in want and args.ranker == "lm" else [gold]
+            mc, logp, lengths = score_candidates(model, context, cand_ids, special, lm_rows=lm_rows)
             if "hits@1" in want:
                 scores = mc if args.ranker == "mc" else logp / lengths
                 rank = rank_of_gold(scores, gold)

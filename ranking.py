@@ -3,16 +3,21 @@
 ConvAI2's 20 candidates share their persona and history, so running 20 full sequences repeats the context
 20 times; here it runs once and only the candidates' own tokens are computed, in one batch.
 """
+import copy
+
 import torch
 import torch.nn.functional as F
 
 
 @torch.no_grad()
-def score_candidates(model, context, candidates, special):
+def score_candidates(model, context, candidates, special, lm_rows=None, chunk_size=5):
     """(mc_logits, lm_logprob_sum, lm_token_count) per candidate, each a (candidates,) tensor.
 
     `context` is (input_ids, token_type_ids) ending with the reply's <speaker1>; each candidate is scored as
     `candidate + <eos>`: the LM sums the log-probabilities of those tokens, the MC head reads the <eos>.
+    LM sums are computed for the candidates in `lm_rows` only (default: all; NaN elsewhere): the vocabulary
+    projection is the costly part, and ranking by the MC head needs it for none. Candidates run in chunks of
+    similar length, each on its own copy of the context's cache.
     """
     device = next(model.parameters()).device
     ctx_ids, ctx_types = (torch.tensor([list(x)], device=device) for x in context)
@@ -21,22 +26,40 @@ def score_candidates(model, context, candidates, special):
     first_logp = F.log_softmax(model.lm_logits(hidden[:, -1]), dim=-1)[0]
 
     conts = [list(c) + [special.eos] for c in candidates]
+    want_lm = set(range(len(conts))) if lm_rows is None else set(lm_rows)
+    mc_logits = torch.empty(len(conts), device=device)
+    logp = torch.full((len(conts),), float("nan"), device=device)
+    order = sorted(range(len(conts)), key=lambda i: len(conts[i]))  # similar lengths together: little padding
+    for start in range(0, len(order), chunk_size):
+        rows = order[start:start + chunk_size]
+        mc, lp = _score_chunk(model, cache, n_ctx, first_logp, [conts[i] for i in rows],
+                              [j for j, i in enumerate(rows) if i in want_lm], special, device)
+        mc_logits[rows], logp[rows] = mc, lp
+    lengths = torch.tensor([len(c) for c in conts], device=device)
+    return mc_logits, logp, lengths
+
+
+def _score_chunk(model, context_cache, n_ctx, first_logp, conts, lm_rows, special, device):
+    """MC logits and (for lm_rows) LM log-probability sums of some candidates, on a copy of the context cache."""
     n, length = len(conts), max(len(c) for c in conts)
     ids = torch.tensor([c + [special.pad] * (length - len(c)) for c in conts], device=device)
     real = torch.tensor([[1] * len(c) + [0] * (length - len(c)) for c in conts], device=device)
     types = torch.where(real.bool(), special.speaker1, special.pad)
     mask = torch.cat([torch.ones(n, n_ctx, dtype=real.dtype, device=device), real], dim=1)
     positions = torch.arange(n_ctx, n_ctx + length, device=device).expand(n, -1)
-    cache.reorder_cache(torch.zeros(n, dtype=torch.long, device=device))  # the context's cache, once per candidate
+    cache = copy.deepcopy(context_cache)
+    cache.reorder_cache(torch.zeros(n, dtype=torch.long, device=device))  # the context, once per candidate
     hidden, _ = model.hidden_states(ids, types, mask, positions, cache)
-
-    lengths = real.sum(dim=1)
-    logp = first_logp[ids[:, 0]]  # each candidate's first token is predicted by the context's last position
-    if length > 1:
-        rest = F.log_softmax(model.lm_logits(hidden[:, :-1]), dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
-        logp = logp + (rest * real[:, 1:]).sum(dim=1)
-    mc_logits = model.mc_logits_at(hidden, lengths - 1)
-    return mc_logits, logp, lengths
+    mc_logits = model.mc_logits_at(hidden, real.sum(dim=1) - 1)
+    logp = torch.full((n,), float("nan"), device=device)
+    rows = torch.tensor(lm_rows, dtype=torch.long, device=device)
+    if len(rows):
+        total = first_logp[ids[rows, 0]]  # a candidate's first token is predicted by the context's last position
+        if length > 1:
+            rest = F.log_softmax(model.lm_logits(hidden[rows, :-1]), dim=-1).gather(-1, ids[rows, 1:, None])
+            total = total + (rest.squeeze(-1) * real[rows, 1:]).sum(dim=1)
+        logp[rows] = total
+    return mc_logits, logp
 
 
 def rank_of_gold(scores, gold):

@@ -9,8 +9,8 @@ from ranking import rank_of_gold, score_candidates
 from tokenized import tokenize_dialogs
 
 
-@pytest.mark.parametrize("name", ["llama", "gpt2"])
-def test_shared_context_scores_equal_full_sequence_scores(tiny_dirs, name):
+@pytest.mark.parametrize("name, chunk_size", [("llama", 5), ("llama", 2), ("gpt2", 3)])
+def test_shared_context_scores_equal_full_sequence_scores(tiny_dirs, name, chunk_size):
     torch.manual_seed(0)
     tokenizer, model = load_tokenizer_and_model(tiny_dirs[name])
     model.eval()
@@ -21,7 +21,7 @@ def test_shared_context_scores_equal_full_sequence_scores(tiny_dirs, name):
     persona, history, candidates = data.utterance("train", 4)
     longest = max(len(c) for c in candidates) + 1
     mc, logp, lengths = score_candidates(model, context_inputs(persona, history, special, 256, longest),
-                                         candidates, special)
+                                         candidates, special, chunk_size=chunk_size)
     persona, history, _ = fit_context(persona, history, longest, 256)
     full_mc = model(**{k: v for k, v in collate([{"instances": [
         build_input_from_segments(persona, history, c, special) for c in candidates], "mc_labels": 0}],
@@ -34,6 +34,16 @@ def test_shared_context_scores_equal_full_sequence_scores(tiny_dirs, name):
                                   batch["lm_labels"])
         assert -logp[j].item() == pytest.approx(nll_sum.item(), rel=1e-4)
         assert lengths[j].item() == count.item() == len(c) + 1
+
+
+def test_lm_sums_only_where_asked(tiny_dirs):
+    tokenizer, model = load_tokenizer_and_model(tiny_dirs["llama"])
+    special = special_ids(tokenizer)
+    data = tokenize_dialogs(make_personachat(n_cands=5), tokenizer)
+    persona, history, candidates = data.utterance("train", 0)
+    _, logp, _ = score_candidates(model.eval(), context_inputs(persona, history, special, 256, 20), candidates,
+                                  special, lm_rows=[4])
+    assert torch.isnan(logp[:4]).all() and torch.isfinite(logp[4])
 
 
 def test_rank_of_gold_counts_strictly_better_candidates():
