@@ -233,13 +233,22 @@ def bench_rank(args):
             "speedup_vs_full_sequences": t_full / t_shared}
 
 
+def add_command(sub, name, help_text):
+    """A subcommand with the flags every benchmark takes."""
+    command = sub.add_parser(name, help=help_text)
+    command.add_argument("--model_checkpoint", default="", help="Model (default: the packaged SmolLM2)")
+    command.add_argument("--dataset_path", default="", help="Dialog data (default: the packaged chit-chat corpus)")
+    command.add_argument("--dataset_cache", default="./dataset_cache", help="Cache directory (default: ./dataset_cache)")
+    command.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                         help="cuda or cpu (default: cuda when available)")
+    command.add_argument("--json", action="store_true", help="End with one JSON object on the last line")
+    return command
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train", help="training throughput, MFU and the speedup of per-batch padding")
-    train.add_argument("--model_checkpoint", default="", help="Model to train (default: the packaged SmolLM2)")
-    train.add_argument("--dataset_path", default="", help="Dialog data (default: the packaged chit-chat corpus)")
-    train.add_argument("--dataset_cache", default="./dataset_cache", help="Cache directory (default: ./dataset_cache)")
+    train = add_command(sub, "train", "training throughput, MFU and the speedup of per-batch padding")
     train.add_argument("--examples", type=int, default=32, help="Examples trained on per variant (default: 32)")
     train.add_argument("--batch_size", type=int, default=4, help="Examples per optimizer step (default: 4)")
     train.add_argument("--num_candidates", type=int, default=2, help="Candidates per example (default: 2)")
@@ -247,32 +256,17 @@ def main(argv=None):
                        help="Longest input in tokens, longer ones cut as in training (default: 512, GPT's context)")
     train.add_argument("--baseline_batches", type=int, default=2,
                        help="Batches timed for the dataset-padding baseline, all of equal cost (default: 2)")
-    train.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                       help="cuda or cpu (default: cuda when available)")
     train.add_argument("--fp16", default="", help="Mixed precision: fp16 or bf16 (default: off)")
     train.add_argument("--seed", type=int, default=0, help="Which examples are drawn (default: 0)")
-    train.add_argument("--json", action="store_true", help="End with one JSON object on the last line")
-    gen = sub.add_parser("generate", help="decoding speed with the KV cache, without it, and transformers' generate")
-    gen.add_argument("--model_checkpoint", default="", help="Model (default: the packaged SmolLM2)")
-    gen.add_argument("--dataset_path", default="", help="Where the context comes from (default: the packaged corpus)")
-    gen.add_argument("--dataset_cache", default="./dataset_cache", help="Cache directory (default: ./dataset_cache)")
+    gen = add_command(sub, "generate", "decoding speed with the KV cache, without it, and transformers' generate")
     gen.add_argument("--context_tokens", type=int, default=100, help="Context length to look for (default: 100)")
     gen.add_argument("--reply_tokens", type=int, default=20, help="Tokens per reply (default: 20)")
     gen.add_argument("--repeats", type=int, default=3, help="Timed runs per variant, the fastest kept (default: 3)")
-    gen.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                     help="cuda or cpu (default: cuda when available)")
-    gen.add_argument("--json", action="store_true", help="End with one JSON object on the last line")
-    rank = sub.add_parser("rank", help="hits@1 scoring with a shared context against full sequences")
-    rank.add_argument("--model_checkpoint", default="", help="Model (default: the packaged SmolLM2)")
-    rank.add_argument("--dataset_path", default="", help="Where the examples come from (default: the packaged corpus)")
-    rank.add_argument("--dataset_cache", default="./dataset_cache", help="Cache directory (default: ./dataset_cache)")
+    rank = add_command(sub, "rank", "hits@1 scoring with a shared context against full sequences")
     rank.add_argument("--examples", type=int, default=8, help="Validation examples scored (default: 8)")
     rank.add_argument("--context_tokens", type=int, default=100, help="Context length to look for (default: 100)")
     rank.add_argument("--num_candidates", type=int, default=20, help="Candidates per example (default: 20)")
     rank.add_argument("--repeats", type=int, default=1, help="Timed runs per variant, the fastest kept (default: 1)")
-    rank.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                      help="cuda or cpu (default: cuda when available)")
-    rank.add_argument("--json", action="store_true", help="End with one JSON object on the last line")
     args = parser.parse_args(argv)
     result = {"train": bench_train, "generate": bench_generate, "rank": bench_rank}[args.command](args)
     for name, value in result.items():

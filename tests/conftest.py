@@ -70,3 +70,18 @@ def personachat_file(tmp_path):
     path = tmp_path / "personachat.json"
     path.write_text(json.dumps(make_personachat()))
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def chatty_dir(tmp_path_factory):
+    """A tiny random Llama with large weights (sharp preferences, varied replies) and the word-level tokenizer."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(1)
+    tokenizer = make_tokenizer()
+    d = tmp_path_factory.mktemp("chatty")
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, initializer_range=0.5)).save_pretrained(d)
+    tokenizer.save_pretrained(d)
+    return str(d)

@@ -15,19 +15,8 @@ HISTORIES = ["hello how are you", "what do you like", "my name is from the city"
 
 
 @pytest.fixture(scope="module")
-def chatty(tmp_path_factory):
-    """A tiny random Llama with large weights, so that its preferences are sharp, and its tokenizer."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from conftest import make_tokenizer
-
-    torch.manual_seed(1)
-    tokenizer = make_tokenizer()
-    d = tmp_path_factory.mktemp("chatty")
-    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2, initializer_range=0.5)).save_pretrained(d)
-    tokenizer.save_pretrained(d)
-    return str(d)
+def chatty(chatty_dir):
+    return chatty_dir
 
 
 @pytest.fixture(scope="module")

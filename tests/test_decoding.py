@@ -65,18 +65,9 @@ def test_max_length_bounds_the_reply():
 
 
 @pytest.fixture(scope="module")
-def chat_model(tmp_path_factory):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from conftest import make_tokenizer
-
+def chat_model(chatty_dir):
     torch.manual_seed(0)
-    tokenizer = make_tokenizer()
-    d = tmp_path_factory.mktemp("chatty")
-    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2, initializer_range=0.5)).save_pretrained(d)
-    tokenizer.save_pretrained(d)
-    tokenizer, model = load_tokenizer_and_model(str(d))
+    tokenizer, model = load_tokenizer_and_model(chatty_dir)
     torch.nn.init.normal_(model.speaker_embeddings)
     special = special_ids(tokenizer)
     contexts = [context_inputs([[3, 4]], [[5, 6, 7]], special, 256, 20),
