@@ -66,8 +66,9 @@ def build_input_from_segments(persona, history, reply, special, lm_labels=False,
 def fit_context(persona, history, reply_len, max_len):
     """Cut persona/history so that a reply of reply_len tokens fits in max_len; returns (persona, history, reply_len).
 
-    Oldest history turns go first, then the oldest persona lines; the last turn and last persona line are then
-    shortened from their start; only when even that is not enough is the reply cut (from its end).
+    Oldest history turns go first, then the oldest persona lines; then the last persona line and, only after
+    it, the last turn (the user's message) are shortened from their start; only when even that is not enough
+    is the reply cut (from its end).
     """
     persona, history = list(persona), list(history)
 
@@ -78,7 +79,7 @@ def fit_context(persona, history, reply_len, max_len):
         history.pop(0)
     while total() > max_len and len(persona) > 1:
         persona.pop(0)
-    for segments in (history, persona):
+    for segments in (persona, history):
         excess = total() - max_len
         if excess > 0 and segments:
             segments[-1] = segments[-1][min(excess, len(segments[-1])):]

@@ -64,9 +64,11 @@ def test_fit_context_then_drops_oldest_persona_lines():
     assert persona == [[2] * 4] and history == [[12] * 3]
 
 
-def test_fit_context_keeps_the_end_of_the_last_turn_then_cuts_the_reply_last():
-    _, history, reply_len = fit_context([[1]], [[5, 6, 7, 8, 9]], 2, max_len=10)
-    assert history == [[7, 8, 9]] and reply_len == 2
+def test_fit_context_shortens_the_persona_before_the_users_message_then_cuts_the_reply_last():
+    persona, history, reply_len = fit_context([[1, 2]], [[5, 6, 7, 8, 9]], 2, max_len=11)
+    assert persona == [[2]] and history == [[5, 6, 7, 8, 9]] and reply_len == 2
+    persona, history, reply_len = fit_context([[1]], [[5, 6, 7, 8, 9]], 2, max_len=10)
+    assert persona == [[]] and history == [[6, 7, 8, 9]] and reply_len == 2
     persona, history, reply_len = fit_context([], [[1]], 10, max_len=8)
     assert history == [[]] and reply_len == 4
 
