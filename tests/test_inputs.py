@@ -65,7 +65,7 @@ def test_fit_context_then_drops_oldest_persona_lines():
 
 
 def test_fit_context_shortens_the_persona_before_the_users_message_then_cuts_the_reply_last():
-    persona, history, reply_len = fit_context([[1, 2]], [[5, 6, 7, 8, 9]], 2, max_len=11)
+    persona, history, reply_len = fit_context([[1, 2]], [[5, 6, 7, 8, 9]], 2, max_len=12)
     assert persona == [[2]] and history == [[5, 6, 7, 8, 9]] and reply_len == 2
     persona, history, reply_len = fit_context([[1]], [[5, 6, 7, 8, 9]], 2, max_len=10)
     assert persona == [[]] and history == [[6, 7, 8, 9]] and reply_len == 2
