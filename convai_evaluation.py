@@ -8,7 +8,6 @@ file. Results go to a JSON file next to the run and to a table on stdout.
 """
 import json
 import logging
-import math
 import os
 import sys
 from argparse import ArgumentParser
@@ -19,7 +18,7 @@ from tqdm import tqdm
 from decoding import DecodingConfig, context_inputs, generate
 from dialogs import (NUM_DISTRACTORS, VALID_FRACTION, DialogFormatError, add_distractors, read_dialogs, read_parlai)
 from inputs import special_ids
-from metrics import f1_score
+from metrics import f1_score, perplexity
 from modeling import load_tokenizer_and_model, model_max_length
 from ranking import rank_of_gold, score_candidates
 from utils import newest_run, resolve_dataset_path, set_seed, write_json
@@ -51,7 +50,9 @@ def get_args(argv=None):
     parser.add_argument("--top_p", type=float, default=0.9, help="Nucleus sampling mass (default: 0.9)")
     parser.add_argument("--num_beams", type=int, default=1, help="Beam search beams (default: 1, off)")
     parser.add_argument("--no_repeat_ngram_size", type=int, default=0, help="n-gram blocking (default: 0, off)")
-    parser.add_argument("--seed", type=int, default=0, help="Seed of distractors and sampling (default: 0)")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of sampling (default: 0)")
+    parser.add_argument("--split_seed", type=int, default=None,
+                        help="Seed of the train/valid split and distractors (default: the run's training seed, else 42)")
     parser.add_argument("--results_file", default="",
                         help="Where to write the results JSON (default: convai_evaluation.json in the run directory)")
     parser.add_argument("--save_predictions", default="", help="One JSON line per example to this file")
@@ -65,6 +66,15 @@ def evaluation_dialogs(path, seed):
         add_distractors(dialogs, NUM_DISTRACTORS, seed, where=path)
         return dialogs
     return read_dialogs(path, seed=seed, num_distractors=NUM_DISTRACTORS, valid_fraction=VALID_FRACTION)["valid"]
+
+
+def read_training_args(checkpoint):
+    """The run's training_args.json (seed, dataset_path, ...), or {} for a model that is not a run."""
+    path = os.path.join(checkpoint, "training_args.json")
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
 
 
 def examples_of(dialogs, max_examples):
@@ -86,16 +96,20 @@ def main(argv=None):
     checkpoint = args.model_checkpoint or newest_run("runs")
     if checkpoint is None:
         sys.exit("convai_evaluation.py: no run under runs/: train one with `make demo`, or pass --model_checkpoint")
+    trained = read_training_args(checkpoint)
+    split_seed = args.split_seed if args.split_seed is not None else trained.get("seed", 42)
+    dataset_path = args.dataset_path or trained.get("dataset_path", "")
     tokenizer, model = load_tokenizer_and_model(checkpoint)
     model.to(args.device).eval()
     special = special_ids(tokenizer)
     encode = lambda texts: tokenizer(list(texts), add_special_tokens=False)["input_ids"] if texts else []  # noqa
     max_len = model_max_length(model)
-    path = resolve_dataset_path(args.dataset_path, args.dataset_cache)
-    examples = examples_of(evaluation_dialogs(path, args.seed), args.max_examples)
+    path = resolve_dataset_path(dataset_path, args.dataset_cache)
+    # the split seed of training: held-out dialogs of a file without a valid part are those train.py held out
+    examples = examples_of(evaluation_dialogs(path, split_seed), args.max_examples)
     want = {"hits@1", "ppl", "f1"} if args.eval_type == "all" else {args.eval_type}
 
-    ranks, nll, n_tokens, n_words, f1s, records = [], 0.0, 0, 0, [], []
+    ranks, nll, n_tokens, n_words, f1s, records, n_candidates = [], 0.0, 0, 0, [], [], []
     contexts = []
     for example_id, persona, history, candidates in tqdm(examples, desc="Scoring", disable=not want & {"hits@1", "ppl"}):
         history = history[-(2 * args.max_history + 1):]
@@ -110,6 +124,7 @@ def main(argv=None):
             lm_rows = None if "hits@1" in want and args.ranker == "lm" else [gold]
             mc, logp, lengths = score_candidates(model, context, cand_ids, special, lm_rows=lm_rows)
             if "hits@1" in want:
+                n_candidates.append(len(candidates))
                 scores = mc if args.ranker == "mc" else logp / lengths
                 rank = rank_of_gold(scores, gold)
                 ranks.append(rank)
@@ -133,11 +148,16 @@ def main(argv=None):
 
     results = {"model_checkpoint": str(checkpoint), "dataset_path": str(path), "examples": len(examples)}
     if "hits@1" in want:
-        results.update({f"hits@{k}": sum(r <= k for r in ranks) / len(ranks) for k in HITS_AT})
+        fewest = min(n_candidates)
+        if fewest < args.num_candidates:
+            logger.warning("Some examples have only %d candidates (asked for %d)", fewest, args.num_candidates)
+        results.update({f"hits@{k}": sum(r <= k for r in ranks) / len(ranks) for k in HITS_AT if k < fewest or k == 1})
         results.update({"mrr": sum(1 / r for r in ranks) / len(ranks), "ranker": args.ranker,
-                        "candidates": args.num_candidates})
+                        "candidates": args.num_candidates, "mean_candidates": sum(n_candidates) / len(n_candidates),
+                        "min_candidates": fewest})
     if "ppl" in want:
-        results.update({"ppl": math.exp(nll / n_tokens), "word_ppl": math.exp(nll / n_words), "nll": nll / n_tokens})
+        results.update({"ppl": perplexity(nll / n_tokens), "word_ppl": perplexity(nll / n_words),
+                        "nll": nll / n_tokens, "split_seed": split_seed})
     if "f1" in want:
         results["f1"] = sum(f1s) / len(f1s)
     results_file = args.results_file or (os.path.join(checkpoint, "convai_evaluation.json")

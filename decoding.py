@@ -83,6 +83,8 @@ def generate(model, contexts, special, config, generator=None):
 
     A reply ends at any special token once min_length tokens are out, or at max_length tokens.
     """
+    if not contexts:
+        return []
     if config.num_beams > 1:
         return [beam_search(model, context, special, config) for context in contexts]
     device = next(model.parameters()).device
@@ -118,35 +120,40 @@ def generate(model, contexts, special, config, generator=None):
 
 @torch.no_grad()
 def beam_search(model, context, special, config):
-    """The reply of highest mean token log-probability among `num_beams` beams (finished ones and survivors)."""
+    """The finished reply of highest mean token log-probability (its end token included) among `num_beams` beams.
+
+    Beams cut at max_length count as finished there.
+    """
     device = next(model.parameters()).device
     special_ids = list(special)
     ids, types, mask, positions = left_pad([context], special.pad, device)
     logits, past = model.step(ids, types, mask, positions)
     beams, scores = [[]], torch.zeros(1, device=device)
     finished = []
-    position = positions[:, -1:] + 1
+    position = positions[:, -1:]  # of the last context token; each fed token goes one further
     for t in range(config.max_length):
         logp = _adjust(F.log_softmax(logits, dim=-1), beams, t, special_ids, config)
         total = (scores[:, None] + logp).view(-1)
         top_scores, top_index = total.topk(min(2 * config.num_beams, total.numel()))
         keep_beam, keep_token, keep_score = [], [], []
         vocab = logp.shape[-1]
-        for score, index in zip(top_scores.tolist(), top_index.tolist()):
+        for rank, (score, index) in enumerate(zip(top_scores.tolist(), top_index.tolist())):
             beam, token = divmod(index, vocab)
             if score == -float("inf"):
                 break
             if token in special_ids:
-                finished.append((score / (len(beams[beam]) + 1), beams[beam]))
+                if rank < config.num_beams:  # an ending counts only if it ranks among the beams (as HF's)
+                    finished.append((score / (len(beams[beam]) + 1), beams[beam]))
             elif len(keep_beam) < config.num_beams:
                 keep_beam.append(beam)
                 keep_token.append(token)
                 keep_score.append(score)
-        if not keep_beam:
+        if not keep_beam or len(finished) >= config.num_beams:
             break
         beams = [beams[b] + [tok] for b, tok in zip(keep_beam, keep_token)]
         scores = torch.tensor(keep_score, device=device)
-        if len(finished) >= config.num_beams or t == config.max_length - 1:
+        if t == config.max_length - 1:
+            finished += [(s / len(b), b) for s, b in zip(keep_score, beams)]  # cut at max_length
             break
         index = torch.tensor(keep_beam, device=device)
         past.reorder_cache(index)
@@ -154,5 +161,6 @@ def beam_search(model, context, special, config):
         position = position[index] + 1
         tokens = torch.tensor(keep_token, device=device)[:, None]
         logits, past = model.step(tokens, torch.full_like(tokens, special.speaker1), mask, position, past)
-    survivors = [(s / max(len(b), 1), b) for s, b in zip(scores.tolist(), beams)]
-    return max(finished + survivors, key=lambda pair: pair[0])[1]
+    if not finished:  # nothing could be said: the empty reply
+        return []
+    return max(finished, key=lambda pair: pair[0])[1]

@@ -75,11 +75,12 @@ def user_lines(prompt):
         yield from sys.stdin
         return
     while True:
-        try:
-            yield input(prompt)
-        except EOFError:
+        print(prompt, end="", file=sys.stderr, flush=True)  # stdout carries replies only
+        line = sys.stdin.readline()
+        if not line:  # EOF (Ctrl-D)
             print(file=sys.stderr)
             return
+        yield line
 
 
 def run(args):

@@ -216,8 +216,8 @@ def load_tokenizer_and_model(model_checkpoint=None, mc_dropout=0.1):
     speaker_ids = tokenizer.convert_tokens_to_ids(ATTR_TO_SPECIAL_TOKEN["additional_special_tokens"])
     model = DoubleHeads(lm, speaker_ids, mc_dropout=mc_dropout)
     if not (os.path.isdir(source) and model.load_heads(source)):
-        logger.info("No %s in %s: the multiple-choice head and speaker embeddings start untrained",
-                    HEADS_FILE, source)
+        logger.warning("No %s in %s: the multiple-choice head and speaker embeddings start untrained",
+                       HEADS_FILE, source)
     return tokenizer, model
 
 

@@ -63,5 +63,5 @@ def _score_chunk(model, context_cache, n_ctx, first_logp, conts, lm_rows, specia
 
 
 def rank_of_gold(scores, gold):
-    """1 + how many candidates score strictly above the gold one."""
-    return 1 + int((scores > scores[gold]).sum())
+    """1 + how many other candidates score at least as high as the gold one (ties count against the gold)."""
+    return int((scores >= scores[gold]).sum())

@@ -84,3 +84,23 @@ def test_f1_and_saved_predictions(chatty, convai_file, tmp_path):
 def test_bert_ranker_is_refused_until_it_exists(chatty, convai_file, tmp_path):
     with pytest.raises(SystemExit, match="BERT ranker"):
         evaluate(chatty, convai_file, tmp_path, "--ranker", "bert")
+
+
+def test_held_out_dialogs_are_those_training_held_out(chatty, tmp_path):
+    import shutil
+
+    from dialogs import read_dialogs
+
+    run = tmp_path / "run"
+    shutil.copytree(chatty, run)
+    convs = {f"c{k}": {"messages": [[{"text": f"hi {k}"}], [{"text": "yes sure"}], [{"text": "cats dogs"}]]}
+             for k in range(40)}
+    data = tmp_path / "chat.json"
+    data.write_text(json.dumps(convs))
+    (run / "training_args.json").write_text(json.dumps({"seed": 7, "dataset_path": str(data)}))
+    results = convai_evaluation.main(["--model_checkpoint", str(run), "--eval_type", "ppl",
+                                      "--results_file", str(tmp_path / "r.json")])
+    assert results["split_seed"] == 7 and results["dataset_path"] == str(data)
+    held_out = read_dialogs(str(data), seed=7)["valid"]
+    assert results["examples"] == sum(len(d["utterances"]) for d in held_out)
+    assert held_out != read_dialogs(str(data), seed=0)["valid"]

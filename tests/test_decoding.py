@@ -116,3 +116,41 @@ def test_beam_search_gives_a_reply_per_context_without_special_tokens(chat_model
     for reply in replies:
         assert 0 < len(reply) <= 10 and not set(reply) & set(special)
         assert all(banned_by_ngrams(reply[:i], 2).isdisjoint({reply[i]}) for i in range(len(reply)))
+
+
+class NoCache:
+    def reorder_cache(self, index):
+        pass
+
+
+class ScriptedModel(torch.nn.Module):
+    """Wants to say 7 8 9 then <eos>; at the first step <eos> and <speaker2> are plausible too. Records positions."""
+
+    NEXT = {2: 7, 7: 8, 8: 9, 9: SPECIAL.eos}
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.positions = []
+
+    def step(self, input_ids, token_type_ids, attention_mask, position_ids, cache=None):
+        self.positions.append(position_ids[:, -1].tolist())
+        logits = torch.full((input_ids.shape[0], 10), -10.0)
+        for row, last in enumerate(input_ids[:, -1].tolist()):
+            logits[row, self.NEXT.get(last, SPECIAL.eos)] = 3.0
+            if last == 2:
+                logits[row, SPECIAL.eos] = logits[row, SPECIAL.speaker2] = 2.5
+        return logits, cache or NoCache()
+
+
+@pytest.mark.parametrize("num_beams", [1, 2, 3])
+def test_beam_search_finishes_the_reply_the_model_wants_at_the_right_positions(num_beams):
+    model = ScriptedModel()
+    context = ([0, 5, 6, 2], [2, 2, 2, 2])
+    reply = generate(model, [context], SPECIAL, DecodingConfig(no_sample=True, num_beams=num_beams, max_length=8))
+    assert reply == [[7, 8, 9]]
+    assert model.positions[0] == [3] and model.positions[1] == [4] * len(model.positions[1])  # no gap after context
+
+
+def test_no_context_no_reply():
+    assert generate(ScriptedModel(), [], SPECIAL, DecodingConfig()) == []

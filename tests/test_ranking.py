@@ -46,7 +46,8 @@ def test_lm_sums_only_where_asked(tiny_dirs):
     assert torch.isnan(logp[:4]).all() and torch.isfinite(logp[4])
 
 
-def test_rank_of_gold_counts_strictly_better_candidates():
+def test_rank_of_gold_counts_better_and_tied_candidates():
     assert rank_of_gold(torch.tensor([0.1, 0.9, 0.5]), 2) == 2
     assert rank_of_gold(torch.tensor([0.1, 0.2, 0.5]), 2) == 1
     assert rank_of_gold(torch.tensor([0.7, 0.9, 0.5]), 2) == 3
+    assert rank_of_gold(torch.tensor([0.5, 0.1, 0.5]), 2) == 2  # a tie does not favour the gold
