@@ -67,6 +67,15 @@ def latest_checkpoint(path):
     return found[-1][1]
 
 
+def read_training_args(run_dir):
+    """A run's training_args.json (its flags, seed, world size, ...), or {} where there is none (not a run)."""
+    path = Path(run_dir) / "training_args.json"
+    if not path.is_file():
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
 def load_training_state(checkpoint_dir):
     return torch.load(Path(checkpoint_dir) / TRAINING_STATE, map_location="cpu", weights_only=True)
 

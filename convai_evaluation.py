@@ -15,6 +15,7 @@ from argparse import ArgumentParser
 import torch
 from tqdm import tqdm
 
+from checkpointing import read_training_args
 from decoding import DecodingConfig, context_inputs, generate
 from dialogs import (NUM_DISTRACTORS, VALID_FRACTION, DialogFormatError, add_distractors, read_dialogs, read_parlai)
 from inputs import special_ids
@@ -66,15 +67,6 @@ def evaluation_dialogs(path, seed):
         add_distractors(dialogs, NUM_DISTRACTORS, seed, where=path)
         return dialogs
     return read_dialogs(path, seed=seed, num_distractors=NUM_DISTRACTORS, valid_fraction=VALID_FRACTION)["valid"]
-
-
-def read_training_args(checkpoint):
-    """The run's training_args.json (seed, dataset_path, ...), or {} for a model that is not a run."""
-    path = os.path.join(checkpoint, "training_args.json")
-    if not os.path.isfile(path):
-        return {}
-    with open(path) as f:
-        return json.load(f)
 
 
 def examples_of(dialogs, max_examples):

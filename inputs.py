@@ -20,7 +20,6 @@ SPECIAL_TOKENS = ["<bos>", "<eos>", "<speaker1>", "<speaker2>", "<pad>"]
 ATTR_TO_SPECIAL_TOKEN = {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>",
                          "additional_special_tokens": ["<speaker1>", "<speaker2>"]}
 IGNORE_INDEX = -100
-MODEL_INPUTS = ("input_ids", "token_type_ids", "attention_mask", "lm_labels", "mc_token_ids", "mc_labels")
 
 SpecialIds = namedtuple("SpecialIds", "bos eos speaker1 speaker2 pad")
 

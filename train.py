@@ -5,7 +5,6 @@
     torchrun --nproc_per_node=2 train.py --device cpu --max_steps 10
 """
 import hashlib
-import json
 import logging
 import os
 import sys
@@ -21,7 +20,7 @@ from ignite.handlers.tensorboard_logger import OptimizerParamsHandler, OutputHan
 from ignite.metrics import Accuracy, RunningAverage
 from torch.nn.parallel import DistributedDataParallel
 
-from checkpointing import RunSaver, latest_checkpoint, load_training_state
+from checkpointing import RunSaver, latest_checkpoint, load_training_state, read_training_args
 from dialogs import DialogFormatError
 from inputs import DoubleHeadDataset, LengthGroupedBatchSampler, collate, special_ids
 from metrics import TokenNLL, perplexity
@@ -45,6 +44,8 @@ def get_args(argv=None):
         if args.output_dir:
             parser.error("--output_dir: a resumed run goes on in the directory given to --resume")
         saved = read_training_args(latest_checkpoint(args.resume).parent)
+        if not saved:
+            logger.warning("No training_args.json beside %s: resuming with the flags given only", args.resume)
         parser.set_defaults(**{k: v for k, v in saved.items() if k in vars(args) and k not in NOT_RESUMED})
         args = parser.parse_args(argv)
     if args.num_candidates < 2:
@@ -54,15 +55,6 @@ def get_args(argv=None):
     if args.gradient_accumulation_steps < 1:
         parser.error("--gradient_accumulation_steps: at least 1")
     return args
-
-
-def read_training_args(run_dir):
-    path = Path(run_dir) / "training_args.json"
-    if not path.exists():
-        logger.warning("%s not found: resuming with the flags given only", path)
-        return {}
-    with open(path) as f:
-        return json.load(f)
 
 
 def build_parser():

