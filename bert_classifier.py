@@ -23,10 +23,11 @@ from ignite.handlers import ProgressBar
 from transformers import AutoModel, AutoTokenizer, DataCollatorWithPadding
 
 from checkpointing import publish
-from classifier import (POOLINGS, TASKS, TRAINABLE, BertClassifier, DataError, LabelSpace, classes_from_rows,
-                        classification_metrics, decide, encode_rows, load_classifier, loss_fn, probabilities,
-                        read_rows, save_classifier, set_trainable)
-from utils import package_dir, set_seed
+from classifier import (POOLINGS, RANKER_CLASSES, TASKS, TRAINABLE, BertClassifier, DataError, LabelSpace,
+                        classes_from_rows, classification_metrics, decide, encode_rows, load_classifier, loss_fn,
+                        probabilities, ranker_rows, read_rows, save_classifier, set_trainable)
+from dialogs import DialogFormatError, read_dialogs
+from utils import package_dir, resolve_dataset_path, set_seed
 
 logger = logging.getLogger(__file__)
 SCHEDULERS = ("none", "fixed", "linear", "cosine", "invsqrt", "reduceonplateau")
@@ -36,7 +37,7 @@ def get_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="fine-tune a classifier")
-    train.add_argument("--train_file", required=True, help="CSV or JSONL training rows")
+    train.add_argument("--train_file", default="", help="CSV or JSONL training rows")
     train.add_argument("--valid_file", default="", help="CSV or JSONL validation rows: the best epoch is kept")
     train.add_argument("--output_dir", required=True, help="Where the classifier is saved")
     train.add_argument("--model_checkpoint", default="", help="Encoder: hub id or directory (default: packaged MiniLM)")
@@ -63,6 +64,15 @@ def get_args(argv=None):
     train.add_argument("--dropout", type=float, default=0.1, help="Before the classification layer (default: 0.1)")
     train.add_argument("--validation_metric", default="accuracy", help="Which metric picks the best (default: accuracy)")
     train.add_argument("--seed", type=int, default=42, help="(default: 42)")
+    train.add_argument("--ranker", action="store_true",
+                       help="Train a reply ranker: (context, candidate) pairs from dialog data, gold against distractors")
+    train.add_argument("--dataset_path", default="", help="Ranker: dialog data as train.py reads it (default: the "
+                                                          "packaged chit-chat corpus)")
+    train.add_argument("--dataset_cache", default="./dataset_cache", help="Ranker: where downloads are kept")
+    train.add_argument("--negatives", type=int, default=1, help="Ranker: distractors per gold reply (default: 1)")
+    train.add_argument("--max_history", type=int, default=2, help="Ranker: exchanges kept in context (default: 2)")
+    train.add_argument("--max_examples", type=int, default=0, help="Ranker: training pairs at most (default: all)")
+    train.add_argument("--max_valid_examples", type=int, default=400, help="Ranker: validation pairs (default: 400)")
     for name, help_text in (("eval", "metrics of a classifier on labelled rows"),
                             ("predict", "one JSON line of prediction per row")):
         p = sub.add_parser(name, help=help_text)
@@ -78,6 +88,8 @@ def get_args(argv=None):
         if p.prog.split()[-1] != "train":
             p.add_argument("--batch_size", type=int, default=32, help="(default: 32)")
     args = parser.parse_args(argv)
+    if args.command == "train" and not (args.train_file or args.ranker):
+        parser.error("train: --train_file is required (or --ranker to train on dialog data)")
     if args.command == "eval" and not args.input_file:
         parser.error("eval: --input_file is required")
     return args
@@ -136,8 +148,15 @@ def lr_lambda(kind, warmup, total):
 
 def train(args):
     set_seed(args.seed)
-    rows = read_rows(args.train_file)
-    valid_rows = read_rows(args.valid_file) if args.valid_file else []
+    if args.ranker:
+        splits = read_dialogs(resolve_dataset_path(args.dataset_path, args.dataset_cache), seed=args.seed)
+        rows = ranker_rows(splits["train"], args.negatives, args.max_history,
+                           args.max_examples or (args.max_steps * args.batch_size))
+        valid_rows = ranker_rows(splits["valid"], args.negatives, args.max_history, args.max_valid_examples)
+        args.classes, args.task, args.sep_last_utt = RANKER_CLASSES, "binary", False
+    else:
+        rows = read_rows(args.train_file)
+        valid_rows = read_rows(args.valid_file) if args.valid_file else []
     if args.classes_from_file:
         classes = [line.strip() for line in open(args.classes_from_file, encoding="utf-8") if line.strip()]
     else:
@@ -150,13 +169,15 @@ def train(args):
     model = BertClassifier(AutoModel.from_pretrained(checkpoint), space.n_outputs, args.pooling, args.dropout)
     set_trainable(model, args.type_optimization)
     model.to(args.device)
+    args.truncate = min(args.truncate, getattr(model.encoder.config, "max_position_embeddings", args.truncate))
     weights = None
     if args.class_weights:
         if len(args.class_weights) != space.n_outputs:
             raise ValueError(f"--class_weights: {space.n_outputs} values needed (classes: {space.classes})")
         weights = torch.tensor(args.class_weights, device=args.device)
     options = {"pooling": args.pooling, "threshold": args.threshold, "truncate": args.truncate,
-               "add_cls_token": args.add_cls_token, "sep_last_utt": args.sep_last_utt}
+               "add_cls_token": args.add_cls_token, "sep_last_utt": args.sep_last_utt, "ranker": args.ranker,
+               "max_history": args.max_history}
     encode = partial(encode_rows, tokenizer, max_length=args.truncate, add_special_tokens=args.add_cls_token,
                      sep_last_utt=args.sep_last_utt)
     loader = make_loader(tokenizer, encode(rows), targets, args.batch_size, shuffle=True, seed=args.seed)
@@ -264,5 +285,5 @@ if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         main()
-    except (DataError, FileNotFoundError) as e:
+    except (DataError, DialogFormatError, FileNotFoundError) as e:
         sys.exit(f"bert_classifier.py: error: {e}")

@@ -256,3 +256,40 @@ def encode_rows(tokenizer, rows, max_length=256, add_special_tokens=True, sep_la
     if any(p is not None for p in pairs):
         return tokenizer(texts, [p or "" for p in pairs], **kwargs)
     return tokenizer(texts, **kwargs)
+
+
+RANKER_CLASSES = ["distractor", "reply"]  # binary: the score of a candidate is the probability of "reply"
+
+
+def context_text(persona, history, max_history=2):
+    """One text of a dialog context for a cross-encoder: persona lines, then the kept turns, one per line."""
+    return "\n".join(list(persona) + list(history[-(2 * max_history + 1):]))
+
+
+def ranker_rows(dialogs, negatives=1, max_history=2, max_examples=0):
+    """(context, candidate) rows from dialogs: the gold reply labelled reply, `negatives` distractors distractor."""
+    rows = []
+    for d, dialog in enumerate(dialogs):
+        for u, utterance in enumerate(dialog["utterances"]):
+            context = context_text(dialog["personality"], utterance["history"], max_history)
+            candidates = utterance["candidates"]
+            pairs = [(candidates[-1], "reply")] + [(c, "distractor") for c in candidates[:-1][:negatives]]
+            for candidate, label in pairs:
+                rows.append({"text": context, "text_pair": candidate, "labels": [label], "multi": False,
+                             "line": u + 1, "path": f"dialog {d}"})
+            if max_examples and len(rows) >= max_examples:
+                return rows
+    return rows
+
+
+@torch.no_grad()
+def score_pairs(model, tokenizer, options, context, candidates, device):
+    """Ranker scores (probability of 'reply') of candidates after one context text."""
+    rows = [{"text": context, "text_pair": c or " ", "labels": None} for c in candidates]
+    encoded = encode_rows(tokenizer, rows, max_length=options.get("truncate", 256),
+                          add_special_tokens=options.get("add_cls_token", True))
+    batch = tokenizer.pad(encoded, return_tensors="pt")
+    model.eval()
+    logits = model(**{k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask",
+                                                                          "token_type_ids")})
+    return torch.softmax(logits.float(), dim=-1)[:, 1]

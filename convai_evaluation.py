@@ -16,6 +16,7 @@ import torch
 from tqdm import tqdm
 
 from checkpointing import read_training_args
+from classifier import context_text, load_classifier, score_pairs
 from decoding import DecodingConfig, context_inputs, generate
 from dialogs import (NUM_DISTRACTORS, VALID_FRACTION, DialogFormatError, add_distractors, read_dialogs, read_parlai)
 from inputs import special_ids
@@ -38,6 +39,7 @@ def get_args(argv=None):
     parser.add_argument("--dataset_cache", default="./dataset_cache", help="Where downloads are kept")
     parser.add_argument("--ranker", default="mc", choices=["mc", "lm", "bert"],
                         help="hits@1 scoring: the multiple-choice head, LM likelihood per token, or the BERT ranker")
+    parser.add_argument("--ranker_checkpoint", default="", help="--ranker bert: a ranker trained by bert_classifier.py")
     parser.add_argument("--num_candidates", type=int, default=20, help="Candidates per example (default: 20)")
     parser.add_argument("--max_history", type=int, default=2, help="Previous exchanges kept (default: 2)")
     parser.add_argument("--max_examples", type=int, default=0, help="Evaluate the first N examples (default: all)")
@@ -82,8 +84,9 @@ def examples_of(dialogs, max_examples):
 
 def main(argv=None):
     args = get_args(argv)
-    if args.ranker == "bert":
-        sys.exit("convai_evaluation.py: --ranker bert needs the BERT ranker of bert_classifier.py, not built yet")
+    if args.ranker == "bert" and not args.ranker_checkpoint:
+        sys.exit("convai_evaluation.py: --ranker bert needs --ranker_checkpoint DIR "
+                 "(train one with `bert_classifier.py train --ranker --output_dir DIR`)")
     set_seed(args.seed)
     checkpoint = args.model_checkpoint or newest_run("runs")
     if checkpoint is None:
@@ -93,6 +96,9 @@ def main(argv=None):
     dataset_path = args.dataset_path or trained.get("dataset_path", "")
     tokenizer, model = load_tokenizer_and_model(checkpoint)
     model.to(args.device).eval()
+    ranker = load_classifier(args.ranker_checkpoint) if args.ranker == "bert" else None
+    if ranker is not None:
+        ranker[0].to(args.device)
     special = special_ids(tokenizer)
     encode = lambda texts: tokenizer(list(texts), add_special_tokens=False)["input_ids"] if texts else []  # noqa
     max_len = model_max_length(model)
@@ -117,7 +123,13 @@ def main(argv=None):
             mc, logp, lengths = score_candidates(model, context, cand_ids, special, lm_rows=lm_rows)
             if "hits@1" in want:
                 n_candidates.append(len(candidates))
-                scores = mc if args.ranker == "mc" else logp / lengths
+                if ranker is not None:
+                    ranker_model, ranker_tokenizer, _, ranker_options = ranker
+                    scores = score_pairs(ranker_model, ranker_tokenizer, ranker_options,
+                                         context_text(persona, history, ranker_options.get("max_history", 2)),
+                                         candidates, args.device)
+                else:
+                    scores = mc if args.ranker == "mc" else logp / lengths
                 rank = rank_of_gold(scores, gold)
                 ranks.append(rank)
                 record["top_candidate"] = candidates[int(scores.argmax())]

@@ -14,6 +14,7 @@ from argparse import ArgumentParser
 
 import torch
 
+from classifier import context_text, load_classifier, score_pairs
 from decoding import DecodingConfig, context_inputs, generate
 from dialogs import DialogFormatError, read_personas
 from inputs import special_ids
@@ -52,7 +53,12 @@ def get_args(argv=None):
     parser.add_argument("--num_beams", type=int, default=1, help="Beam search with this many beams (default: 1, off)")
     parser.add_argument("--no_repeat_ngram_size", type=int, default=0,
                         help="Never repeat an n-gram of this size within a reply (default: 0, off)")
+    parser.add_argument("--rerank", type=int, default=0,
+                        help="Sample this many replies and answer with the one --ranker_checkpoint scores best")
+    parser.add_argument("--ranker_checkpoint", default="", help="A ranker trained by `bert_classifier.py train --ranker`")
     args = parser.parse_args(argv)
+    if args.rerank > 1 and not args.ranker_checkpoint:
+        parser.error("--rerank needs --ranker_checkpoint")
     if args.temperature <= 0:
         parser.error("--temperature: must be above 0 (use --no_sample for greedy decoding)")
     return args
@@ -102,31 +108,42 @@ def run(args):
     encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     persona_ids = [encode(s) for s in persona]
     max_len = model_max_length(model)
+    ranker = load_classifier(args.ranker_checkpoint) if args.rerank > 1 else None
+    if ranker is not None:
+        ranker[0].to(args.device)
 
     def show_persona():
         print("Persona: " + (" ".join(persona) if persona else "(none: this data has no personas)"), file=sys.stderr)
 
     print(f"Chatting with {checkpoint}", file=sys.stderr)
     show_persona()
-    history = []
+    history, history_text = [], []
     for line in user_lines(">>> "):
         text = line.strip()
         if not text:
             continue
         if text == "/reset":
-            history = []
+            history, history_text = [], []
             print("(a new conversation)", file=sys.stderr)
             continue
         if text == "/persona":
             show_persona()
             continue
         history.append(encode(text))
-        history = history[-(2 * args.max_history + 1):]
+        history_text.append(text)
+        history, history_text = history[-(2 * args.max_history + 1):], history_text[-(2 * args.max_history + 1):]
         context = context_inputs(persona_ids, history, special, max_len, args.max_length)
-        reply = generate(model, [context], special, config, generator=generator)[0]
-        history.append(reply)
-        text = " ".join(tokenizer.decode(reply, skip_special_tokens=True).split())  # one reply, one line
-        print(text, flush=True)
+        replies = generate(model, [context] * max(args.rerank, 1), special, config, generator=generator)
+        texts = [" ".join(tokenizer.decode(r, skip_special_tokens=True).split()) for r in replies]  # one line each
+        best = 0
+        if ranker is not None:
+            ranker_model, ranker_tokenizer, _, options = ranker
+            scores = score_pairs(ranker_model, ranker_tokenizer, options,
+                                 context_text(persona, history_text, options.get("max_history", 2)), texts, args.device)
+            best = int(scores.argmax())
+        history.append(replies[best])
+        history_text.append(texts[best])
+        print(texts[best], flush=True)
 
 
 if __name__ == "__main__":

@@ -85,3 +85,19 @@ def chatty_dir(tmp_path_factory):
                                  num_attention_heads=4, num_key_value_heads=2, initializer_range=0.5)).save_pretrained(d)
     tokenizer.save_pretrained(d)
     return str(d)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory):
+    """A tiny random BERT with the word-level tokenizer plus [PAD] [CLS] [SEP]."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    tokenizer = make_tokenizer()
+    tokenizer.add_special_tokens({"pad_token": "[PAD]", "cls_token": "[CLS]", "sep_token": "[SEP]"})
+    d = tmp_path_factory.mktemp("bert")
+    BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=64)).save_pretrained(d)
+    tokenizer.save_pretrained(d)
+    return str(d)

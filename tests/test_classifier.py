@@ -13,19 +13,8 @@ FILLER = ["i", "am", "the", "city", "today", "my", "friend", "family"]
 
 
 @pytest.fixture(scope="module")
-def tiny_bert(tmp_path_factory):
-    from transformers import BertConfig, BertModel
-
-    from conftest import make_tokenizer
-
-    torch.manual_seed(0)
-    tokenizer = make_tokenizer()
-    tokenizer.add_special_tokens({"pad_token": "[PAD]", "cls_token": "[CLS]", "sep_token": "[SEP]"})
-    d = tmp_path_factory.mktemp("bert")
-    BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                         intermediate_size=64, max_position_embeddings=64)).save_pretrained(d)
-    tokenizer.save_pretrained(d)
-    return str(d)
+def tiny_bert(tiny_bert_dir):
+    return tiny_bert_dir
 
 
 def sentiment_rows(n, seed):
@@ -132,3 +121,42 @@ def test_csv_with_multilabel_column(tmp_path):
     rows = read_rows(path)
     assert rows[0]["labels"] == ["toxic", "insult"] and rows[0]["multi"]
     assert LabelSpace(["toxic", "insult", "threat"], "multilabel").target(rows[0]) == [1.0, 1.0, 0.0]
+
+
+def test_ranker_rows_pair_each_context_with_its_gold_and_distractors():
+    from classifier import ranker_rows
+
+    from conftest import make_personachat
+
+    dialogs = make_personachat(n_train=2, n_utts=2, n_cands=3)["train"]
+    rows = ranker_rows(dialogs, negatives=2, max_history=1)
+    assert len(rows) == 2 * 2 * 3
+    first = dialogs[0]["utterances"][1]
+    gold, distractors = rows[3], rows[4:6]
+    assert gold["labels"] == ["reply"] and gold["text_pair"] == first["candidates"][-1]
+    assert gold["text"] == "\n".join(dialogs[0]["personality"] + first["history"][-3:])
+    assert [r["labels"] for r in distractors] == [["distractor"], ["distractor"]]
+
+
+def test_ranker_trains_on_dialogs_and_ranks_in_evaluation_and_chat(tiny_bert, tiny_dirs, personachat_file, tmp_path):
+    import subprocess
+    import sys
+
+    import convai_evaluation
+    from conftest import ROOT
+
+    ranker = tmp_path / "ranker"
+    bert_classifier.main(["train", "--ranker", "--dataset_path", personachat_file, "--dataset_cache",
+                          str(tmp_path / "cache"), "--output_dir", str(ranker), "--model_checkpoint", tiny_bert,
+                          "--n_epochs", "1", "--device", "cpu"])
+    assert json.load(open(ranker / "classifier.json"))["ranker"] is True
+    results = convai_evaluation.main(["--model_checkpoint", tiny_dirs["llama"], "--dataset_path", personachat_file,
+                                      "--eval_type", "hits@1", "--ranker", "bert", "--ranker_checkpoint", str(ranker),
+                                      "--results_file", str(tmp_path / "r.json"), "--device", "cpu"])
+    assert results["ranker"] == "bert" and 0 <= results["hits@1"] <= 1 and results["min_candidates"] == 3
+    done = subprocess.run([sys.executable, f"{ROOT}/interact.py", "--model_checkpoint", tiny_dirs["llama"],
+                           "--personality", "i like cats", "--rerank", "3", "--ranker_checkpoint", str(ranker),
+                           "--max_length", "5"], input="hello\nhow are you\n", capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert len(done.stdout.splitlines()) == 2

@@ -81,8 +81,8 @@ def test_f1_and_saved_predictions(chatty, convai_file, tmp_path):
     assert results["f1"] == 1.0
 
 
-def test_bert_ranker_is_refused_until_it_exists(chatty, convai_file, tmp_path):
-    with pytest.raises(SystemExit, match="BERT ranker"):
+def test_bert_ranker_needs_its_checkpoint(chatty, convai_file, tmp_path):
+    with pytest.raises(SystemExit, match="--ranker_checkpoint"):
         evaluate(chatty, convai_file, tmp_path, "--ranker", "bert")
 
 
