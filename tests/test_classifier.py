@@ -85,6 +85,18 @@ def test_multilabel_decisions_follow_the_threshold():
     assert decide(binary, "binary", 0.5).tolist() == [0, 1] and decide(binary, "binary", 0.25).tolist() == [1, 1]
 
 
+def test_biencoder_scores_are_cosines_of_mean_pooled_embeddings(tiny_bert):
+    from transformers import AutoModel, AutoTokenizer
+
+    from classifier import biencoder_scores, embed_texts
+
+    encoder, tokenizer = AutoModel.from_pretrained(tiny_bert).eval(), AutoTokenizer.from_pretrained(tiny_bert)
+    scores = biencoder_scores(encoder, tokenizer, "i like cats", ["i like cats", "pizza work"], "cpu")
+    vectors = embed_texts(encoder, tokenizer, ["i like cats", "pizza work"], "cpu")
+    assert scores[0].item() == pytest.approx(1.0, abs=1e-5)
+    assert scores[1].item() == pytest.approx(float(vectors[0] @ vectors[1]), abs=1e-5)
+
+
 def test_multilabel_metrics_and_auc():
     space = LabelSpace(["toxic", "insult"], "multilabel")
     probs = torch.tensor([[0.9, 0.2], [0.8, 0.7], [0.1, 0.6], [0.3, 0.1]])
@@ -154,6 +166,10 @@ def test_ranker_trains_on_dialogs_and_ranks_in_evaluation_and_chat(tiny_bert, ti
                                       "--eval_type", "hits@1", "--ranker", "bert", "--ranker_checkpoint", str(ranker),
                                       "--results_file", str(tmp_path / "r.json"), "--device", "cpu"])
     assert results["ranker"] == "bert" and 0 <= results["hits@1"] <= 1 and results["min_candidates"] == 3
+    baseline = convai_evaluation.main(["--model_checkpoint", tiny_dirs["llama"], "--dataset_path", personachat_file,
+                                       "--eval_type", "hits@1", "--ranker", "biencoder", "--ranker_checkpoint",
+                                       tiny_bert, "--results_file", str(tmp_path / "b.json"), "--device", "cpu"])
+    assert baseline["ranker"] == "biencoder" and 0 <= baseline["hits@1"] <= 1
     done = subprocess.run([sys.executable, f"{ROOT}/interact.py", "--model_checkpoint", tiny_dirs["llama"],
                            "--personality", "i like cats", "--rerank", "3", "--ranker_checkpoint", str(ranker),
                            "--max_length", "5"], input="hello\nhow are you\n", capture_output=True, text=True,
