@@ -151,9 +151,7 @@ def main(argv=None):
         records.append(record)
 
     if "f1" in want:
-        config = DecodingConfig(max_length=args.max_length, min_length=args.min_length, temperature=args.temperature,
-                                top_k=args.top_k, top_p=args.top_p, no_sample=not args.sample,
-                                num_beams=args.num_beams, no_repeat_ngram_size=args.no_repeat_ngram_size)
+        config = DecodingConfig.from_args(args, no_sample=not args.sample)
         generator = torch.Generator(device=args.device).manual_seed(args.seed)
         for start in tqdm(range(0, len(contexts), args.batch_size), desc="Generating"):
             replies = generate(model, contexts[start:start + args.batch_size], special, config, generator=generator)

@@ -23,6 +23,13 @@ class DecodingConfig:
     num_beams: int = 1
     no_repeat_ngram_size: int = 0
 
+    @classmethod
+    def from_args(cls, args, no_sample):
+        """The config of the decoding flags interact.py and convai_evaluation.py share."""
+        return cls(max_length=args.max_length, min_length=args.min_length, temperature=args.temperature,
+                   top_k=args.top_k, top_p=args.top_p, no_sample=no_sample, num_beams=args.num_beams,
+                   no_repeat_ngram_size=args.no_repeat_ngram_size)
+
 
 def top_filtering(logits, top_k=0, top_p=0.0, filter_value=-float("inf")):
     """Keep, per row, the top_k highest logits and/or the fewest most likely tokens whose probability reaches top_p."""

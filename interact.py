@@ -101,9 +101,7 @@ def run(args):
         sys.exit(f"interact.py: --model {args.model}, but {checkpoint} holds a {model.config.model_type} model")
     model.to(args.device).eval()
     special = special_ids(tokenizer)
-    config = DecodingConfig(max_length=args.max_length, min_length=args.min_length, temperature=args.temperature,
-                            top_k=args.top_k, top_p=args.top_p, no_sample=args.no_sample, num_beams=args.num_beams,
-                            no_repeat_ngram_size=args.no_repeat_ngram_size)
+    config = DecodingConfig.from_args(args, no_sample=args.no_sample)
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     persona_ids = [encode(s) for s in persona]

@@ -63,28 +63,24 @@ class DoubleHeads(nn.Module):
     def forward(self, input_ids, token_type_ids=None, attention_mask=None, mc_token_ids=None, lm_labels=None):
         """(lm_nll_sum, lm_token_count, mc_logits) for inputs shaped (batch, candidates, length)."""
         batch, n_cand, length = input_ids.shape
-        inputs_embeds = self.lm.get_input_embeddings()(input_ids.view(-1, length))
-        if token_type_ids is not None:
-            speaker = token_type_ids.view(-1, length, 1) == self.speaker_ids  # (sequences, length, speakers)
-            inputs_embeds = inputs_embeds + speaker.to(inputs_embeds.dtype) @ self.speaker_embeddings
-        mask = attention_mask.view(-1, length) if attention_mask is not None else None
-        hidden = self.lm.base_model(inputs_embeds=inputs_embeds, attention_mask=mask,
-                                    use_cache=False).last_hidden_state
+        flat = lambda x: x.view(-1, length) if x is not None else None  # noqa: E731  (sequences, length)
+        hidden, _ = self.hidden_states(flat(input_ids), flat(token_type_ids), flat(attention_mask), None,
+                                       use_cache=False)
         mc_logits = None
         if mc_token_ids is not None:
-            last = hidden[torch.arange(hidden.shape[0], device=hidden.device), mc_token_ids.view(-1)]
-            mc_logits = self.mc_head(self.mc_dropout(last)).view(batch, n_cand).float()
+            mc_logits = self.mc_logits_at(hidden, mc_token_ids.view(-1)).view(batch, n_cand)
         nll_sum, count = (shifted_nll(hidden, lm_labels.view(-1, length), self.lm.get_output_embeddings())
                           if lm_labels is not None else (None, None))
         return nll_sum, count, mc_logits
 
-    def hidden_states(self, input_ids, token_type_ids, attention_mask, position_ids, cache=None):
+    def hidden_states(self, input_ids, token_type_ids, attention_mask, position_ids, cache=None, use_cache=True):
         """Last-layer hidden states of (sequences, length) inputs, reading and extending the KV cache."""
         inputs_embeds = self.lm.get_input_embeddings()(input_ids)
-        speaker = token_type_ids.unsqueeze(-1) == self.speaker_ids
-        inputs_embeds = inputs_embeds + speaker.to(inputs_embeds.dtype) @ self.speaker_embeddings
+        if token_type_ids is not None:
+            speaker = token_type_ids.unsqueeze(-1) == self.speaker_ids  # (sequences, length, speakers)
+            inputs_embeds = inputs_embeds + speaker.to(inputs_embeds.dtype) @ self.speaker_embeddings
         out = self.lm.base_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
-                                 cache=cache, use_cache=True)
+                                 cache=cache, use_cache=use_cache)
         return out.last_hidden_state, out.cache
 
     def lm_logits(self, hidden):
