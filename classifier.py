@@ -20,6 +20,7 @@ HEAD_FILE = "classifier_head.safetensors"
 CONFIG_FILE = "classifier.json"
 TASKS = ("multiclass", "binary", "multilabel")
 POOLINGS = ("cls", "pooler", "mean")
+PAIR_ENCODINGS = ("cross", "siamese")
 TRAINABLE = ("additional_layers", "top_layer", "top4_layers", "all_encoder_layers", "all")
 
 
@@ -112,17 +113,24 @@ def classes_from_rows(rows):
 
 
 class BertClassifier(nn.Module):
-    """Encoder, pooling (cls, pooler or mean), dropout and a linear layer to one logit per class."""
+    """Encoder, pooling (cls, pooler or mean), dropout and a linear layer to one logit per class.
 
-    def __init__(self, encoder, n_outputs, pooling="cls", dropout=0.1):
+    Text pairs are read jointly (`cross`: one sequence with both texts) or apart (`siamese`: each text pooled to a
+    unit vector, the head reading [u, v, |u-v|, u*v] as Sentence-BERT does)."""
+
+    def __init__(self, encoder, n_outputs, pooling="cls", dropout=0.1, pair_encoding="cross"):
         super().__init__()
         if pooling not in POOLINGS:
             raise ValueError(f"--pooling {pooling!r}: one of {POOLINGS}")
-        self.encoder, self.pooling = encoder, pooling
+        if pair_encoding not in PAIR_ENCODINGS:
+            raise ValueError(f"--pair_encoding {pair_encoding!r}: one of {PAIR_ENCODINGS}")
+        self.encoder, self.pooling, self.pair_encoding = encoder, pooling, pair_encoding
         self.dropout = nn.Dropout(dropout)
-        self.head = nn.Linear(encoder.config.hidden_size, n_outputs)
+        width = encoder.config.hidden_size * (4 if pair_encoding == "siamese" else 1)
+        self.head = nn.Linear(width, n_outputs)
 
-    def forward(self, input_ids, attention_mask, token_type_ids=None):
+    def pool(self, input_ids, attention_mask, token_type_ids=None):
+        """One vector per sequence (unit length for siamese pairs)."""
         out = self.encoder(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
         if self.pooling == "pooler":
             if getattr(out, "pooler_output", None) is None:
@@ -133,7 +141,18 @@ class BertClassifier(nn.Module):
             pooled = (out.last_hidden_state * mask).sum(1) / mask.sum(1).clamp(min=1)
         else:
             pooled = out.last_hidden_state[:, 0]
-        return self.head(self.dropout(pooled))
+        return F.normalize(pooled, dim=-1) if self.pair_encoding == "siamese" else pooled
+
+    def pair_logits(self, u, v):
+        """Siamese logits of pooled first texts u and second texts v."""
+        return self.head(self.dropout(torch.cat([u, v, (u - v).abs(), u * v], dim=-1)))
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None, pair_input_ids=None, pair_attention_mask=None):
+        if self.pair_encoding == "siamese":
+            if pair_input_ids is None:
+                raise ValueError("--pair_encoding siamese classifies text pairs: every row needs a text_pair")
+            return self.pair_logits(self.pool(input_ids, attention_mask), self.pool(pair_input_ids, pair_attention_mask))
+        return self.head(self.dropout(self.pool(input_ids, attention_mask, token_type_ids)))
 
 
 def set_trainable(model, what):
@@ -238,13 +257,15 @@ def load_classifier(directory):
     options = json.loads(config_path.read_text())
     space = LabelSpace(options.pop("classes"), options.pop("task"))
     tokenizer = AutoTokenizer.from_pretrained(directory)
-    model = BertClassifier(AutoModel.from_pretrained(directory), space.n_outputs, options.get("pooling", "cls"))
+    model = BertClassifier(AutoModel.from_pretrained(directory), space.n_outputs, options.get("pooling", "cls"),
+                           pair_encoding=options.get("pair_encoding", "cross"))
     model.head.load_state_dict(load_file(os.path.join(directory, HEAD_FILE)))
     return model, tokenizer, space, options
 
 
-def encode_rows(tokenizer, rows, max_length=256, add_special_tokens=True, sep_last_utt=False):
-    """Tokenized (unpadded) inputs of rows; with sep_last_utt the text's last line becomes the second segment."""
+def encode_rows(tokenizer, rows, max_length=256, add_special_tokens=True, sep_last_utt=False, pair_encoding="cross"):
+    """Tokenized (unpadded) inputs of rows; with sep_last_utt the text's last line becomes the second segment.
+    Siamese pairs come back as two encodings: the second one's keys start with `pair_`."""
     texts, pairs = [], []
     for row in rows:
         text, pair = row["text"], row["text_pair"]
@@ -253,59 +274,22 @@ def encode_rows(tokenizer, rows, max_length=256, add_special_tokens=True, sep_la
         texts.append(text)
         pairs.append(pair)
     kwargs = dict(truncation=True, max_length=max_length, add_special_tokens=add_special_tokens)
+    if pair_encoding == "siamese":
+        second = tokenizer([p or " " for p in pairs], **kwargs)
+        first = tokenizer(texts, **kwargs)
+        return {**first, **{f"pair_{k}": second[k] for k in ("input_ids", "attention_mask")}}
     if any(p is not None for p in pairs):
         return tokenizer(texts, [p or "" for p in pairs], **kwargs)
     return tokenizer(texts, **kwargs)
 
 
-RANKER_CLASSES = ["distractor", "reply"]  # binary: the score of a candidate is the probability of "reply"
-
-
-def context_text(persona, history, max_history=2):
-    """One text of a dialog context for a cross-encoder: persona lines, then the kept turns, one per line."""
-    return "\n".join(list(persona) + list(history[-(2 * max_history + 1):]))
-
-
-def ranker_rows(dialogs, negatives=1, max_history=2, max_examples=0):
-    """(context, candidate) rows from dialogs: the gold reply labelled reply, `negatives` distractors distractor."""
-    rows = []
-    for d, dialog in enumerate(dialogs):
-        for u, utterance in enumerate(dialog["utterances"]):
-            context = context_text(dialog["personality"], utterance["history"], max_history)
-            candidates = utterance["candidates"]
-            pairs = [(candidates[-1], "reply")] + [(c, "distractor") for c in candidates[:-1][:negatives]]
-            for candidate, label in pairs:
-                rows.append({"text": context, "text_pair": candidate, "labels": [label], "multi": False,
-                             "line": u + 1, "path": f"dialog {d}"})
-            if max_examples and len(rows) >= max_examples:
-                return rows
-    return rows
-
-
-@torch.no_grad()
-def score_pairs(model, tokenizer, options, context, candidates, device):
-    """Ranker scores (probability of 'reply') of candidates after one context text."""
-    rows = [{"text": context, "text_pair": c or " ", "labels": None} for c in candidates]
-    encoded = encode_rows(tokenizer, rows, max_length=options.get("truncate", 256),
-                          add_special_tokens=options.get("add_cls_token", True))
-    batch = tokenizer.pad(encoded, return_tensors="pt")
-    model.eval()
-    logits = model(**{k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask",
-                                                                          "token_type_ids")})
-    return torch.softmax(logits.float(), dim=-1)[:, 1]
-
-
-@torch.no_grad()
-def embed_texts(encoder, tokenizer, texts, device, max_length=256):
-    """Mean-pooled, L2-normalised sentence embeddings (sentence-transformers' recipe for MiniLM)."""
-    batch = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-    batch = {k: v.to(device) for k, v in batch.items()}
-    hidden = encoder(**batch).last_hidden_state
-    mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-    return F.normalize((hidden * mask).sum(1) / mask.sum(1).clamp(min=1), dim=-1)
-
-
-def biencoder_scores(encoder, tokenizer, context, candidates, device):
-    """Cosine similarity of each candidate's embedding with the context's: the untrained bi-encoder baseline."""
-    vectors = embed_texts(encoder, tokenizer, [context] + [c or " " for c in candidates], device)
-    return vectors[1:] @ vectors[0]
+def pad_batch(tokenizer, items):
+    """Pad a list of encoded rows (and their `pair_` encodings, apart) into tensors."""
+    first = tokenizer.pad([{k: v for k, v in item.items() if not k.startswith("pair_")} for item in items],
+                          return_tensors="pt")
+    batch = dict(first)
+    if "pair_input_ids" in items[0]:
+        second = tokenizer.pad([{k[5:]: v for k, v in item.items() if k.startswith("pair_")} for item in items],
+                               return_tensors="pt")
+        batch.update({f"pair_{k}": v for k, v in second.items()})
+    return batch

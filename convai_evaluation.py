@@ -17,13 +17,14 @@ from tqdm import tqdm
 from transformers import AutoModel, AutoTokenizer
 
 from checkpointing import read_training_args
-from classifier import biencoder_scores, context_text, load_classifier, score_pairs
+from classifier import load_classifier
 from decoding import DecodingConfig, context_inputs, generate
 from dialogs import (NUM_DISTRACTORS, VALID_FRACTION, DialogFormatError, add_distractors, read_dialogs, read_parlai)
 from inputs import special_ids
 from metrics import f1_score, perplexity
 from modeling import load_tokenizer_and_model, model_max_length
 from ranking import rank_of_gold, score_candidates
+from reply_ranker import biencoder_scores, context_text, score_pairs
 from utils import newest_run, package_dir, resolve_dataset_path, set_seed, write_json
 
 logger = logging.getLogger(__file__)

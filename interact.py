@@ -14,11 +14,12 @@ from argparse import ArgumentParser
 
 import torch
 
-from classifier import context_text, load_classifier, score_pairs
+from classifier import load_classifier
 from decoding import DecodingConfig, context_inputs, generate
 from dialogs import DialogFormatError, read_personas
 from inputs import special_ids
 from modeling import load_tokenizer_and_model, model_max_length
+from reply_ranker import context_text, score_pairs
 from utils import newest_run, resolve_dataset_path, set_seed
 
 logger = logging.getLogger(__file__)

@@ -85,18 +85,6 @@ def test_multilabel_decisions_follow_the_threshold():
     assert decide(binary, "binary", 0.5).tolist() == [0, 1] and decide(binary, "binary", 0.25).tolist() == [1, 1]
 
 
-def test_biencoder_scores_are_cosines_of_mean_pooled_embeddings(tiny_bert):
-    from transformers import AutoModel, AutoTokenizer
-
-    from classifier import biencoder_scores, embed_texts
-
-    encoder, tokenizer = AutoModel.from_pretrained(tiny_bert).eval(), AutoTokenizer.from_pretrained(tiny_bert)
-    scores = biencoder_scores(encoder, tokenizer, "i like cats", ["i like cats", "pizza work"], "cpu")
-    vectors = embed_texts(encoder, tokenizer, ["i like cats", "pizza work"], "cpu")
-    assert scores[0].item() == pytest.approx(1.0, abs=1e-5)
-    assert scores[1].item() == pytest.approx(float(vectors[0] @ vectors[1]), abs=1e-5)
-
-
 def test_multilabel_metrics_and_auc():
     space = LabelSpace(["toxic", "insult"], "multilabel")
     probs = torch.tensor([[0.9, 0.2], [0.8, 0.7], [0.1, 0.6], [0.3, 0.1]])
@@ -135,44 +123,36 @@ def test_csv_with_multilabel_column(tmp_path):
     assert LabelSpace(["toxic", "insult", "threat"], "multilabel").target(rows[0]) == [1.0, 1.0, 0.0]
 
 
-def test_ranker_rows_pair_each_context_with_its_gold_and_distractors():
-    from classifier import ranker_rows
-
-    from conftest import make_personachat
-
-    dialogs = make_personachat(n_train=2, n_utts=2, n_cands=3)["train"]
-    rows = ranker_rows(dialogs, negatives=2, max_history=1)
-    assert len(rows) == 2 * 2 * 3
-    first = dialogs[0]["utterances"][1]
-    gold, distractors = rows[3], rows[4:6]
-    assert gold["labels"] == ["reply"] and gold["text_pair"] == first["candidates"][-1]
-    assert gold["text"] == "\n".join(dialogs[0]["personality"] + first["history"][-3:])
-    assert [r["labels"] for r in distractors] == [["distractor"], ["distractor"]]
+def pair_rows(n, seed):
+    """Rows whose label says whether the pair shares its key word: only a model reading both texts can tell."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = rng.choice(GOOD), rng.choice(GOOD)
+        rows.append({"text": f"i {a}", "text_pair": f"you {b if rng.random() < 0.5 else a}", "label": None})
+        rows[-1]["label"] = "same" if rows[-1]["text_pair"].endswith(a) else "different"
+    return rows
 
 
-def test_ranker_trains_on_dialogs_and_ranks_in_evaluation_and_chat(tiny_bert, tiny_dirs, personachat_file, tmp_path):
-    import subprocess
-    import sys
+def test_siamese_pair_classification_survives_save_and_load(tiny_bert, tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", pair_rows(64, 5))
+    out = tmp_path / "clf"
+    bert_classifier.main(["train", "--train_file", train, "--output_dir", str(out), "--model_checkpoint", tiny_bert,
+                          "--n_epochs", "1", "--device", "cpu", "--pair_encoding", "siamese"])
+    model, _, space, options = load_classifier(out)
+    assert model.pair_encoding == "siamese" and options["pooling"] == "mean"
+    assert model.head.in_features == 4 * model.encoder.config.hidden_size
+    first = bert_classifier.main(["predict", "--model_checkpoint", str(out), "--input_file", train,
+                                  "--output_file", str(tmp_path / "a.jsonl"), "--device", "cpu"])
+    again = bert_classifier.main(["predict", "--model_checkpoint", str(out), "--input_file", train,
+                                  "--output_file", str(tmp_path / "b.jsonl"), "--device", "cpu"])
+    assert torch.equal(first, again)
+    assert (tmp_path / "a.jsonl").read_text() == (tmp_path / "b.jsonl").read_text()
 
-    import convai_evaluation
-    from conftest import ROOT
 
-    ranker = tmp_path / "ranker"
-    bert_classifier.main(["train", "--ranker", "--dataset_path", personachat_file, "--dataset_cache",
-                          str(tmp_path / "cache"), "--output_dir", str(ranker), "--model_checkpoint", tiny_bert,
-                          "--n_epochs", "1", "--device", "cpu"])
-    assert json.load(open(ranker / "classifier.json"))["ranker"] is True
-    results = convai_evaluation.main(["--model_checkpoint", tiny_dirs["llama"], "--dataset_path", personachat_file,
-                                      "--eval_type", "hits@1", "--ranker", "bert", "--ranker_checkpoint", str(ranker),
-                                      "--results_file", str(tmp_path / "r.json"), "--device", "cpu"])
-    assert results["ranker"] == "bert" and 0 <= results["hits@1"] <= 1 and results["min_candidates"] == 3
-    baseline = convai_evaluation.main(["--model_checkpoint", tiny_dirs["llama"], "--dataset_path", personachat_file,
-                                       "--eval_type", "hits@1", "--ranker", "biencoder", "--ranker_checkpoint",
-                                       tiny_bert, "--results_file", str(tmp_path / "b.json"), "--device", "cpu"])
-    assert baseline["ranker"] == "biencoder" and 0 <= baseline["hits@1"] <= 1
-    done = subprocess.run([sys.executable, f"{ROOT}/interact.py", "--model_checkpoint", tiny_dirs["llama"],
-                           "--personality", "i like cats", "--rerank", "3", "--ranker_checkpoint", str(ranker),
-                           "--max_length", "5"], input="hello\nhow are you\n", capture_output=True, text=True,
-                          timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert len(done.stdout.splitlines()) == 2
+def test_siamese_classification_needs_text_pairs(tiny_bert):
+    from transformers import AutoModel
+
+    model = BertClassifier(AutoModel.from_pretrained(tiny_bert), 2, "mean", pair_encoding="siamese")
+    with pytest.raises(ValueError, match="needs a text_pair"):
+        model(torch.tensor([[1, 2, 3]]), torch.ones(1, 3, dtype=torch.long))

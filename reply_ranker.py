@@ -1,0 +1,118 @@
+"""The reply ranker: a BERT classifier whose head scores (context, candidate) pairs, trained with the
+multiple-choice loss (which of these replies is the real one), and the untrained bi-encoder baseline.
+
+Two ways to read a pair (`pair_encoding` of the classifier):
+- cross: one sequence `[CLS] context [SEP] candidate [SEP]`; every token sees both texts.
+- siamese: context and candidate are encoded apart and the head reads [u, v, |u-v|, u*v] (Sentence-BERT). The head
+  can start as the bi-encoder (`start_from_cosine`), so training begins from the encoder's zero-shot ranking, and
+  a batch's other gold replies are free extra distractors.
+"""
+import torch
+import torch.nn.functional as F
+
+RANKER_CLASSES = ["distractor", "reply"]  # binary: a candidate's score is the logit gap of "reply" over "distractor"
+
+
+def context_text(persona, history, max_history=2):
+    """One text of a dialog context: persona lines, then the kept turns, one per line."""
+    return "\n".join(list(persona) + list(history[-(2 * max_history + 1):]))
+
+
+def ranker_examples(dialogs, negatives=1, max_history=2, max_examples=0):
+    """(context, [gold, distractor, ...]) per utterance, in order; `negatives` < 0 keeps every distractor."""
+    examples = []
+    for dialog in dialogs:
+        for utterance in dialog["utterances"]:
+            candidates = utterance["candidates"]
+            distractors = candidates[:-1] if negatives < 0 else candidates[:-1][:negatives]
+            examples.append((context_text(dialog["personality"], utterance["history"], max_history),
+                             [candidates[-1]] + list(distractors)))
+            if max_examples and len(examples) >= max_examples:
+                return examples
+    return examples
+
+
+def start_from_cosine(model, scale=20.0):
+    """Set a siamese head so that the reply-over-distractor logit gap is scale * cosine(context, candidate)."""
+    hidden = model.encoder.config.hidden_size
+    with torch.no_grad():
+        model.head.weight.zero_()
+        model.head.bias.zero_()
+        model.head.weight[1, 3 * hidden:] = scale / 2  # the u*v block: its sum is the cosine of unit vectors
+        model.head.weight[0, 3 * hidden:] = -scale / 2
+
+
+def collate_examples(tokenizer, examples, pair_encoding, max_length=256, add_special_tokens=True):
+    """A padded batch of ranking examples, each one context and its candidates (the same count in every example)."""
+    counts = {len(candidates) for _, candidates in examples}
+    if len(counts) != 1:
+        raise ValueError(f"every example needs the same number of candidates, got {sorted(counts)}")
+    kwargs = dict(padding=True, truncation=True, max_length=max_length, add_special_tokens=add_special_tokens,
+                  return_tensors="pt")
+    candidates = [c or " " for _, cands in examples for c in cands]
+    if pair_encoding == "siamese":
+        return {"contexts": tokenizer([context for context, _ in examples], **kwargs),
+                "candidates": tokenizer(candidates, **kwargs), "per_example": counts.pop()}
+    contexts = [context for context, cands in examples for _ in cands]
+    return {"pairs": tokenizer(contexts, candidates, **kwargs), "per_example": counts.pop()}
+
+
+def _inputs(encoded, device):
+    return {k: v.to(device) for k, v in encoded.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+
+
+def example_scores(model, batch, device, in_batch=False):
+    """Scores (examples, candidates) of a collated batch; with in_batch (siamese), every other example's gold
+    reply is scored too and appended as further columns (its own gold masked out)."""
+    per = batch["per_example"]
+    if "pairs" in batch:
+        logits = model(**_inputs(batch["pairs"], device))
+        return (logits[:, 1] - logits[:, 0]).view(-1, per)
+    u = model.pool(**_inputs(batch["contexts"], device))
+    v = model.pool(**_inputs(batch["candidates"], device)).view(len(u), per, -1)
+    logits = model.pair_logits(u.unsqueeze(1).expand_as(v), v)
+    scores = logits[..., 1] - logits[..., 0]
+    if in_batch and len(u) > 1:
+        golds = v[:, 0].unsqueeze(0).expand(len(u), -1, -1)
+        others = model.pair_logits(u.unsqueeze(1).expand_as(golds), golds)
+        others = (others[..., 1] - others[..., 0]).masked_fill(torch.eye(len(u), dtype=torch.bool,
+                                                                         device=u.device), float("-inf"))
+        scores = torch.cat([scores, others], dim=1)
+    return scores
+
+
+def multiple_choice_loss(scores):
+    """Cross-entropy of picking the gold reply, which is the first column of every row."""
+    return F.cross_entropy(scores.float(), torch.zeros(len(scores), dtype=torch.long, device=scores.device))
+
+
+@torch.no_grad()
+def score_pairs(model, tokenizer, options, context, candidates, device):
+    """Ranker scores of candidates after one context text (higher is better)."""
+    model.eval()
+    batch = collate_examples(tokenizer, [(context, list(candidates))], options.get("pair_encoding", "cross"),
+                             options.get("truncate", 256), options.get("add_cls_token", True))
+    return example_scores(model, batch, device)[0].float()
+
+
+@torch.no_grad()
+def embed_texts(encoder, tokenizer, texts, device, max_length=256):
+    """Mean-pooled, L2-normalised sentence embeddings (sentence-transformers' recipe for MiniLM)."""
+    batch = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    batch = {k: v.to(device) for k, v in batch.items()}
+    hidden = encoder(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+    return F.normalize((hidden * mask).sum(1) / mask.sum(1).clamp(min=1), dim=-1)
+
+
+def biencoder_scores(encoder, tokenizer, context, candidates, device):
+    """Cosine similarity of each candidate's embedding with the context's: the untrained bi-encoder baseline."""
+    vectors = embed_texts(encoder, tokenizer, [context] + [c or " " for c in candidates], device)
+    return vectors[1:] @ vectors[0]
+
+
+def rank_metrics(ranks):
+    """hits@1, hits@5, hits@10 and MRR of gold ranks (1 is best)."""
+    n = max(len(ranks), 1)
+    return {"hits@1": sum(r <= 1 for r in ranks) / n, "hits@5": sum(r <= 5 for r in ranks) / n,
+            "hits@10": sum(r <= 10 for r in ranks) / n, "mrr": sum(1 / r for r in ranks) / n}

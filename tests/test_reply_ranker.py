@@ -1,0 +1,130 @@
+import json
+
+import pytest
+import torch
+from transformers import AutoModel, AutoTokenizer
+
+import bert_classifier
+from classifier import BertClassifier
+from conftest import make_personachat
+from reply_ranker import (biencoder_scores, collate_examples, embed_texts, example_scores, multiple_choice_loss,
+                          ranker_examples, score_pairs, start_from_cosine)
+
+CONTEXT = "i like cats\nwhat do you do for fun?"
+CANDIDATES = ["i play with my cats", "pizza at work", "the city is big today", "my family likes dogs"]
+
+
+@pytest.fixture(scope="module")
+def encoder_and_tokenizer(tiny_bert_dir):
+    return AutoModel.from_pretrained(tiny_bert_dir).eval(), AutoTokenizer.from_pretrained(tiny_bert_dir)
+
+
+def siamese(encoder):
+    torch.manual_seed(0)
+    return BertClassifier(encoder, 2, "mean", pair_encoding="siamese").eval()
+
+
+def test_ranker_examples_put_the_gold_reply_first_then_its_distractors():
+    dialogs = make_personachat(n_train=2, n_utts=2, n_cands=4)["train"]
+    examples = ranker_examples(dialogs, negatives=2, max_history=1)
+    assert len(examples) == 4
+    context, candidates = examples[1]
+    utterance = dialogs[0]["utterances"][1]
+    assert context == "\n".join(dialogs[0]["personality"] + utterance["history"][-3:])
+    assert candidates == [utterance["candidates"][-1]] + utterance["candidates"][:2]
+    assert [len(c) for _, c in ranker_examples(dialogs, negatives=-1)] == [4] * 4
+    assert len(ranker_examples(dialogs, max_examples=3)) == 3
+
+
+def test_biencoder_scores_are_cosines_of_mean_pooled_embeddings(encoder_and_tokenizer):
+    encoder, tokenizer = encoder_and_tokenizer
+    scores = biencoder_scores(encoder, tokenizer, "i like cats", ["i like cats", "pizza work"], "cpu")
+    vectors = embed_texts(encoder, tokenizer, ["i like cats", "pizza work"], "cpu")
+    assert scores[0].item() == pytest.approx(1.0, abs=1e-5)
+    assert scores[1].item() == pytest.approx(float(vectors[0] @ vectors[1]), abs=1e-5)
+
+
+def test_a_siamese_ranker_started_from_cosine_scores_as_the_biencoder(encoder_and_tokenizer):
+    encoder, tokenizer = encoder_and_tokenizer
+    model = siamese(encoder)
+    start_from_cosine(model, scale=20.0)
+    scores = score_pairs(model, tokenizer, {"pair_encoding": "siamese"}, CONTEXT, CANDIDATES, "cpu")
+    cosines = biencoder_scores(encoder, tokenizer, CONTEXT, CANDIDATES, "cpu")
+    assert torch.allclose(scores, 20.0 * cosines, atol=1e-4)
+
+
+@pytest.mark.parametrize("pair_encoding", ["cross", "siamese"])
+def test_batched_scores_equal_one_example_at_a_time(encoder_and_tokenizer, pair_encoding):
+    encoder, tokenizer = encoder_and_tokenizer
+    torch.manual_seed(0)
+    model = BertClassifier(encoder, 2, "mean", pair_encoding=pair_encoding).eval()
+    examples = [(CONTEXT, CANDIDATES[:2]), ("the city is big", CANDIDATES[2:]), ("hi", ["a much longer reply " * 3, "no"])]
+    with torch.no_grad():
+        batched = example_scores(model, collate_examples(tokenizer, examples, pair_encoding), "cpu")
+    alone = torch.stack([score_pairs(model, tokenizer, {"pair_encoding": pair_encoding}, c, cands, "cpu")
+                         for c, cands in examples])
+    assert batched.shape == (3, 2) and torch.allclose(batched, alone, atol=1e-5)
+
+
+def test_in_batch_scores_add_the_other_examples_gold_replies(encoder_and_tokenizer):
+    encoder, tokenizer = encoder_and_tokenizer
+    model = siamese(encoder)
+    examples = [(CONTEXT, CANDIDATES[:2]), ("the city is big", CANDIDATES[2:]), ("hi", ["hello", "no"])]
+    with torch.no_grad():
+        scores = example_scores(model, collate_examples(tokenizer, examples, "siamese"), "cpu", in_batch=True)
+    assert scores.shape == (3, 2 + 3)
+    assert torch.isinf(scores[:, 2:].diagonal()).all()
+    # column 2 + j of row i: example j's gold reply after example i's context
+    expected = score_pairs(model, tokenizer, {"pair_encoding": "siamese"}, "hi", [CANDIDATES[0]], "cpu")
+    assert scores[2, 2].item() == pytest.approx(expected.item(), abs=1e-5)
+    assert multiple_choice_loss(scores).item() > 0
+
+
+def test_examples_need_the_same_number_of_candidates(encoder_and_tokenizer):
+    with pytest.raises(ValueError, match="same number of candidates"):
+        collate_examples(encoder_and_tokenizer[1], [("a", ["b", "c"]), ("d", ["e"])], "cross")
+
+
+@pytest.mark.parametrize("pair_encoding", ["siamese", "cross"])
+def test_ranker_trains_on_dialogs_and_ranks_in_evaluation_and_chat(tiny_bert_dir, tiny_dirs, personachat_file,
+                                                                   tmp_path, pair_encoding):
+    import subprocess
+    import sys
+
+    import convai_evaluation
+    from conftest import ROOT
+
+    ranker = tmp_path / "ranker"
+    bert_classifier.main(["train", "--ranker", "--dataset_path", personachat_file, "--dataset_cache",
+                          str(tmp_path / "cache"), "--output_dir", str(ranker), "--model_checkpoint", tiny_bert_dir,
+                          "--n_epochs", "1", "--device", "cpu", "--pair_encoding", pair_encoding,
+                          "--eval_before_start", "--batch_size", "4"])
+    saved = json.load(open(ranker / "classifier.json"))
+    assert saved["ranker"] is True and saved["pair_encoding"] == pair_encoding
+    kept = json.load(open(ranker / "valid_metrics.json"))
+    assert 0 <= kept["hits@1"] <= 1 and kept["examples"] == 9  # 3 valid dialogs of 3 utterances
+    results = convai_evaluation.main(["--model_checkpoint", tiny_dirs["llama"], "--dataset_path", personachat_file,
+                                      "--eval_type", "hits@1", "--ranker", "bert", "--ranker_checkpoint", str(ranker),
+                                      "--results_file", str(tmp_path / "r.json"), "--device", "cpu"])
+    assert results["ranker"] == "bert" and 0 <= results["hits@1"] <= 1 and results["min_candidates"] == 3
+    baseline = convai_evaluation.main(["--model_checkpoint", tiny_dirs["llama"], "--dataset_path", personachat_file,
+                                       "--eval_type", "hits@1", "--ranker", "biencoder", "--ranker_checkpoint",
+                                       tiny_bert_dir, "--results_file", str(tmp_path / "b.json"), "--device", "cpu"])
+    assert baseline["ranker"] == "biencoder" and 0 <= baseline["hits@1"] <= 1
+    done = subprocess.run([sys.executable, f"{ROOT}/interact.py", "--model_checkpoint", tiny_dirs["llama"],
+                           "--personality", "i like cats", "--rerank", "3", "--ranker_checkpoint", str(ranker),
+                           "--max_length", "5"], input="hello\nhow are you\n", capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert len(done.stdout.splitlines()) == 2
+
+
+def test_ranker_defaults_and_the_cross_encoder_needs_distractors(capsys):
+    args = bert_classifier.get_args(["train", "--ranker", "--output_dir", "x"])
+    assert (args.pair_encoding, args.pooling, args.validation_metric) == ("siamese", "mean", "mrr")
+    args = bert_classifier.get_args(["train", "--train_file", "t.csv", "--output_dir", "x"])
+    assert (args.pair_encoding, args.pooling, args.validation_metric) == ("cross", "cls", "accuracy")
+    with pytest.raises(SystemExit):
+        bert_classifier.get_args(["train", "--ranker", "--output_dir", "x", "--negatives", "0", "--pair_encoding",
+                                  "cross"])
+    assert "--negatives: a cross-encoder ranker needs at least 1 distractor" in capsys.readouterr().err
