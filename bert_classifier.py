@@ -182,7 +182,7 @@ def train(args):
         examples = ranker_examples(splits["train"], args.negatives, args.max_history,
                                    args.max_examples or (args.max_steps * args.batch_size))
         valid_examples = ranker_examples(splits["valid"], -1, args.max_history, args.max_valid_examples)
-        rows, classes, task, args.sep_last_utt = [], RANKER_CLASSES, "binary", False
+        classes, task, args.sep_last_utt = RANKER_CLASSES, "binary", False
     else:
         rows = read_rows(args.train_file)
         valid_rows = read_rows(args.valid_file) if args.valid_file else []
