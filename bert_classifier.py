@@ -34,6 +34,7 @@ from utils import package_dir, resolve_dataset_path, set_seed
 
 logger = logging.getLogger(__file__)
 SCHEDULERS = ("none", "fixed", "linear", "cosine", "invsqrt", "reduceonplateau")
+RANK_METRICS = ("hits@1", "hits@5", "hits@10", "mrr")
 
 
 def get_args(argv=None):
@@ -110,6 +111,15 @@ def get_args(argv=None):
         args.pair_encoding = args.pair_encoding or ("siamese" if args.ranker else "cross")
         args.pooling = args.pooling or ("mean" if args.pair_encoding == "siamese" else "cls")
         args.validation_metric = args.validation_metric or ("mrr" if args.ranker else "accuracy")
+        if args.ranker:
+            given = {"--train_file": args.train_file, "--valid_file": args.valid_file, "--classes": args.classes,
+                     "--classes_from_file": args.classes_from_file, "--class_weights": args.class_weights,
+                     "--task": args.task != "auto", "--sep_last_utt": args.sep_last_utt}
+            ignored = [flag for flag, value in given.items() if value]
+            if ignored:
+                parser.error(f"{', '.join(ignored)}: not used with --ranker (it reads dialogs and ranks replies)")
+            if args.validation_metric not in RANK_METRICS:
+                parser.error(f"--validation_metric {args.validation_metric!r}: with --ranker one of {RANK_METRICS}")
         if args.ranker and args.negatives < 1 and args.pair_encoding == "cross":
             parser.error("--negatives: a cross-encoder ranker needs at least 1 distractor per gold reply (a siamese "
                          "one can use 0: the batch's other gold replies are its distractors)")
@@ -212,8 +222,10 @@ def train(args):
     if args.ranker:
         collate = partial(collate_examples, tokenizer, pair_encoding=args.pair_encoding, max_length=args.truncate,
                           add_special_tokens=args.add_cls_token)
+        # no batch of one: a siamese ranker's distractors may be the batch's other gold replies alone
         loader = torch.utils.data.DataLoader(examples, batch_size=args.batch_size, shuffle=True, collate_fn=collate,
-                                             generator=torch.Generator().manual_seed(args.seed))
+                                             generator=torch.Generator().manual_seed(args.seed),
+                                             drop_last=len(examples) > args.batch_size)
         valid_loader = torch.utils.data.DataLoader(valid_examples, batch_size=max(args.batch_size // 4, 1),
                                                    collate_fn=collate)
     else:
@@ -228,7 +240,7 @@ def train(args):
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam,
                  "sgd": partial(torch.optim.SGD, momentum=0.9)}[args.optimizer](params, lr=args.lr)
-    total = args.max_steps or args.n_epochs * len(loader)
+    total = min(args.max_steps or float("inf"), args.n_epochs * len(loader))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.lr_scheduler, args.warmup_updates, total))
     plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.5, patience=0) \
         if args.lr_scheduler == "reduceonplateau" else None
@@ -300,6 +312,9 @@ def rows_from_stdin():
 
 def evaluate_or_predict(args):
     model, tokenizer, space, options = load_classifier(args.model_checkpoint)
+    if options.get("ranker"):
+        raise DataError(f"--model_checkpoint {args.model_checkpoint} is a reply ranker: its scores only order one "
+                        "context's candidates; use convai_evaluation.py --ranker bert or interact.py --rerank")
     model.to(args.device)
     threshold = args.threshold if args.threshold is not None else options.get("threshold", 0.5)
     rows = read_rows(args.input_file) if args.input_file else rows_from_stdin()

@@ -151,7 +151,8 @@ class BertClassifier(nn.Module):
         if self.pair_encoding == "siamese":
             if pair_input_ids is None:
                 raise ValueError("--pair_encoding siamese classifies text pairs: every row needs a text_pair")
-            return self.pair_logits(self.pool(input_ids, attention_mask), self.pool(pair_input_ids, pair_attention_mask))
+            u, v = self.pool(input_ids, attention_mask), self.pool(pair_input_ids, pair_attention_mask)
+            return self.pair_logits(u, v)
         return self.head(self.dropout(self.pool(input_ids, attention_mask, token_type_ids)))
 
 
@@ -275,6 +276,10 @@ def encode_rows(tokenizer, rows, max_length=256, add_special_tokens=True, sep_la
         pairs.append(pair)
     kwargs = dict(truncation=True, max_length=max_length, add_special_tokens=add_special_tokens)
     if pair_encoding == "siamese":
+        for row, pair in zip(rows, pairs):
+            if pair is None:
+                raise DataError(f"{row.get('path', '<input>')}:{row.get('line', '?')}: a siamese classifier needs a "
+                                "'text_pair' in every row")
         second = tokenizer([p or " " for p in pairs], **kwargs)
         first = tokenizer(texts, **kwargs)
         return {**first, **{f"pair_{k}": second[k] for k in ("input_ids", "attention_mask")}}

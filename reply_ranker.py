@@ -43,18 +43,30 @@ def start_from_cosine(model, scale=20.0):
 
 
 def collate_examples(tokenizer, examples, pair_encoding, max_length=256, add_special_tokens=True):
-    """A padded batch of ranking examples, each one context and its candidates (the same count in every example)."""
-    counts = {len(candidates) for _, candidates in examples}
-    if len(counts) != 1:
-        raise ValueError(f"every example needs the same number of candidates, got {sorted(counts)}")
+    """A padded batch of ranking examples, each one context and its candidates (gold first).
+
+    Examples with fewer candidates get blank ones that `example_scores` scores -inf. Contexts lose their oldest
+    tokens first when too long, so the turn being answered is kept."""
+    per = max(len(candidates) for _, candidates in examples)
+    real = torch.tensor([[i < len(cands) for i in range(per)] for _, cands in examples])
+    candidates = [(cands[i] if i < len(cands) else "") or " " for _, cands in examples for i in range(per)]
+    golds = [cands[0] for _, cands in examples]
+    batch = {"per_example": per, "real": real,
+             "same_gold": torch.tensor([[a == b for b in golds] for a in golds])}
     kwargs = dict(padding=True, truncation=True, max_length=max_length, add_special_tokens=add_special_tokens,
                   return_tensors="pt")
-    candidates = [c or " " for _, cands in examples for c in cands]
+    side = tokenizer.truncation_side
+    try:
+        tokenizer.truncation_side = "left"  # the context's end is the turn being answered
+        if pair_encoding == "siamese":
+            batch["contexts"] = tokenizer([context for context, _ in examples], **kwargs)
+        else:  # the longer text (nearly always the context) is shortened, from its start
+            batch["pairs"] = tokenizer([context for context, _ in examples for _ in range(per)], candidates, **kwargs)
+    finally:
+        tokenizer.truncation_side = side
     if pair_encoding == "siamese":
-        return {"contexts": tokenizer([context for context, _ in examples], **kwargs),
-                "candidates": tokenizer(candidates, **kwargs), "per_example": counts.pop()}
-    contexts = [context for context, cands in examples for _ in cands]
-    return {"pairs": tokenizer(contexts, candidates, **kwargs), "per_example": counts.pop()}
+        batch["candidates"] = tokenizer(candidates, **kwargs)
+    return batch
 
 
 def _inputs(encoded, device):
@@ -62,21 +74,22 @@ def _inputs(encoded, device):
 
 
 def example_scores(model, batch, device, in_batch=False):
-    """Scores (examples, candidates) of a collated batch; with in_batch (siamese), every other example's gold
-    reply is scored too and appended as further columns (its own gold masked out)."""
+    """Scores (examples, candidates) of a collated batch, -inf for blank candidates; with in_batch (siamese),
+    every other example's gold reply is scored too and appended as further columns (replies with the example's own
+    gold text masked out)."""
     per = batch["per_example"]
     if "pairs" in batch:
         logits = model(**_inputs(batch["pairs"], device))
-        return (logits[:, 1] - logits[:, 0]).view(-1, per)
+        scores = (logits[:, 1] - logits[:, 0]).view(-1, per)
+        return scores.masked_fill(~batch["real"].to(scores.device), float("-inf"))
     u = model.pool(**_inputs(batch["contexts"], device))
     v = model.pool(**_inputs(batch["candidates"], device)).view(len(u), per, -1)
     logits = model.pair_logits(u.unsqueeze(1).expand_as(v), v)
-    scores = logits[..., 1] - logits[..., 0]
+    scores = (logits[..., 1] - logits[..., 0]).masked_fill(~batch["real"].to(u.device), float("-inf"))
     if in_batch and len(u) > 1:
         golds = v[:, 0].unsqueeze(0).expand(len(u), -1, -1)
         others = model.pair_logits(u.unsqueeze(1).expand_as(golds), golds)
-        others = (others[..., 1] - others[..., 0]).masked_fill(torch.eye(len(u), dtype=torch.bool,
-                                                                         device=u.device), float("-inf"))
+        others = (others[..., 1] - others[..., 0]).masked_fill(batch["same_gold"].to(u.device), float("-inf"))
         scores = torch.cat([scores, others], dim=1)
     return scores
 

@@ -150,8 +150,13 @@ def test_siamese_pair_classification_survives_save_and_load(tiny_bert, tmp_path)
     assert (tmp_path / "a.jsonl").read_text() == (tmp_path / "b.jsonl").read_text()
 
 
-def test_siamese_classification_needs_text_pairs(tiny_bert):
+def test_siamese_classification_needs_text_pairs(tiny_bert, tmp_path):
     from transformers import AutoModel
+
+    train = write_jsonl(tmp_path / "train.jsonl", pair_rows(4, 6) + [{"text": "no pair", "label": "same"}])
+    with pytest.raises(DataError, match=r"train.jsonl:5: a siamese classifier needs a 'text_pair'"):
+        bert_classifier.main(["train", "--train_file", train, "--output_dir", str(tmp_path / "clf"),
+                              "--model_checkpoint", tiny_bert, "--device", "cpu", "--pair_encoding", "siamese"])
 
     model = BertClassifier(AutoModel.from_pretrained(tiny_bert), 2, "mean", pair_encoding="siamese")
     with pytest.raises(ValueError, match="needs a text_pair"):

@@ -58,7 +58,8 @@ def test_batched_scores_equal_one_example_at_a_time(encoder_and_tokenizer, pair_
     encoder, tokenizer = encoder_and_tokenizer
     torch.manual_seed(0)
     model = BertClassifier(encoder, 2, "mean", pair_encoding=pair_encoding).eval()
-    examples = [(CONTEXT, CANDIDATES[:2]), ("the city is big", CANDIDATES[2:]), ("hi", ["a much longer reply " * 3, "no"])]
+    examples = [(CONTEXT, CANDIDATES[:2]), ("the city is big", CANDIDATES[2:]),
+                ("hi", ["a much longer reply " * 3, "no"])]
     with torch.no_grad():
         batched = example_scores(model, collate_examples(tokenizer, examples, pair_encoding), "cpu")
     alone = torch.stack([score_pairs(model, tokenizer, {"pair_encoding": pair_encoding}, c, cands, "cpu")
@@ -78,11 +79,6 @@ def test_in_batch_scores_add_the_other_examples_gold_replies(encoder_and_tokeniz
     expected = score_pairs(model, tokenizer, {"pair_encoding": "siamese"}, "hi", [CANDIDATES[0]], "cpu")
     assert scores[2, 2].item() == pytest.approx(expected.item(), abs=1e-5)
     assert multiple_choice_loss(scores).item() > 0
-
-
-def test_examples_need_the_same_number_of_candidates(encoder_and_tokenizer):
-    with pytest.raises(ValueError, match="same number of candidates"):
-        collate_examples(encoder_and_tokenizer[1], [("a", ["b", "c"]), ("d", ["e"])], "cross")
 
 
 @pytest.mark.parametrize("pair_encoding", ["siamese", "cross"])
@@ -117,6 +113,9 @@ def test_ranker_trains_on_dialogs_and_ranks_in_evaluation_and_chat(tiny_bert_dir
                           timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert len(done.stdout.splitlines()) == 2
+    from classifier import DataError
+    with pytest.raises(DataError, match="is a reply ranker"):
+        bert_classifier.main(["predict", "--model_checkpoint", str(ranker), "--input_file", f"{ROOT}/README.md"])
 
 
 def test_ranker_defaults_and_the_cross_encoder_needs_distractors(capsys):
@@ -128,3 +127,46 @@ def test_ranker_defaults_and_the_cross_encoder_needs_distractors(capsys):
         bert_classifier.get_args(["train", "--ranker", "--output_dir", "x", "--negatives", "0", "--pair_encoding",
                                   "cross"])
     assert "--negatives: a cross-encoder ranker needs at least 1 distractor" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("pair_encoding", ["cross", "siamese"])
+def test_examples_with_fewer_candidates_get_blanks_scored_minus_infinity(encoder_and_tokenizer, pair_encoding):
+    encoder, tokenizer = encoder_and_tokenizer
+    torch.manual_seed(0)
+    model = BertClassifier(encoder, 2, "mean", pair_encoding=pair_encoding).eval()
+    examples = [(CONTEXT, CANDIDATES[:3]), ("the city is big", CANDIDATES[3:])]
+    with torch.no_grad():
+        scores = example_scores(model, collate_examples(tokenizer, examples, pair_encoding), "cpu")
+    assert scores.shape == (2, 3) and torch.isinf(scores[1, 1:]).all() and torch.isfinite(scores[0]).all()
+    alone = score_pairs(model, tokenizer, {"pair_encoding": pair_encoding}, "the city is big", CANDIDATES[3:], "cpu")
+    assert scores[1, 0].item() == pytest.approx(alone.item(), abs=1e-5)
+
+
+@pytest.mark.parametrize("pair_encoding", ["cross", "siamese"])
+def test_long_contexts_lose_their_oldest_turns_first(encoder_and_tokenizer, pair_encoding):
+    tokenizer = encoder_and_tokenizer[1]
+    context = "\n".join(["i am the city today"] * 20 + ["no maybe school pizza"])
+    batch = collate_examples(tokenizer, [(context, ["i play"])], pair_encoding, max_length=16)
+    ids = (batch["contexts"] if pair_encoding == "siamese" else batch["pairs"])["input_ids"][0].tolist()
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    assert text.endswith("no maybe school pizza i play") or text.endswith("no maybe school pizza")
+    assert len(ids) == 16
+    assert tokenizer.truncation_side == "right"  # the shared tokenizer is left as it was
+
+
+def test_same_gold_text_in_a_batch_is_not_a_distractor(encoder_and_tokenizer):
+    encoder, tokenizer = encoder_and_tokenizer
+    examples = [("hi there", ["hello", "no"]), ("good morning", ["hello", "pizza"]), ("bye", ["see you", "no"])]
+    with torch.no_grad():
+        scores = example_scores(siamese(encoder), collate_examples(tokenizer, examples, "siamese"), "cpu",
+                                in_batch=True)
+    assert torch.isinf(scores[0, 2 + 1]) and torch.isinf(scores[1, 2 + 0]) and torch.isfinite(scores[0, 2 + 2])
+
+
+def test_flags_a_ranker_ignores_are_refused(capsys):
+    with pytest.raises(SystemExit):
+        bert_classifier.get_args(["train", "--ranker", "--output_dir", "x", "--class_weights", "1", "2"])
+    assert "--class_weights: not used with --ranker" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bert_classifier.get_args(["train", "--ranker", "--output_dir", "x", "--validation_metric", "accuracy"])
+    assert "with --ranker one of" in capsys.readouterr().err
