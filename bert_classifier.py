@@ -27,14 +27,14 @@ from classifier import (PAIR_ENCODINGS, POOLINGS, TASKS, TRAINABLE, BertClassifi
                         classes_from_rows, classification_metrics, decide, encode_rows, load_classifier, loss_fn,
                         pad_batch, probabilities, read_rows, save_classifier, set_trainable)
 from dialogs import DialogFormatError, read_dialogs
-from ranking import rank_of_gold
-from reply_ranker import (RANKER_CLASSES, collate_examples, example_scores, multiple_choice_loss, rank_metrics,
-                          ranker_examples, start_from_cosine)
+from ranking import HITS_AT, rank_metrics, rank_of_gold
+from reply_ranker import (RANKER_CLASSES, collate_examples, example_scores, multiple_choice_loss, ranker_examples,
+                          start_from_cosine)
 from utils import package_dir, resolve_dataset_path, set_seed
 
 logger = logging.getLogger(__file__)
 SCHEDULERS = ("none", "fixed", "linear", "cosine", "invsqrt", "reduceonplateau")
-RANK_METRICS = ("hits@1", "hits@5", "hits@10", "mrr")
+RANK_METRICS = tuple(f"hits@{k}" for k in HITS_AT) + ("mrr",)
 
 
 def get_args(argv=None):

@@ -294,7 +294,7 @@ def pad_batch(tokenizer, items):
                           return_tensors="pt")
     batch = dict(first)
     if "pair_input_ids" in items[0]:
-        second = tokenizer.pad([{k[5:]: v for k, v in item.items() if k.startswith("pair_")} for item in items],
-                               return_tensors="pt")
+        pairs = [{k[len("pair_"):]: v for k, v in item.items() if k.startswith("pair_")} for item in items]
+        second = tokenizer.pad(pairs, return_tensors="pt")
         batch.update({f"pair_{k}": v for k, v in second.items()})
     return batch

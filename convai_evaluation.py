@@ -23,12 +23,11 @@ from dialogs import (NUM_DISTRACTORS, VALID_FRACTION, DialogFormatError, add_dis
 from inputs import special_ids
 from metrics import f1_score, perplexity
 from modeling import load_tokenizer_and_model, model_max_length
-from ranking import rank_of_gold, score_candidates
+from ranking import HITS_AT, rank_metrics, rank_of_gold, score_candidates
 from reply_ranker import biencoder_scores, context_text, score_pairs
 from utils import newest_run, package_dir, resolve_dataset_path, set_seed, write_json
 
 logger = logging.getLogger(__file__)
-HITS_AT = (1, 5, 10)
 
 
 def get_args(argv=None):
@@ -166,10 +165,9 @@ def main(argv=None):
         fewest = min(n_candidates)
         if fewest < args.num_candidates:
             logger.warning("Some examples have only %d candidates (asked for %d)", fewest, args.num_candidates)
-        results.update({f"hits@{k}": sum(r <= k for r in ranks) / len(ranks) for k in HITS_AT if k < fewest or k == 1})
-        results.update({"mrr": sum(1 / r for r in ranks) / len(ranks), "ranker": args.ranker,
-                        "candidates": args.num_candidates, "mean_candidates": sum(n_candidates) / len(n_candidates),
-                        "min_candidates": fewest})
+        results.update(rank_metrics(ranks, [k for k in HITS_AT if k < fewest or k == 1]))
+        results.update({"ranker": args.ranker, "candidates": args.num_candidates, "min_candidates": fewest,
+                        "mean_candidates": sum(n_candidates) / len(n_candidates)})
     if "ppl" in want:
         results.update({"ppl": perplexity(nll / n_tokens), "word_ppl": perplexity(nll / n_words),
                         "nll": nll / n_tokens, "split_seed": split_seed})

@@ -65,3 +65,12 @@ def _score_chunk(model, context_cache, n_ctx, first_logp, conts, lm_rows, specia
 def rank_of_gold(scores, gold):
     """1 + how many other candidates score at least as high as the gold one (ties count against the gold)."""
     return int((scores >= scores[gold]).sum())
+
+
+HITS_AT = (1, 5, 10)
+
+
+def rank_metrics(ranks, hits_at=HITS_AT):
+    """hits@k and MRR of gold ranks (1 is best)."""
+    n = max(len(ranks), 1)
+    return {**{f"hits@{k}": sum(r <= k for r in ranks) / n for k in hits_at}, "mrr": sum(1 / r for r in ranks) / n}

@@ -77,21 +77,18 @@ def example_scores(model, batch, device, in_batch=False):
     """Scores (examples, candidates) of a collated batch, -inf for blank candidates; with in_batch (siamese),
     every other example's gold reply is scored too and appended as further columns (replies with the example's own
     gold text masked out)."""
-    per = batch["per_example"]
+    per, gap = batch["per_example"], lambda logits: logits[..., 1] - logits[..., 0]
     if "pairs" in batch:
-        logits = model(**_inputs(batch["pairs"], device))
-        scores = (logits[:, 1] - logits[:, 0]).view(-1, per)
+        scores = gap(model(**_inputs(batch["pairs"], device))).view(-1, per)
         return scores.masked_fill(~batch["real"].to(scores.device), float("-inf"))
     u = model.pool(**_inputs(batch["contexts"], device))
     v = model.pool(**_inputs(batch["candidates"], device)).view(len(u), per, -1)
-    logits = model.pair_logits(u.unsqueeze(1).expand_as(v), v)
-    scores = (logits[..., 1] - logits[..., 0]).masked_fill(~batch["real"].to(u.device), float("-inf"))
+    scores, blank = gap(model.pair_logits(u.unsqueeze(1).expand_as(v), v)), ~batch["real"]
     if in_batch and len(u) > 1:
         golds = v[:, 0].unsqueeze(0).expand(len(u), -1, -1)
-        others = model.pair_logits(u.unsqueeze(1).expand_as(golds), golds)
-        others = (others[..., 1] - others[..., 0]).masked_fill(batch["same_gold"].to(u.device), float("-inf"))
-        scores = torch.cat([scores, others], dim=1)
-    return scores
+        scores = torch.cat([scores, gap(model.pair_logits(u.unsqueeze(1).expand_as(golds), golds))], dim=1)
+        blank = torch.cat([blank, batch["same_gold"]], dim=1)
+    return scores.masked_fill(blank.to(scores.device), float("-inf"))
 
 
 def multiple_choice_loss(scores):
@@ -123,9 +120,3 @@ def biencoder_scores(encoder, tokenizer, context, candidates, device):
     vectors = embed_texts(encoder, tokenizer, [context] + [c or " " for c in candidates], device)
     return vectors[1:] @ vectors[0]
 
-
-def rank_metrics(ranks):
-    """hits@1, hits@5, hits@10 and MRR of gold ranks (1 is best)."""
-    n = max(len(ranks), 1)
-    return {"hits@1": sum(r <= 1 for r in ranks) / n, "hits@5": sum(r <= 5 for r in ranks) / n,
-            "hits@10": sum(r <= 10 for r in ranks) / n, "mrr": sum(1 / r for r in ranks) / n}
