@@ -5,8 +5,9 @@
     python bert_classifier.py predict --model_checkpoint runs/clf --input_file test.csv --output_file pred.jsonl
     echo "what a lovely film" | python bert_classifier.py predict --model_checkpoint runs/clf
 
-Data: CSV (header with text, optional text_pair, label or labels with '|' between) or JSONL (text, text_pair,
-label or labels: [...]). Default encoder: the packaged MiniLM-L6 (offline); any BERT-family hub id or directory.
+Data: CSV or TSV (header with text, optional text_pair, label or labels with '|' between) or JSONL (text,
+text_pair, label or labels: [...]); --text_field, --text_pair_field and --label_field name other columns (GLUE's
+SST-2: --text_field sentence). Default encoder: the packaged MiniLM-L6 (offline); any BERT-family hub id or directory.
 """
 import argparse
 import json
@@ -23,7 +24,7 @@ from ignite.handlers import ProgressBar
 from transformers import AutoModel, AutoTokenizer
 
 from checkpointing import publish
-from classifier import (PAIR_ENCODINGS, POOLINGS, TASKS, TRAINABLE, BertClassifier, DataError, LabelSpace,
+from classifier import (FIELDS, PAIR_ENCODINGS, POOLINGS, TASKS, TRAINABLE, BertClassifier, DataError, LabelSpace,
                         classes_from_rows, classification_metrics, decide, encode_rows, load_classifier, loss_fn,
                         pad_batch, probabilities, read_rows, save_classifier, set_trainable)
 from dialogs import DialogFormatError, read_dialogs
@@ -99,8 +100,14 @@ def get_args(argv=None):
         else:
             p.add_argument("--output_file", default="", help="JSONL output (default: stdout)")
     for p in sub.choices.values():
+        trained = p.prog.split()[-1] == "train"
+        for field, what in (("text", "the text"), ("text_pair", "the optional second text"),
+                            ("label", "the label")):
+            p.add_argument(f"--{field}_field", default=None,
+                           help=f"The column (or JSON key) holding {what} (default: " +
+                                (f"{field})" if trained else "as in training)"))
         p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-        if p.prog.split()[-1] != "train":
+        if not trained:
             p.add_argument("--batch_size", type=int, default=32, help="(default: 32)")
     args = parser.parse_args(argv)
     if args.command == "train" and not (args.train_file or args.ranker):
@@ -114,7 +121,8 @@ def get_args(argv=None):
         if args.ranker:
             given = {"--train_file": args.train_file, "--valid_file": args.valid_file, "--classes": args.classes,
                      "--classes_from_file": args.classes_from_file, "--class_weights": args.class_weights,
-                     "--task": args.task != "auto", "--sep_last_utt": args.sep_last_utt}
+                     "--task": args.task != "auto", "--sep_last_utt": args.sep_last_utt,
+                     **{f"--{key}_field": getattr(args, f"{key}_field") for key in FIELDS}}
             ignored = [flag for flag, value in given.items() if value]
             if ignored:
                 parser.error(f"{', '.join(ignored)}: not used with --ranker (it reads dialogs and ranks replies)")
@@ -194,8 +202,8 @@ def train(args):
         valid_examples = ranker_examples(splits["valid"], -1, args.max_history, args.max_valid_examples)
         classes, task, args.sep_last_utt = RANKER_CLASSES, "binary", False
     else:
-        rows = read_rows(args.train_file)
-        valid_rows = read_rows(args.valid_file) if args.valid_file else []
+        rows = read_rows(args.train_file, fields(args))
+        valid_rows = read_rows(args.valid_file, fields(args)) if args.valid_file else []
         if args.classes_from_file:
             classes = [line.strip() for line in open(args.classes_from_file, encoding="utf-8") if line.strip()]
         else:
@@ -218,7 +226,7 @@ def train(args):
         weights = torch.tensor(args.class_weights, device=args.device)
     options = {"pooling": args.pooling, "pair_encoding": args.pair_encoding, "threshold": args.threshold,
                "truncate": args.truncate, "add_cls_token": args.add_cls_token, "sep_last_utt": args.sep_last_utt,
-               "ranker": args.ranker, "max_history": args.max_history}
+               "ranker": args.ranker, "max_history": args.max_history, "fields": fields(args)}
     if args.ranker:
         collate = partial(collate_examples, tokenizer, pair_encoding=args.pair_encoding, max_length=args.truncate,
                           add_special_tokens=args.add_cls_token)
@@ -301,8 +309,16 @@ def train(args):
     trainer.add_event_handler(Events.EPOCH_COMPLETED, validate_and_keep)
     trainer.add_event_handler(Events.COMPLETED, validate_and_keep)
     trainer.run(loader, max_epochs=args.n_epochs)
-    logger.info("Saved the best classifier (%s %.4f) in %s", args.validation_metric, best["score"], output_dir)
+    if args.ranker or valid_loader is not None:
+        logger.info("Saved the best classifier (%s %.4f) in %s", args.validation_metric, best["score"], output_dir)
+    else:  # nothing to validate on: the score is the step
+        logger.info("Saved the classifier of step %d (no --valid_file) in %s", best["score"], output_dir)
     return output_dir
+
+
+def fields(args, trained=None):
+    """The input columns: --text_field etc., else those the classifier was trained on, else text/text_pair/label."""
+    return {key: getattr(args, f"{key}_field") or (trained or {}).get(key) or key for key in FIELDS}
 
 
 def rows_from_stdin():
@@ -317,7 +333,7 @@ def evaluate_or_predict(args):
                         "context's candidates; use convai_evaluation.py --ranker bert or interact.py --rerank")
     model.to(args.device)
     threshold = args.threshold if args.threshold is not None else options.get("threshold", 0.5)
-    rows = read_rows(args.input_file) if args.input_file else rows_from_stdin()
+    rows = read_rows(args.input_file, fields(args, options.get("fields"))) if args.input_file else rows_from_stdin()
     encoded = encode_rows(tokenizer, rows, max_length=options.get("truncate", 256),
                           add_special_tokens=options.get("add_cls_token", True),
                           sep_last_utt=options.get("sep_last_utt", False),

@@ -28,9 +28,15 @@ class DataError(ValueError):
     """A bad row; the message names the file and line."""
 
 
-def read_rows(path):
-    """Rows of a CSV (with a header) or JSONL file: dicts with text, text_pair (or None), labels (a list) and line."""
+FIELDS = ("text", "text_pair", "label")
+
+
+def read_rows(path, fields=None):
+    """Rows of a CSV or TSV (with a header) or JSONL file: dicts with text, text_pair (or None), labels (a list)
+    and line. `fields` names the file's own columns for text, text_pair and label (e.g. GLUE's `sentence`)."""
     path = str(path)
+    names = {key: (fields or {}).get(key) or key for key in FIELDS}
+    rename = {theirs: ours for ours, theirs in names.items() if theirs != ours}
     rows = []
     if path.endswith(".jsonl") or path.endswith(".json"):
         with open(path, encoding="utf-8") as f:
@@ -41,24 +47,37 @@ def read_rows(path):
                     obj = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise DataError(f"{path}:{line_no}: invalid JSON: {e.msg}") from None
-                rows.append(_row(obj, path, line_no))
+                rows.append(_row(_renamed(obj, rename), path, line_no, names))
     else:
+        tsv = path.endswith((".tsv", ".tab"))
         with open(path, encoding="utf-8", newline="") as f:
-            reader = csv.DictReader(f)
-            if not reader.fieldnames or "text" not in reader.fieldnames:
-                raise DataError(f"{path}:1: the CSV header needs a 'text' column (and 'label' or 'labels')")
+            # GLUE's TSV files are unquoted: a '"' is text, as in transformers' and datasets' GLUE readers
+            reader = csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE) if tsv else csv.DictReader(f)
+            if not reader.fieldnames or names["text"] not in reader.fieldnames:
+                raise DataError(f"{path}:1: the header {reader.fieldnames or []} has no {names['text']!r} column "
+                                f"(name the text column with --text_field)")
             for obj in reader:
+                obj = _renamed(obj, rename)
                 if "labels" in obj:  # a multi-label column: '|' between labels, empty for none
                     obj["labels"] = [s for s in (obj["labels"] or "").split("|") if s]
-                rows.append(_row(obj, path, reader.line_num))
+                rows.append(_row(obj, path, reader.line_num, names))
     if not rows:
         raise DataError(f"{path}: no rows")
     return rows
 
 
-def _row(obj, path, line_no):
+def _renamed(obj, rename):
+    """The row with its columns under our names; a column that has one of our names but is not the one chosen for it
+    is dropped (the file's `text` when --text_field names another column)."""
+    if not isinstance(obj, dict) or not rename:
+        return obj
+    replaced = set(rename.values())
+    return {rename.get(key, key): value for key, value in obj.items() if key in rename or key not in replaced}
+
+
+def _row(obj, path, line_no, names):
     if not isinstance(obj, dict) or not isinstance(obj.get("text"), str) or not obj["text"].strip():
-        raise DataError(f"{path}:{line_no}: a row needs a non-empty 'text'")
+        raise DataError(f"{path}:{line_no}: a row needs a non-empty {names['text']!r}")
     labels = obj.get("labels")
     if labels is None and obj.get("label") not in (None, ""):
         labels = [obj["label"]]

@@ -1,4 +1,5 @@
 import json
+import logging
 import random
 
 import pytest
@@ -121,6 +122,39 @@ def test_csv_with_multilabel_column(tmp_path):
     rows = read_rows(path)
     assert rows[0]["labels"] == ["toxic", "insult"] and rows[0]["multi"]
     assert LabelSpace(["toxic", "insult", "threat"], "multilabel").target(rows[0]) == [1.0, 1.0, 0.0]
+
+
+def write_glue_tsv(path, rows):
+    """GLUE's layout: a `sentence` column, tab-separated, no quoting (a '"' is part of the text)."""
+    path.write_text("sentence\tlabel\n" + "".join(f"{r['text']}\t{r['label']}\n" for r in rows))
+    return str(path)
+
+
+def test_tsv_columns_are_named_by_flags_and_kept_for_eval(tiny_bert, tmp_path, caplog):
+    rows = sentiment_rows(40, 7)
+    rows[0]["text"] = '"quoted start, with a comma'
+    train = write_glue_tsv(tmp_path / "train.tsv", rows)
+    read = read_rows(train, {"text": "sentence"})
+    assert [r["text"] for r in read] == [r["text"] for r in rows] and read[0]["labels"] == [rows[0]["label"]]
+    assert read[3]["line"] == 5
+    with pytest.raises(DataError, match=r"train.tsv:1: the header \['sentence', 'label'\] has no 'text' column "
+                                        r"\(name the text column with --text_field\)"):
+        read_rows(train)
+    out = tmp_path / "clf"
+    caplog.set_level(logging.INFO)
+    bert_classifier.main(["train", "--train_file", train, "--output_dir", str(out), "--model_checkpoint", tiny_bert,
+                          "--n_epochs", "1", "--device", "cpu", "--text_field", "sentence"])
+    # without validation rows the last step is kept, and the log says so rather than calling the step a score
+    assert f"Saved the classifier of step 3 (no --valid_file) in {out}" in caplog.text
+    # eval reads the columns the classifier was trained on; --label_field names another label column
+    metrics = bert_classifier.main(["eval", "--model_checkpoint", str(out), "--input_file", train, "--device", "cpu"])
+    assert metrics["examples"] == 40
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(json.dumps({"review": r["text"], "text": "ignored", "gold": r["label"]}) + "\n"
+                             for r in rows))
+    again = bert_classifier.main(["eval", "--model_checkpoint", str(out), "--input_file", str(other), "--device", "cpu",
+                                  "--text_field", "review", "--label_field", "gold"])
+    assert again == metrics
 
 
 def pair_rows(n, seed):
