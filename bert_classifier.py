@@ -6,8 +6,8 @@
     echo "what a lovely film" | python bert_classifier.py predict --model_checkpoint runs/clf
 
 Data: CSV or TSV (header with text, optional text_pair, label or labels with '|' between) or JSONL (text,
-text_pair, label or labels: [...]); --text_field, --text_pair_field and --label_field name other columns (GLUE's
-SST-2: --text_field sentence). Default encoder: the packaged MiniLM-L6 (offline); any BERT-family hub id or directory.
+text_pair, label or labels: [...]); --text_field, --text_pair_field, --label_field and --labels_field name other
+columns (GLUE's SST-2: --text_field sentence). Default encoder: the packaged MiniLM-L6 (offline); any BERT-family hub id or directory.
 """
 import argparse
 import json
@@ -42,8 +42,8 @@ def get_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="fine-tune a classifier")
-    train.add_argument("--train_file", default="", help="CSV or JSONL training rows")
-    train.add_argument("--valid_file", default="", help="CSV or JSONL validation rows: the best epoch is kept")
+    train.add_argument("--train_file", default="", help="CSV, TSV or JSONL training rows")
+    train.add_argument("--valid_file", default="", help="CSV, TSV or JSONL validation rows: the best epoch is kept")
     train.add_argument("--output_dir", required=True, help="Where the classifier is saved")
     train.add_argument("--model_checkpoint", default="", help="Encoder: hub id or directory (default: packaged MiniLM)")
     train.add_argument("--task", default="auto", choices=("auto",) + TASKS,
@@ -93,7 +93,7 @@ def get_args(argv=None):
                             ("predict", "one JSON line of prediction per row")):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--model_checkpoint", required=True, help="A directory written by train")
-        p.add_argument("--input_file", default="", help="CSV or JSONL rows (predict: default one text per stdin line)")
+        p.add_argument("--input_file", default="", help="CSV, TSV or JSONL rows (predict: default one text per stdin line)")
         p.add_argument("--threshold", type=float, default=None, help="Override the trained threshold")
         if name == "eval":
             p.add_argument("--json", action="store_true", help="Print one JSON object")
@@ -102,7 +102,7 @@ def get_args(argv=None):
     for p in sub.choices.values():
         trained = p.prog.split()[-1] == "train"
         for field, what in (("text", "the text"), ("text_pair", "the optional second text"),
-                            ("label", "the label")):
+                            ("label", "the label"), ("labels", "the list of labels (multi-label, '|' between in CSV)")):
             p.add_argument(f"--{field}_field", default=None,
                            help=f"The column (or JSON key) holding {what} (default: " +
                                 (f"{field})" if trained else "as in training)"))
@@ -114,6 +114,13 @@ def get_args(argv=None):
         parser.error("train: --train_file is required (or --ranker to train on dialog data)")
     if args.command == "eval" and not args.input_file:
         parser.error("eval: --input_file is required")
+    given = {f"--{key}_field": getattr(args, f"{key}_field") for key in FIELDS if getattr(args, f"{key}_field")}
+    if given and args.command == "predict" and not args.input_file:
+        parser.error(f"{', '.join(given)}: stdin holds one text per line and no columns; use --input_file")
+    for flag, name in given.items():
+        clash = [other for other, value in given.items() if value == name and other != flag]
+        if clash:
+            parser.error(f"{flag} and {clash[0]} both name the column {name!r}")
     if args.command == "train":
         args.pair_encoding = args.pair_encoding or ("siamese" if args.ranker else "cross")
         args.pooling = args.pooling or ("mean" if args.pair_encoding == "siamese" else "cls")
@@ -204,6 +211,10 @@ def train(args):
     else:
         rows = read_rows(args.train_file, fields(args))
         valid_rows = read_rows(args.valid_file, fields(args)) if args.valid_file else []
+        unlabelled = next((r for r in rows + valid_rows if r["labels"] is None), None)
+        if unlabelled:
+            raise DataError(f"{unlabelled['path']}:{unlabelled['line']}: this row has no label (columns "
+                            f"{fields(args)['label']!r} or {fields(args)['labels']!r}: --label_field, --labels_field)")
         if args.classes_from_file:
             classes = [line.strip() for line in open(args.classes_from_file, encoding="utf-8") if line.strip()]
         else:
@@ -333,7 +344,10 @@ def evaluate_or_predict(args):
                         "context's candidates; use convai_evaluation.py --ranker bert or interact.py --rerank")
     model.to(args.device)
     threshold = args.threshold if args.threshold is not None else options.get("threshold", 0.5)
-    rows = read_rows(args.input_file, fields(args, options.get("fields"))) if args.input_file else rows_from_stdin()
+    columns = fields(args, options.get("fields"))
+    if args.command == "predict":  # predictions need no label column
+        columns = {key: name for key, name in columns.items() if key not in ("label", "labels")}
+    rows = read_rows(args.input_file, columns) if args.input_file else rows_from_stdin()
     encoded = encode_rows(tokenizer, rows, max_length=options.get("truncate", 256),
                           add_special_tokens=options.get("add_cls_token", True),
                           sep_last_utt=options.get("sep_last_utt", False),

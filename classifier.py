@@ -28,18 +28,19 @@ class DataError(ValueError):
     """A bad row; the message names the file and line."""
 
 
-FIELDS = ("text", "text_pair", "label")
+FIELDS = ("text", "text_pair", "label", "labels")
 
 
 def read_rows(path, fields=None):
     """Rows of a CSV or TSV (with a header) or JSONL file: dicts with text, text_pair (or None), labels (a list)
-    and line. `fields` names the file's own columns for text, text_pair and label (e.g. GLUE's `sentence`)."""
+    and line. `fields` names the file's own columns for text, text_pair, label and labels (multi-label), e.g. GLUE's
+    `sentence`; a column named there must exist."""
     path = str(path)
     names = {key: (fields or {}).get(key) or key for key in FIELDS}
     rename = {theirs: ours for ours, theirs in names.items() if theirs != ours}
-    rows = []
+    rows, seen = [], set()
     if path.endswith(".jsonl") or path.endswith(".json"):
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             for line_no, line in enumerate(f, 1):
                 if not line.strip():
                     continue
@@ -47,16 +48,20 @@ def read_rows(path, fields=None):
                     obj = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise DataError(f"{path}:{line_no}: invalid JSON: {e.msg}") from None
+                seen.update(obj if isinstance(obj, dict) else ())
                 rows.append(_row(_renamed(obj, rename), path, line_no, names))
+        _check_columns(path, names, seen, "no row has a")
     else:
-        tsv = path.endswith((".tsv", ".tab"))
-        with open(path, encoding="utf-8", newline="") as f:
+        with open(path, encoding="utf-8-sig", newline="") as f:
             # GLUE's TSV files are unquoted: a '"' is text, as in transformers' and datasets' GLUE readers
-            reader = csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE) if tsv else csv.DictReader(f)
-            if not reader.fieldnames or names["text"] not in reader.fieldnames:
-                raise DataError(f"{path}:1: the header {reader.fieldnames or []} has no {names['text']!r} column "
-                                f"(name the text column with --text_field)")
+            reader = csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE) if path.endswith(".tsv") \
+                else csv.DictReader(f)
+            seen = set(reader.fieldnames or ())
+            _check_columns(path, names, seen, f"the header {reader.fieldnames or []} has no")
             for obj in reader:
+                if None in obj:
+                    raise DataError(f"{path}:{reader.line_num}: more fields than the header's {len(seen)} (a "
+                                    f"{'tab' if path.endswith('.tsv') else 'comma'} inside an unquoted text?)")
                 obj = _renamed(obj, rename)
                 if "labels" in obj:  # a multi-label column: '|' between labels, empty for none
                     obj["labels"] = [s for s in (obj["labels"] or "").split("|") if s]
@@ -64,6 +69,14 @@ def read_rows(path, fields=None):
     if not rows:
         raise DataError(f"{path}: no rows")
     return rows
+
+
+def _check_columns(path, names, seen, where):
+    """Every column named by a flag (or by the trained classifier) must be in the file."""
+    for key, name in names.items():
+        if (key == "text" or name != key) and name not in seen:
+            raise DataError(f"{path}:1: {where} {name!r} column (--{key}_field names the {key} column; eval and "
+                            f"predict default to the classifier's training columns)")
 
 
 def _renamed(obj, rename):
@@ -80,9 +93,12 @@ def _row(obj, path, line_no, names):
         raise DataError(f"{path}:{line_no}: a row needs a non-empty {names['text']!r}")
     labels = obj.get("labels")
     if labels is None and obj.get("label") not in (None, ""):
+        if isinstance(obj["label"], (list, dict)):
+            raise DataError(f"{path}:{line_no}: {names['label']!r} holds one label; a list of labels goes in "
+                            f"{names['labels']!r} (--labels_field)")
         labels = [obj["label"]]
     if labels is not None and not isinstance(labels, list):
-        raise DataError(f"{path}:{line_no}: 'labels' must be a list")
+        raise DataError(f"{path}:{line_no}: {names['labels']!r} must be a list")
     return {"text": obj["text"], "text_pair": obj.get("text_pair") or None,
             "labels": None if labels is None else [str(x) for x in labels],
             "multi": obj.get("labels") is not None, "line": line_no, "path": path}
@@ -298,7 +314,7 @@ def encode_rows(tokenizer, rows, max_length=256, add_special_tokens=True, sep_la
         for row, pair in zip(rows, pairs):
             if pair is None:
                 raise DataError(f"{row.get('path', '<input>')}:{row.get('line', '?')}: a siamese classifier needs a "
-                                "'text_pair' in every row")
+                                "'text_pair' in every row (--text_pair_field names its column)")
         second = tokenizer([p or " " for p in pairs], **kwargs)
         first = tokenizer(texts, **kwargs)
         return {**first, **{f"pair_{k}": second[k] for k in ("input_ids", "attention_mask")}}

@@ -138,7 +138,7 @@ def test_tsv_columns_are_named_by_flags_and_kept_for_eval(tiny_bert, tmp_path, c
     assert [r["text"] for r in read] == [r["text"] for r in rows] and read[0]["labels"] == [rows[0]["label"]]
     assert read[3]["line"] == 5
     with pytest.raises(DataError, match=r"train.tsv:1: the header \['sentence', 'label'\] has no 'text' column "
-                                        r"\(name the text column with --text_field\)"):
+                                        r"\(--text_field names the text column"):
         read_rows(train)
     out = tmp_path / "clf"
     caplog.set_level(logging.INFO)
@@ -155,6 +155,49 @@ def test_tsv_columns_are_named_by_flags_and_kept_for_eval(tiny_bert, tmp_path, c
     again = bert_classifier.main(["eval", "--model_checkpoint", str(out), "--input_file", str(other), "--device", "cpu",
                                   "--text_field", "review", "--label_field", "gold"])
     assert again == metrics
+
+
+@pytest.mark.parametrize("content, fields, message", [
+    # a mistyped pair column is an error, not a silent switch to single texts
+    ("text,text_pair,label\na,b,x\n", {"text_pair": "hypothsis"},
+     r"rows.csv:1: the header \['text', 'text_pair', 'label'\] has no 'hypothsis' column \(--text_pair_field"),
+    ("text,label\na,x\n", {"label": "gold"}, r"rows.csv:1: the header .* has no 'gold' column \(--label_field"),
+    ('{"text": "a", "label": "x"}\n', {"label": "gold"}, r"rows.jsonl:1: no row has a 'gold' column"),
+    ('{"text": "a", "gold": ["x", "y"]}\n', {"label": "gold"},
+     r"rows.jsonl:1: 'gold' holds one label; a list of labels goes in 'labels' \(--labels_field\)"),
+    ("text\tlabel\na\tb\tx\n", None, r"rows.tsv:2: more fields than the header's 2 \(a tab inside"),
+])
+def test_named_columns_must_exist(tmp_path, content, fields, message):
+    path = tmp_path / ("rows.jsonl" if content.startswith("{") else "rows.tsv" if "\t" in content else "rows.csv")
+    path.write_text(content)
+    with pytest.raises(DataError, match=message):
+        read_rows(path, fields)
+
+
+def test_multilabel_column_named_by_flag(tmp_path):
+    path = tmp_path / "rows.csv"
+    path.write_text("\ufeffcomment,tags\nyou are bad,toxic|insult\n")  # a byte-order mark, as Excel writes
+    rows = read_rows(path, {"text": "comment", "labels": "tags"})
+    assert rows[0]["text"] == "you are bad" and rows[0]["labels"] == ["toxic", "insult"] and rows[0]["multi"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["predict", "--model_checkpoint", "d", "--text_field", "sentence"], "--text_field: stdin holds one text per line"),
+    (["train", "--train_file", "f", "--output_dir", "d", "--text_field", "a", "--text_pair_field", "a"],
+     "--text_field and --text_pair_field both name the column 'a'"),
+])
+def test_field_flags_that_cannot_work_are_refused(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        bert_classifier.get_args(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_training_rows_without_labels_name_the_label_column(tiny_bert, tmp_path):
+    train = tmp_path / "train.csv"
+    train.write_text("text,gold\nhello,pos\nbye,\n")
+    with pytest.raises(DataError, match=r"train.csv:3: this row has no label \(columns 'gold' or 'labels'"):
+        bert_classifier.main(["train", "--train_file", str(train), "--output_dir", str(tmp_path / "clf"),
+                              "--model_checkpoint", tiny_bert, "--label_field", "gold"])
 
 
 def pair_rows(n, seed):

@@ -168,5 +168,8 @@ def test_flags_a_ranker_ignores_are_refused(capsys):
         bert_classifier.get_args(["train", "--ranker", "--output_dir", "x", "--class_weights", "1", "2"])
     assert "--class_weights: not used with --ranker" in capsys.readouterr().err
     with pytest.raises(SystemExit):
+        bert_classifier.get_args(["train", "--ranker", "--output_dir", "x", "--text_field", "sentence"])
+    assert "--text_field: not used with --ranker" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
         bert_classifier.get_args(["train", "--ranker", "--output_dir", "x", "--validation_metric", "accuracy"])
     assert "with --ranker one of" in capsys.readouterr().err
