@@ -26,7 +26,7 @@ from transformers import AutoModel, AutoTokenizer
 from checkpointing import publish
 from classifier import (FIELDS, PAIR_ENCODINGS, POOLINGS, TASKS, TRAINABLE, BertClassifier, DataError, LabelSpace,
                         classes_from_rows, classification_metrics, decide, encode_rows, load_classifier, loss_fn,
-                        pad_batch, probabilities, read_rows, save_classifier, set_trainable)
+                        model_inputs, pad_batch, probabilities, read_rows, save_classifier, set_trainable)
 from dialogs import DialogFormatError, read_dialogs
 from ranking import HITS_AT, rank_metrics, rank_of_gold
 from reply_ranker import (RANKER_CLASSES, collate_examples, example_scores, multiple_choice_loss, ranker_examples,
@@ -114,11 +114,11 @@ def get_args(argv=None):
         parser.error("train: --train_file is required (or --ranker to train on dialog data)")
     if args.command == "eval" and not args.input_file:
         parser.error("eval: --input_file is required")
-    given = {f"--{key}_field": getattr(args, f"{key}_field") for key in FIELDS if getattr(args, f"{key}_field")}
-    if given and args.command == "predict" and not args.input_file:
-        parser.error(f"{', '.join(given)}: stdin holds one text per line and no columns; use --input_file")
-    for flag, name in given.items():
-        clash = [other for other, value in given.items() if value == name and other != flag]
+    field_flags = {f"--{key}_field": getattr(args, f"{key}_field") for key in FIELDS if getattr(args, f"{key}_field")}
+    if field_flags and args.command == "predict" and not args.input_file:
+        parser.error(f"{', '.join(field_flags)}: stdin holds one text per line and no columns; use --input_file")
+    for flag, name in field_flags.items():
+        clash = [other for other, value in field_flags.items() if value == name and other != flag]
         if clash:
             parser.error(f"{flag} and {clash[0]} both name the column {name!r}")
     if args.command == "train":
@@ -128,8 +128,7 @@ def get_args(argv=None):
         if args.ranker:
             given = {"--train_file": args.train_file, "--valid_file": args.valid_file, "--classes": args.classes,
                      "--classes_from_file": args.classes_from_file, "--class_weights": args.class_weights,
-                     "--task": args.task != "auto", "--sep_last_utt": args.sep_last_utt,
-                     **{f"--{key}_field": getattr(args, f"{key}_field") for key in FIELDS}}
+                     "--task": args.task != "auto", "--sep_last_utt": args.sep_last_utt, **field_flags}
             ignored = [flag for flag, value in given.items() if value]
             if ignored:
                 parser.error(f"{', '.join(ignored)}: not used with --ranker (it reads dialogs and ranks replies)")
@@ -160,11 +159,6 @@ def make_loader(tokenizer, encoded, targets, batch_size, shuffle, seed=0):
     generator = torch.Generator().manual_seed(seed)
     return torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=shuffle, collate_fn=collate,
                                        generator=generator)
-
-
-def model_inputs(batch, device):
-    return {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "token_type_ids", "pair_input_ids",
-                                             "pair_attention_mask") if k in batch}
 
 
 @torch.no_grad()
@@ -209,12 +203,8 @@ def train(args):
         valid_examples = ranker_examples(splits["valid"], -1, args.max_history, args.max_valid_examples)
         classes, task, args.sep_last_utt = RANKER_CLASSES, "binary", False
     else:
-        rows = read_rows(args.train_file, fields(args))
-        valid_rows = read_rows(args.valid_file, fields(args)) if args.valid_file else []
-        unlabelled = next((r for r in rows + valid_rows if r["labels"] is None), None)
-        if unlabelled:
-            raise DataError(f"{unlabelled['path']}:{unlabelled['line']}: this row has no label (columns "
-                            f"{fields(args)['label']!r} or {fields(args)['labels']!r}: --label_field, --labels_field)")
+        rows = read_rows(args.train_file, fields(args), labelled=True)
+        valid_rows = read_rows(args.valid_file, fields(args), labelled=True) if args.valid_file else []
         if args.classes_from_file:
             classes = [line.strip() for line in open(args.classes_from_file, encoding="utf-8") if line.strip()]
         else:
@@ -347,7 +337,8 @@ def evaluate_or_predict(args):
     columns = fields(args, options.get("fields"))
     if args.command == "predict":  # predictions need no label column
         columns = {key: name for key, name in columns.items() if key not in ("label", "labels")}
-    rows = read_rows(args.input_file, columns) if args.input_file else rows_from_stdin()
+    rows = read_rows(args.input_file, columns, labelled=args.command == "eval") if args.input_file \
+        else rows_from_stdin()
     encoded = encode_rows(tokenizer, rows, max_length=options.get("truncate", 256),
                           add_special_tokens=options.get("add_cls_token", True),
                           sep_last_utt=options.get("sep_last_utt", False),

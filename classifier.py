@@ -31,10 +31,10 @@ class DataError(ValueError):
 FIELDS = ("text", "text_pair", "label", "labels")
 
 
-def read_rows(path, fields=None):
+def read_rows(path, fields=None, labelled=False):
     """Rows of a CSV or TSV (with a header) or JSONL file: dicts with text, text_pair (or None), labels (a list)
     and line. `fields` names the file's own columns for text, text_pair, label and labels (multi-label), e.g. GLUE's
-    `sentence`; a column named there must exist."""
+    `sentence`; a column named there must exist. With `labelled`, a row without a label is an error."""
     path = str(path)
     names = {key: (fields or {}).get(key) or key for key in FIELDS}
     rename = {theirs: ours for ours, theirs in names.items() if theirs != ours}
@@ -49,7 +49,7 @@ def read_rows(path, fields=None):
                 except json.JSONDecodeError as e:
                     raise DataError(f"{path}:{line_no}: invalid JSON: {e.msg}") from None
                 seen.update(obj if isinstance(obj, dict) else ())
-                rows.append(_row(_renamed(obj, rename), path, line_no, names))
+                rows.append(_row(_renamed(obj, rename), path, line_no, names, labelled))
         _check_columns(path, names, seen, "no row has a")
     else:
         with open(path, encoding="utf-8-sig", newline="") as f:
@@ -60,12 +60,12 @@ def read_rows(path, fields=None):
             _check_columns(path, names, seen, f"the header {reader.fieldnames or []} has no")
             for obj in reader:
                 if None in obj:
-                    raise DataError(f"{path}:{reader.line_num}: more fields than the header's {len(seen)} (a "
+                    raise DataError(f"{path}:{reader.line_num}: more fields than the header's {len(reader.fieldnames)} (a "
                                     f"{'tab' if path.endswith('.tsv') else 'comma'} inside an unquoted text?)")
                 obj = _renamed(obj, rename)
                 if "labels" in obj:  # a multi-label column: '|' between labels, empty for none
                     obj["labels"] = [s for s in (obj["labels"] or "").split("|") if s]
-                rows.append(_row(obj, path, reader.line_num, names))
+                rows.append(_row(obj, path, reader.line_num, names, labelled))
     if not rows:
         raise DataError(f"{path}: no rows")
     return rows
@@ -88,7 +88,7 @@ def _renamed(obj, rename):
     return {rename.get(key, key): value for key, value in obj.items() if key in rename or key not in replaced}
 
 
-def _row(obj, path, line_no, names):
+def _row(obj, path, line_no, names, labelled):
     if not isinstance(obj, dict) or not isinstance(obj.get("text"), str) or not obj["text"].strip():
         raise DataError(f"{path}:{line_no}: a row needs a non-empty {names['text']!r}")
     labels = obj.get("labels")
@@ -99,6 +99,9 @@ def _row(obj, path, line_no, names):
         labels = [obj["label"]]
     if labels is not None and not isinstance(labels, list):
         raise DataError(f"{path}:{line_no}: {names['labels']!r} must be a list")
+    if labels is None and labelled:
+        raise DataError(f"{path}:{line_no}: this row has no label (columns {names['label']!r} or {names['labels']!r}: "
+                        "--label_field, --labels_field)")
     return {"text": obj["text"], "text_pair": obj.get("text_pair") or None,
             "labels": None if labels is None else [str(x) for x in labels],
             "multi": obj.get("labels") is not None, "line": line_no, "path": path}
@@ -147,6 +150,18 @@ def classes_from_rows(rows):
     return list(seen)
 
 
+def mean_pool(hidden, attention_mask):
+    """The mean of each sequence's unpadded token vectors."""
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+
+def model_inputs(batch, device):
+    """The encoder inputs of a padded batch (and its siamese `pair_` inputs), on device."""
+    return {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "token_type_ids", "pair_input_ids",
+                                             "pair_attention_mask") if k in batch}
+
+
 class BertClassifier(nn.Module):
     """Encoder, pooling (cls, pooler or mean), dropout and a linear layer to one logit per class.
 
@@ -172,8 +187,7 @@ class BertClassifier(nn.Module):
                 raise ValueError("--pooling pooler: this encoder has no pooler; use cls or mean")
             pooled = out.pooler_output
         elif self.pooling == "mean":
-            mask = attention_mask.unsqueeze(-1).to(out.last_hidden_state.dtype)
-            pooled = (out.last_hidden_state * mask).sum(1) / mask.sum(1).clamp(min=1)
+            pooled = mean_pool(out.last_hidden_state, attention_mask)
         else:
             pooled = out.last_hidden_state[:, 0]
         return F.normalize(pooled, dim=-1) if self.pair_encoding == "siamese" else pooled

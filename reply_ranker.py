@@ -10,6 +10,8 @@ Two ways to read a pair (`pair_encoding` of the classifier):
 import torch
 import torch.nn.functional as F
 
+from classifier import mean_pool, model_inputs
+
 RANKER_CLASSES = ["distractor", "reply"]  # binary: a candidate's score is the logit gap of "reply" over "distractor"
 
 
@@ -69,20 +71,16 @@ def collate_examples(tokenizer, examples, pair_encoding, max_length=256, add_spe
     return batch
 
 
-def _inputs(encoded, device):
-    return {k: v.to(device) for k, v in encoded.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-
-
 def example_scores(model, batch, device, in_batch=False):
     """Scores (examples, candidates) of a collated batch, -inf for blank candidates; with in_batch (siamese),
     every other example's gold reply is scored too and appended as further columns (replies with the example's own
     gold text masked out)."""
     per, gap = batch["per_example"], lambda logits: logits[..., 1] - logits[..., 0]
     if "pairs" in batch:
-        scores = gap(model(**_inputs(batch["pairs"], device))).view(-1, per)
+        scores = gap(model(**model_inputs(batch["pairs"], device))).view(-1, per)
         return scores.masked_fill(~batch["real"].to(scores.device), float("-inf"))
-    u = model.pool(**_inputs(batch["contexts"], device))
-    v = model.pool(**_inputs(batch["candidates"], device)).view(len(u), per, -1)
+    u = model.pool(**model_inputs(batch["contexts"], device))
+    v = model.pool(**model_inputs(batch["candidates"], device)).view(len(u), per, -1)
     scores, blank = gap(model.pair_logits(u.unsqueeze(1).expand_as(v), v)), ~batch["real"]
     if in_batch and len(u) > 1:
         golds = v[:, 0].unsqueeze(0).expand(len(u), -1, -1)
@@ -110,9 +108,7 @@ def embed_texts(encoder, tokenizer, texts, device, max_length=256):
     """Mean-pooled, L2-normalised sentence embeddings (sentence-transformers' recipe for MiniLM)."""
     batch = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
     batch = {k: v.to(device) for k, v in batch.items()}
-    hidden = encoder(**batch).last_hidden_state
-    mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-    return F.normalize((hidden * mask).sum(1) / mask.sum(1).clamp(min=1), dim=-1)
+    return F.normalize(mean_pool(encoder(**batch).last_hidden_state, batch["attention_mask"]), dim=-1)
 
 
 def biencoder_scores(encoder, tokenizer, context, candidates, device):
