@@ -30,8 +30,8 @@ import numpy as np
 import torch
 from ignite.engine import Engine
 
-from decoding import DecodingConfig, context_inputs, generate
-from inputs import DoubleHeadDataset, LengthGroupedBatchSampler, build_input_from_segments, collate, fit_context, special_ids
+from decoding import DecodingConfig, generate
+from inputs import DoubleHeadDataset, LengthGroupedBatchSampler, collate
 from modeling import load_tokenizer_and_model
 from ranking import score_candidates
 from tokenized import get_dataset
@@ -97,10 +97,9 @@ def timed_bare_hf(model, batches, device, dtype):
 def bench_train(args):
     device = args.device
     dtype = amp_dtype(args.fp16)
-    tokenizer, model = load_tokenizer_and_model(args.model_checkpoint)
-    special = special_ids(tokenizer)
+    tokenizer, model, layout = load_tokenizer_and_model(args.model_checkpoint, input_format=args.input_format)
     data = get_dataset(tokenizer, args.dataset_path, args.dataset_cache)
-    full = DoubleHeadDataset(data, "train", special, num_candidates=args.num_candidates, max_len=args.max_seq_len)
+    full = DoubleHeadDataset(data, "train", layout, num_candidates=args.num_candidates, max_len=args.max_seq_len)
     lengths = full.lengths()
     rng = np.random.default_rng(args.seed)
     picked = rng.choice(len(full), size=args.examples, replace=False)
@@ -108,9 +107,9 @@ def bench_train(args):
     dataset_longest = int(lengths.max())
 
     ours = [[items[i] for i in b] for b in LengthGroupedBatchSampler(lengths[picked], args.batch_size, seed=args.seed)]
-    ours = [(b, special.pad) for b in ours]
+    ours = [(b, layout.pad) for b in ours]
     order = rng.permutation(len(items))
-    original = [([items[i] for i in order[k:k + args.batch_size]], special.pad, dataset_longest)
+    original = [([items[i] for i in order[k:k + args.batch_size]], layout.pad, dataset_longest)
                 for k in range(0, len(items), args.batch_size)][:args.baseline_batches]
 
     tokens = sum(len(inst["input_ids"]) for item in items for inst in item["instances"])
@@ -123,7 +122,7 @@ def bench_train(args):
     t_bare = timed_bare_hf(model, ours, device, dtype)
     useful = 6 * params * tokens
     result = {
-        "device": str(device), "dtype": str(dtype or torch.float32).replace("torch.", ""),
+        "device": str(device), "dtype": str(dtype or torch.float32).replace("torch.", ""), "input_format": layout.name,
         "examples": len(items), "candidates": full.num_candidates, "batch_size": args.batch_size,
         "non_pad_tokens": tokens, "dataset_longest": dataset_longest, "parameters": params,
         "tokens_per_s": tokens / t_ours, "examples_per_s": len(items) / t_ours,
@@ -137,17 +136,17 @@ def bench_train(args):
     return result
 
 
-def pick_context(data, special, target, max_history=2):
-    """The first valid-split context (persona + history up to the reply's speaker token) of about `target` tokens."""
+def pick_context(data, layout, target, max_history=2):
+    """The first valid-split context (persona + history, up to where the reply starts) of about `target` tokens."""
     for u in range(data.num_utterances("valid")):
         persona, history, _ = data.utterance("valid", u)
-        context = context_inputs(persona, history[-(2 * max_history + 1):], special, 10_000, 0)
+        context = layout.context(persona, history[-(2 * max_history + 1):])
         if target <= len(context[0]) <= target * 1.3:
             return context
     raise ValueError(f"no validation context of about {target} tokens")
 
 
-def greedy_without_cache(model, context, special, n_tokens, all_logits=True):
+def greedy_without_cache(model, context, layout, n_tokens, all_logits=True):
     """The original repo's decoding loop: the whole sequence through the model again for every new token.
 
     Like the original's `model(input_ids, token_type_ids)` it projects every position onto the vocabulary;
@@ -160,9 +159,9 @@ def greedy_without_cache(model, context, special, n_tokens, all_logits=True):
         hidden, _ = model.hidden_states(torch.tensor([ids], device=device), torch.tensor([types], device=device),
                                         None, torch.arange(n, device=device)[None])
         logits = model.lm_logits(hidden[0] if all_logits else hidden[0, -1:])[-1:]
-        logits[:, list(special)] = -float("inf")
+        logits[:, list(layout.stop_ids)] = -float("inf")
         ids.append(int(logits.argmax()))
-        types.append(special.speaker1)
+        types.append(layout.bot_type)
     return ids[len(context[0]):]
 
 
@@ -178,19 +177,18 @@ def best_time(fn, repeats):
 
 
 def bench_generate(args):
-    tokenizer, model = load_tokenizer_and_model(args.model_checkpoint)
+    tokenizer, model, layout = load_tokenizer_and_model(args.model_checkpoint, input_format=args.input_format)
     model.to(args.device).eval()
-    special = special_ids(tokenizer)
     data = get_dataset(tokenizer, args.dataset_path, args.dataset_cache)
-    context = pick_context(data, special, args.context_tokens)
+    context = pick_context(data, layout, args.context_tokens)
     n = args.reply_tokens
     config = DecodingConfig(no_sample=True, min_length=n, max_length=n)
-    ours = generate(model, [context], special, config)[0]
+    ours = generate(model, [context], layout, config)[0]
     with torch.no_grad():
-        assert ours == greedy_without_cache(model, context, special, n), "cached and uncached replies differ"
-        t_ours = best_time(lambda: generate(model, [context], special, config), args.repeats)
-        t_no_cache = best_time(lambda: greedy_without_cache(model, context, special, n), args.repeats)
-        t_no_cache_last = best_time(lambda: greedy_without_cache(model, context, special, n, all_logits=False),
+        assert ours == greedy_without_cache(model, context, layout, n), "cached and uncached replies differ"
+        t_ours = best_time(lambda: generate(model, [context], layout, config), args.repeats)
+        t_no_cache = best_time(lambda: greedy_without_cache(model, context, layout, n), args.repeats)
+        t_no_cache_last = best_time(lambda: greedy_without_cache(model, context, layout, n, all_logits=False),
                                     args.repeats)
         prompt = torch.tensor([context[0]], device=args.device)
         t_hf = best_time(lambda: model.lm.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
@@ -203,30 +201,28 @@ def bench_generate(args):
 
 
 def bench_rank(args):
-    tokenizer, model = load_tokenizer_and_model(args.model_checkpoint)
+    tokenizer, model, layout = load_tokenizer_and_model(args.model_checkpoint, input_format=args.input_format)
     model.to(args.device).eval()
-    special = special_ids(tokenizer)
     data = get_dataset(tokenizer, args.dataset_path, args.dataset_cache)
     examples = []
     for u in range(data.num_utterances("valid")):  # ConvAI2-sized contexts (~100 tokens), as hits@1 meets them
         persona, history, candidates = data.utterance("valid", u)
         history, candidates = history[-5:], candidates[-args.num_candidates:]
-        longest = max(len(c) for c in candidates) + 1
-        context = context_inputs(persona, history, special, 8192, longest)
+        context = layout.context(persona, history)
         if args.context_tokens <= len(context[0]) <= 1.3 * args.context_tokens:
-            examples.append((context, fit_context(persona, history, longest, 8192)[:2], candidates))
+            examples.append((context, (persona, history), candidates))
         if len(examples) == args.examples:
             break
 
     def shared():  # ranking by the MC head: no LM projection needed
-        return [score_candidates(model, context, candidates, special, lm_rows=[])[0]
+        return [score_candidates(model, context, candidates, layout, lm_rows=[])[0]
                 for context, _, candidates in examples]
 
     def full():
         out = []
         for _, (persona, history), candidates in examples:
-            batch = collate([{"instances": [build_input_from_segments(persona, history, c, special) for c in candidates],
-                              "mc_labels": 0}], special.pad)
+            batch = collate([{"instances": [layout.build(persona, history, c) for c in candidates],
+                              "mc_labels": 0}], layout.pad)
             batch = {k: v.to(args.device) for k, v in batch.items()}
             out.append(model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"],
                              batch["mc_token_ids"])[2][0])
@@ -249,6 +245,8 @@ def add_command(sub, name, help_text):
     command.add_argument("--model_checkpoint", default="", help="Model (default: the packaged SmolLM2)")
     command.add_argument("--dataset_path", default="", help="Dialog data (default: the packaged chit-chat corpus)")
     command.add_argument("--dataset_cache", default="./dataset_cache", help="Cache directory (default: ./dataset_cache)")
+    command.add_argument("--input_format", default="", choices=("", "transfertransfo", "chat_template"),
+                         help="Input layout (default: chat_template where the tokenizer has one)")
     command.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                          help="cuda or cpu (default: cuda when available)")
     command.add_argument("--json", action="store_true", help="End with one JSON object on the last line")

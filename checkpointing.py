@@ -20,21 +20,27 @@ _CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
 
 
 class RunSaver(BaseSaveHandler):
-    """ignite save handler writing a whole checkpoint directory; a crash mid-write leaves the previous intact."""
+    """ignite save handler writing a whole checkpoint directory; a crash mid-write leaves the previous intact.
 
-    def __init__(self, run_dir, model, tokenizer):
-        self.run_dir, self.model, self.tokenizer = Path(run_dir), model, tokenizer
+    `newest=True`: the checkpoint holds the training state and the run directory's top level mirrors it; else
+    (the best checkpoint) the model and tokenizer only.
+    """
+
+    def __init__(self, run_dir, model, tokenizer, newest=True):
+        self.run_dir, self.model, self.tokenizer, self.newest = Path(run_dir), model, tokenizer, newest
 
     def __call__(self, checkpoint, filename, metadata=None):
         final = self.run_dir / filename
         tmp = self.run_dir / f".{filename}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         save_model(self.model, self.tokenizer, tmp)
-        torch.save(checkpoint, tmp / TRAINING_STATE)
+        if self.newest:
+            torch.save(checkpoint, tmp / TRAINING_STATE)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        publish(final, self.run_dir)
+        if self.newest:
+            publish(final, self.run_dir)
 
     def remove(self, filename):
         shutil.rmtree(self.run_dir / filename, ignore_errors=True)
@@ -68,8 +74,13 @@ def latest_checkpoint(path):
 
 
 def read_training_args(run_dir):
-    """A run's training_args.json (its flags, seed, world size, ...), or {} where there is none (not a run)."""
+    """A run's training_args.json (its flags, seed, world size, ...), or {} where there is none (not a run).
+
+    A checkpoint directory inside a run reads the run's.
+    """
     path = Path(run_dir) / "training_args.json"
+    if not path.is_file() and _CHECKPOINT_DIR.match(Path(run_dir).name.removeprefix("best-")):
+        path = Path(run_dir).parent / "training_args.json"
     if not path.is_file():
         return {}
     with open(path) as f:
@@ -82,7 +93,7 @@ def load_training_state(checkpoint_dir):
 
 def summarize_run(run_dir):
     """Load a run back as later scripts do, and return its validation history (one dict per validation)."""
-    _, model = load_tokenizer_and_model(str(run_dir))
+    _, model, _ = load_tokenizer_and_model(str(run_dir))
     with open(Path(run_dir) / "metrics.jsonl") as f:
         history = [json.loads(line) for line in f]
     return model, history

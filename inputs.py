@@ -1,99 +1,20 @@
-"""Model inputs TransferTransfo-style: segments, speaker tokens, labels, truncation, batching by length.
+"""Model inputs of a split: each example's candidates laid out (layouts.py), padded, and batched by length.
 
-One example is one utterance with `num_candidates` replies (distractors first, gold last). Each candidate is
-laid out as
-
-    <bos> persona... | <speakerX> turn | ... | <speaker1> reply <eos>
-
-The reply is the bot's and takes <speaker1>, and turns alternate speakers backwards from it (the original
-repo's layout for its odd-length histories); every token's type is its segment's speaker token, the persona
-being the bot's own. LM labels cover the gold reply's tokens and <eos> only; the multiple-choice head reads
-the last token.
+One example is one utterance with `num_candidates` replies (distractors first, gold last), each laid out by the
+run's layout; LM labels cover the gold reply only, and the multiple-choice label is the gold's index.
 """
-from collections import namedtuple
-from itertools import chain
-
 import numpy as np
 import torch
 
-SPECIAL_TOKENS = ["<bos>", "<eos>", "<speaker1>", "<speaker2>", "<pad>"]
-ATTR_TO_SPECIAL_TOKEN = {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>",
-                         "additional_special_tokens": ["<speaker1>", "<speaker2>"]}
-IGNORE_INDEX = -100
-
-SpecialIds = namedtuple("SpecialIds", "bos eos speaker1 speaker2 pad")
-
-
-def special_ids(tokenizer):
-    ids = tokenizer.convert_tokens_to_ids(SPECIAL_TOKENS)
-    if None in ids or (tokenizer.unk_token_id is not None and tokenizer.unk_token_id in ids):
-        raise ValueError(f"the tokenizer lacks the special tokens {SPECIAL_TOKENS}: add them with add_special_tokens_")
-    return SpecialIds(*ids)
-
-
-def speaker_of_turn(n_turns, j, special):
-    """Speaker token of history turn j of n: the turn just before the reply is the user's (<speaker2>)."""
-    return special.speaker2 if (n_turns - j) % 2 else special.speaker1
-
-
-def build_input_from_segments(persona, history, reply, special, lm_labels=False, with_eos=True):
-    """One candidate's input_ids, token_type_ids, mc_token_ids and lm_labels (labels only when lm_labels)."""
-    n = len(history)
-    segments = [[special.bos] + list(chain(*persona))]
-    types = [special.speaker1]
-    for j, turn in enumerate(history):
-        speaker = speaker_of_turn(n, j, special)
-        segments.append([speaker] + list(turn))
-        types.append(speaker)
-    reply_segment = [special.speaker1] + list(reply) + ([special.eos] if with_eos else [])
-    segments.append(reply_segment)
-    types.append(special.speaker1)
-
-    input_ids = list(chain(*segments))
-    instance = {
-        "input_ids": input_ids,
-        "token_type_ids": [t for t, s in zip(types, segments) for _ in s],
-        "mc_token_ids": len(input_ids) - 1,
-        "lm_labels": [IGNORE_INDEX] * len(input_ids),
-    }
-    if lm_labels:
-        context_len = len(input_ids) - len(reply_segment)
-        instance["lm_labels"] = [IGNORE_INDEX] * (context_len + 1) + reply_segment[1:]
-    return instance
-
-
-def fit_context(persona, history, reply_len, max_len):
-    """Cut persona/history so that a reply of reply_len tokens fits in max_len; returns (persona, history, reply_len).
-
-    Oldest history turns go first, then the oldest persona lines; then the last persona line and, only after
-    it, the last turn (the user's message) are shortened from their start; only when even that is not enough
-    is the reply cut (from its end).
-    """
-    persona, history = list(persona), list(history)
-
-    def total():
-        return 1 + sum(len(p) for p in persona) + sum(1 + len(h) for h in history) + 2 + reply_len
-
-    while total() > max_len and len(history) > 1:
-        history.pop(0)
-    while total() > max_len and len(persona) > 1:
-        persona.pop(0)
-    for segments in (persona, history):
-        excess = total() - max_len
-        if excess > 0 and segments:
-            segments[-1] = segments[-1][min(excess, len(segments[-1])):]
-    excess = total() - max_len
-    if excess > 0:
-        reply_len = max(reply_len - excess, 0)
-    return persona, history, reply_len
+from layouts import IGNORE_INDEX
 
 
 class DoubleHeadDataset(torch.utils.data.Dataset):
     """Examples of one split for the double-head model: each item is `num_candidates` laid-out candidates."""
 
-    def __init__(self, tokenized, split, special, num_candidates=2, max_history=2, max_len=1024,
+    def __init__(self, tokenized, split, layout, num_candidates=2, max_history=2, max_len=1024,
                  personality_permutations=1, max_examples=None):
-        self.tokenized, self.split, self.special = tokenized, split, special
+        self.tokenized, self.split, self.layout = tokenized, split, layout
         self.max_history, self.max_len = max_history, max_len
         self.personality_permutations = max(1, personality_permutations)
         n_utts = tokenized.num_utterances(split)
@@ -122,9 +43,8 @@ class DoubleHeadDataset(torch.utils.data.Dataset):
     def __getitem__(self, index):
         persona, history, candidates = self.context(index)
         longest = max(len(c) for c in candidates)
-        persona, history, reply_len = fit_context(persona, history, longest, self.max_len)
-        instances = [build_input_from_segments(persona, history, c[:reply_len], self.special,
-                                               lm_labels=(j == len(candidates) - 1))
+        persona, history, reply_len = self.layout.fit(persona, history, longest, self.max_len)
+        instances = [self.layout.build(persona, history, c[:reply_len], lm_labels=(j == len(candidates) - 1))
                      for j, c in enumerate(candidates)]
         return {"instances": instances, "mc_labels": len(candidates) - 1}
 
@@ -134,8 +54,9 @@ class DoubleHeadDataset(torch.utils.data.Dataset):
         out = np.empty(len(self), dtype=np.int64)
         for index in range(len(self)):
             persona, history, candidates = self.context_ids(index)
-            context = 1 + int(text_lengths[persona].sum()) + int(text_lengths[history].sum()) + len(history)
-            out[index] = min(context + 2 + int(text_lengths[candidates].max()), self.max_len)
+            texts = int(text_lengths[persona].sum()) + int(text_lengths[history].sum())
+            out[index] = min(self.layout.overhead(len(persona), len(history)) + texts
+                             + int(text_lengths[candidates].max()), self.max_len)
         return out
 
 

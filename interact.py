@@ -15,9 +15,9 @@ from argparse import ArgumentParser
 import torch
 
 from classifier import load_classifier
-from decoding import DecodingConfig, context_inputs, generate
+from decoding import DecodingConfig, generate
 from dialogs import DialogFormatError, read_personas
-from inputs import special_ids
+from layouts import INPUT_FORMATS, InputFormatError
 from modeling import load_tokenizer_and_model, model_max_length
 from reply_ranker import context_text, score_pairs
 from utils import newest_run, resolve_dataset_path, set_seed
@@ -36,6 +36,9 @@ def get_args(argv=None):
                         help="Model type to expect (openai-gpt, gpt2, llama, ...): an error if the checkpoint is another")
     parser.add_argument("--model_checkpoint", type=str, default="",
                         help="Run directory, hub id or .gguf file (default: the newest run under --runs_dir)")
+    parser.add_argument("--input_format", type=str, default="", choices=("",) + INPUT_FORMATS,
+                        help="Layout of a pretrained model's inputs (default: a run's own; else chat_template where "
+                             "the tokenizer has one)")
     parser.add_argument("--runs_dir", type=str, default="runs", help="Where to look for the newest run (default: runs)")
     parser.add_argument("--personality", action="append", default=[],
                         help="A persona sentence; repeat for several. With it no dataset is read")
@@ -97,11 +100,10 @@ def run(args):
                  f"or pass --model_checkpoint (a run directory, hub id or .gguf file)")
     set_seed(args.seed)
     persona = choose_persona(args)
-    tokenizer, model = load_tokenizer_and_model(checkpoint)
+    tokenizer, model, layout = load_tokenizer_and_model(checkpoint, input_format=args.input_format)
     if args.model and args.model != model.config.model_type:
         sys.exit(f"interact.py: --model {args.model}, but {checkpoint} holds a {model.config.model_type} model")
     model.to(args.device).eval()
-    special = special_ids(tokenizer)
     config = DecodingConfig.from_args(args, no_sample=args.no_sample)
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
@@ -131,8 +133,8 @@ def run(args):
         history.append(encode(text))
         history_text.append(text)
         history, history_text = history[-(2 * args.max_history + 1):], history_text[-(2 * args.max_history + 1):]
-        context = context_inputs(persona_ids, history, special, max_len, args.max_length)
-        replies = generate(model, [context] * max(args.rerank, 1), special, config, generator=generator)
+        context = layout.context_inputs(persona_ids, history, max_len, args.max_length)
+        replies = generate(model, [context] * max(args.rerank, 1), layout, config, generator=generator)
         texts = [" ".join(tokenizer.decode(r, skip_special_tokens=True).split()) for r in replies]  # one line each
         best = 0
         if ranker is not None:
@@ -151,5 +153,5 @@ if __name__ == "__main__":
         run(get_args())
     except KeyboardInterrupt:
         print(file=sys.stderr)
-    except (DialogFormatError, FileNotFoundError, IsADirectoryError) as e:
+    except (DialogFormatError, FileNotFoundError, IsADirectoryError, InputFormatError) as e:
         sys.exit(f"interact.py: error: {e}")

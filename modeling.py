@@ -7,7 +7,8 @@ token embeddings TransferTransfo-style. GPT-2 takes its token-type embeddings fr
 their own two vectors, started at zero, so that the model starts exactly where the pretrained LM is (adding
 the freshly made <speaker> token vectors to every position multiplied SmolLM2's starting perplexity by ten).
 A run directory holds the LM in the save_pretrained layout (loadable by AutoModelForCausalLM alone) plus
-`double_heads.safetensors` (multiple-choice head and speaker embeddings).
+`double_heads.safetensors` (multiple-choice head and speaker embeddings; its metadata names the run's input
+format, which every script loading the run then uses).
 """
 import logging
 import os
@@ -15,12 +16,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2DoubleHeadsModel,
                           OpenAIGPTDoubleHeadsModel)
 
-from inputs import ATTR_TO_SPECIAL_TOKEN, IGNORE_INDEX
+from layouts import (ATTR_TO_SPECIAL_TOKEN, IGNORE_INDEX, INPUT_FORMATS, InputFormatError, default_input_format,
+                     make_layout)
 from utils import default_model_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -46,9 +49,9 @@ def shifted_nll(hidden_or_logits, lm_labels, project=None):
 class DoubleHeads(nn.Module):
     """A causal LM with a multiple-choice head and speaker embeddings added where token_type_ids name a speaker."""
 
-    def __init__(self, lm, speaker_ids, mc_dropout=0.1):
+    def __init__(self, lm, speaker_ids, mc_dropout=0.1, input_format="transfertransfo"):
         super().__init__()
-        self.lm = lm
+        self.lm, self.input_format = lm, input_format
         self.register_buffer("speaker_ids", torch.tensor(speaker_ids, dtype=torch.long), persistent=False)
         self.speaker_embeddings = nn.Parameter(torch.zeros(len(speaker_ids), lm.config.hidden_size))
         self.mc_dropout = nn.Dropout(mc_dropout)
@@ -103,7 +106,8 @@ class DoubleHeads(nn.Module):
     def save_pretrained(self, directory):
         self.lm.save_pretrained(directory)
         save_file({k: v.contiguous() for k, v in self.heads_state().items()}, os.path.join(directory, HEADS_FILE),
-                  metadata={"speaker_ids": ",".join(map(str, self.speaker_ids.tolist()))})
+                  metadata={"speaker_ids": ",".join(map(str, self.speaker_ids.tolist())),
+                            "input_format": self.input_format})
 
     def load_heads(self, directory):
         """Load the heads saved beside an LM; False when there are none (a plain pretrained LM)."""
@@ -121,6 +125,8 @@ class DoubleHeads(nn.Module):
 
 class GPTDoubleHeads(nn.Module):
     """transformers' GPT/GPT-2 double-heads model behind the same forward as DoubleHeads."""
+
+    input_format = "transfertransfo"  # its token types go through the token matrix: they must be tokens
 
     def __init__(self, model):
         super().__init__()
@@ -166,18 +172,50 @@ def double_head_loss(outputs, mc_labels, lm_coef=1.0, mc_coef=1.0):
     return lm_coef * lm_loss + mc_coef * mc_loss, lm_loss, mc_loss
 
 
-def add_special_tokens_(lm, tokenizer):
-    """Add <bos> <eos> <speaker1> <speaker2> <pad> unless present, and resize the LM's embeddings to match."""
-    added = tokenizer.add_special_tokens(ATTR_TO_SPECIAL_TOKEN)
-    if added or lm.get_input_embeddings().num_embeddings != len(tokenizer):
+def prepare_tokenizer_(lm, tokenizer, input_format):
+    """Add the tokens the input format needs unless present, and resize the LM's embeddings to match.
+
+    transfertransfo: <bos> <eos> <speaker1> <speaker2> <pad>, and generate() stops at <eos>; chat_template: a pad
+    token only where the tokenizer has none.
+    """
+    if input_format == "transfertransfo":
+        added = tokenizer.add_special_tokens(ATTR_TO_SPECIAL_TOKEN)
+        ids = {"pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id,
+               "eos_token_id": tokenizer.eos_token_id}
+    else:
+        added = tokenizer.add_special_tokens({"pad_token": "<pad>"}) if tokenizer.pad_token is None else 0
+        ids = {"pad_token_id": tokenizer.pad_token_id}
+    if added or lm.get_input_embeddings().num_embeddings < len(tokenizer):
         lm.resize_token_embeddings(len(tokenizer))
-    ids = {"pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id,
-           "eos_token_id": tokenizer.eos_token_id}
-    for config in (lm.config, getattr(lm, "generation_config", None)):  # generate() stops at our <eos>
+    for config in (lm.config, getattr(lm, "generation_config", None)):
         if config is not None:
             for name, value in ids.items():
                 setattr(config, name, value)
     return added
+
+
+def stored_input_format(source):
+    """The input format a run was trained with (its heads file's metadata), or None for a pretrained model.
+
+    Runs saved before the format was recorded used transfertransfo.
+    """
+    path = os.path.join(source, HEADS_FILE)
+    if not os.path.isfile(path):
+        return None
+    with safe_open(path, framework="pt") as f:
+        return (f.metadata() or {}).get("input_format", "transfertransfo")
+
+
+def choose_input_format(requested, stored, tokenizer, is_gpt, where):
+    """The run's own format; else the one asked for; else chat_template where the tokenizer has a usable one."""
+    if requested and requested not in INPUT_FORMATS:
+        raise InputFormatError(f"--input_format {requested!r}: use one of {', '.join(INPUT_FORMATS)}")
+    if stored and requested and requested != stored:
+        raise InputFormatError(f"--input_format {requested}: {where} was trained with --input_format {stored}")
+    if is_gpt and (requested or stored) == "chat_template":
+        raise InputFormatError(f"--input_format chat_template: {where} is a GPT/GPT-2 double-heads model, whose token "
+                         f"types are tokens; use --input_format transfertransfo")
+    return stored or requested or ("transfertransfo" if is_gpt else default_input_format(tokenizer))
 
 
 def _split_gguf(checkpoint):
@@ -189,32 +227,37 @@ def _split_gguf(checkpoint):
     return checkpoint, None
 
 
-def load_tokenizer_and_model(model_checkpoint=None, mc_dropout=0.1):
-    """Tokenizer and double-heads model from a hub id, a local directory (e.g. a run) or a GGUF file.
+def load_tokenizer_and_model(model_checkpoint=None, mc_dropout=0.1, input_format=""):
+    """Tokenizer, double-heads model and input layout from a hub id, a local directory (e.g. a run) or a GGUF file.
 
-    GGUF weights are dequantized to full precision. The special tokens are added and embeddings resized once.
+    GGUF weights are dequantized to full precision. A run keeps the input format it was trained with (asking
+    for another is an error); a pretrained model takes `input_format`, by default its chat template where it has
+    one. The tokens the format needs are added and embeddings resized once.
     """
     checkpoint = model_checkpoint or default_model_checkpoint()
     source, gguf_file = _split_gguf(checkpoint)
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     config = AutoConfig.from_pretrained(source, **kwargs)
-    if config.model_type in GPT_DOUBLE_HEADS:
+    is_gpt = config.model_type in GPT_DOUBLE_HEADS
+    stored = stored_input_format(source) if os.path.isdir(source) else None
+    input_format = choose_input_format(input_format, stored, tokenizer, is_gpt, checkpoint)
+    if is_gpt:
         lm = GPT_DOUBLE_HEADS[config.model_type].from_pretrained(source, **kwargs)
-        add_special_tokens_(lm, tokenizer)
-        return tokenizer, GPTDoubleHeads(lm)
+        prepare_tokenizer_(lm, tokenizer, input_format)
+        return tokenizer, GPTDoubleHeads(lm), make_layout(tokenizer, input_format)
     lm = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kwargs)
     if gguf_file:  # dequantized on load: a saved copy is a plain full-precision model
         lm.hf_quantizer = None
         if hasattr(lm.config, "quantization_config"):
             del lm.config.quantization_config
-    add_special_tokens_(lm, tokenizer)
-    speaker_ids = tokenizer.convert_tokens_to_ids(ATTR_TO_SPECIAL_TOKEN["additional_special_tokens"])
-    model = DoubleHeads(lm, speaker_ids, mc_dropout=mc_dropout)
-    if not (os.path.isdir(source) and model.load_heads(source)):
+    prepare_tokenizer_(lm, tokenizer, input_format)
+    layout = make_layout(tokenizer, input_format)
+    model = DoubleHeads(lm, [layout.bot_type, layout.user_type], mc_dropout=mc_dropout, input_format=input_format)
+    if stored is None or not model.load_heads(source):
         logger.warning("No %s in %s: the multiple-choice head and speaker embeddings start untrained",
                        HEADS_FILE, source)
-    return tokenizer, model
+    return tokenizer, model, layout
 
 
 def save_model(model, tokenizer, directory):

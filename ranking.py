@@ -10,11 +10,12 @@ import torch.nn.functional as F
 
 
 @torch.no_grad()
-def score_candidates(model, context, candidates, special, lm_rows=None, chunk_size=5):
+def score_candidates(model, context, candidates, layout, lm_rows=None, chunk_size=5):
     """(mc_logits, lm_logprob_sum, lm_token_count) per candidate, each a (candidates,) tensor.
 
-    `context` is (input_ids, token_type_ids) ending with the reply's <speaker1>; each candidate is scored as
-    `candidate + <eos>`: the LM sums the log-probabilities of those tokens, the MC head reads the <eos>.
+    `context` is (input_ids, token_type_ids) of `layout`, ending where the reply starts; each candidate is scored
+    as `candidate + reply end` (<eos>, or the template's end of turn): the LM sums the log-probabilities of
+    those tokens, the MC head reads the last one.
     LM sums are computed for the candidates in `lm_rows` only (default: all; NaN elsewhere): the vocabulary
     projection is the costly part, and ranking by the MC head needs it for none. Candidates run in chunks of
     similar length, each on its own copy of the context's cache.
@@ -25,7 +26,7 @@ def score_candidates(model, context, candidates, special, lm_rows=None, chunk_si
     hidden, cache = model.hidden_states(ctx_ids, ctx_types, None, torch.arange(n_ctx, device=device)[None])
     first_logp = F.log_softmax(model.lm_logits(hidden[:, -1]), dim=-1)[0]
 
-    conts = [list(c) + [special.eos] for c in candidates]
+    conts = [list(c) + list(layout.reply_end) for c in candidates]
     want_lm = set(range(len(conts))) if lm_rows is None else set(lm_rows)
     mc_logits = torch.empty(len(conts), device=device)
     logp = torch.full((len(conts),), float("nan"), device=device)
@@ -33,18 +34,18 @@ def score_candidates(model, context, candidates, special, lm_rows=None, chunk_si
     for start in range(0, len(order), chunk_size):
         rows = order[start:start + chunk_size]
         mc, lp = _score_chunk(model, cache, n_ctx, first_logp, [conts[i] for i in rows],
-                              [j for j, i in enumerate(rows) if i in want_lm], special, device)
+                              [j for j, i in enumerate(rows) if i in want_lm], layout, device)
         mc_logits[rows], logp[rows] = mc, lp
     lengths = torch.tensor([len(c) for c in conts], device=device)
     return mc_logits, logp, lengths
 
 
-def _score_chunk(model, context_cache, n_ctx, first_logp, conts, lm_rows, special, device):
+def _score_chunk(model, context_cache, n_ctx, first_logp, conts, lm_rows, layout, device):
     """MC logits and (for lm_rows) LM log-probability sums of some candidates, on a copy of the context cache."""
     n, length = len(conts), max(len(c) for c in conts)
-    ids = torch.tensor([c + [special.pad] * (length - len(c)) for c in conts], device=device)
+    ids = torch.tensor([c + [layout.pad] * (length - len(c)) for c in conts], device=device)
     real = torch.tensor([[1] * len(c) + [0] * (length - len(c)) for c in conts], device=device)
-    types = torch.where(real.bool(), special.speaker1, special.pad)
+    types = torch.where(real.bool(), layout.bot_type, layout.pad)
     mask = torch.cat([torch.ones(n, n_ctx, dtype=real.dtype, device=device), real], dim=1)
     positions = torch.arange(n_ctx, n_ctx + length, device=device).expand(n, -1)
     cache = copy.deepcopy(context_cache)

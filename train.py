@@ -22,7 +22,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from checkpointing import RunSaver, latest_checkpoint, load_training_state, read_training_args
 from dialogs import DialogFormatError
-from inputs import DoubleHeadDataset, LengthGroupedBatchSampler, collate, special_ids
+from inputs import DoubleHeadDataset, LengthGroupedBatchSampler, collate
+from layouts import INPUT_FORMATS, InputFormatError
 from metrics import TokenNLL, perplexity
 from modeling import load_tokenizer_and_model, model_max_length
 from tokenized import get_dataset
@@ -54,6 +55,8 @@ def get_args(argv=None):
         parser.error("--max_seq_len: at least 32 tokens (or 0 for the model's own limit)")
     if args.gradient_accumulation_steps < 1:
         parser.error("--gradient_accumulation_steps: at least 1")
+    if args.eval_every < 0:
+        parser.error("--eval_every: 0 (off) or a number of optimizer steps")
     return args
 
 
@@ -66,6 +69,9 @@ def build_parser():
                         help="Directory of downloads and tokenized-dataset caches (default: ./dataset_cache)")
     parser.add_argument("--model_checkpoint", type=str, default="",
                         help="Hub id, local directory (e.g. a run) or .gguf file (default: the packaged SmolLM2)")
+    parser.add_argument("--input_format", type=str, default="", choices=("",) + INPUT_FORMATS,
+                        help="How a candidate is laid out: the tokenizer's chat_template, or transfertransfo's "
+                             "<speaker> tokens (default: a run's own; else chat_template where the tokenizer has one)")
     parser.add_argument("--num_candidates", type=int, default=2, help="Candidates per example, gold included (default: 2)")
     parser.add_argument("--max_history", type=int, default=2, help="Previous exchanges kept in history (default: 2)")
     parser.add_argument("--train_batch_size", type=int, default=4, help="Batch size per process for training (default: 4)")
@@ -87,6 +93,8 @@ def build_parser():
     parser.add_argument("--max_seq_len", type=int, default=0,
                         help="Longest input in tokens; longer ones lose their oldest history (default: 0, the model's)")
     parser.add_argument("--eval_before_start", action="store_true", help="Validate once before training")
+    parser.add_argument("--eval_every", type=int, default=0,
+                        help="Also validate and checkpoint every N optimizer steps (default: 0, at epoch ends only)")
     parser.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--fp16", type=str, default="",
@@ -104,7 +112,7 @@ def build_parser():
     return parser
 
 
-def get_data_loaders(args, tokenizer, max_len, world_size, rank):
+def get_data_loaders(args, tokenizer, layout, max_len, world_size, rank):
     """Length-grouped loaders, each batch padded to its own longest sequence."""
     if not is_main_process():
         torch.distributed.barrier()  # rank 0 downloads and tokenizes first; the others read its cache
@@ -113,11 +121,10 @@ def get_data_loaders(args, tokenizer, max_len, world_size, rank):
     finally:  # also when rank 0 fails: the others then meet the same error instead of waiting forever
         if is_main_process() and torch.distributed.is_initialized():
             torch.distributed.barrier()
-    special = special_ids(tokenizer)
     common = dict(max_history=args.max_history, max_len=max_len, num_candidates=args.num_candidates)
-    train_set = DoubleHeadDataset(data, "train", special, personality_permutations=args.personality_permutations,
+    train_set = DoubleHeadDataset(data, "train", layout, personality_permutations=args.personality_permutations,
                                   **common)
-    valid_set = DoubleHeadDataset(data, "valid", special, max_examples=args.max_valid_examples or None, **common)
+    valid_set = DoubleHeadDataset(data, "valid", layout, max_examples=args.max_valid_examples or None, **common)
     if train_set.num_candidates < 2:
         raise ValueError(f"--dataset_path {args.dataset_path}: some utterances have a single candidate")
     train_sampler = LengthGroupedBatchSampler(train_set.lengths(), args.train_batch_size, seed=args.seed,
@@ -131,11 +138,11 @@ def get_data_loaders(args, tokenizer, max_len, world_size, rank):
     if -(-len(valid_set) // args.valid_batch_size) < world_size:
         raise ValueError(f"{len(valid_set)} validation examples in batches of {args.valid_batch_size} leave a "
                          f"process of {world_size} without a batch: lower --valid_batch_size")
-    collate_fn = partial(collate, pad_id=special.pad)
+    collate_fn = partial(collate, pad_id=layout.pad)
     train_loader = torch.utils.data.DataLoader(train_set, batch_sampler=train_sampler, collate_fn=collate_fn)
     valid_loader = torch.utils.data.DataLoader(valid_set, batch_sampler=valid_sampler, collate_fn=collate_fn)
-    logger.info("Train: %d examples of %d candidates; valid: %d examples of %d candidates",
-                len(train_set), train_set.num_candidates, len(valid_set), valid_set.num_candidates)
+    logger.info("Train: %d examples of %d candidates; valid: %d examples of %d candidates; input format %s",
+                len(train_set), train_set.num_candidates, len(valid_set), valid_set.num_candidates, layout.name)
     return train_loader, valid_loader, train_sampler
 
 
@@ -164,11 +171,13 @@ def train(argv=None):
     dtype = amp_dtype(args.fp16)
 
     resume_dir = latest_checkpoint(args.resume) if args.resume else None
-    tokenizer, model = load_tokenizer_and_model(str(resume_dir) if resume_dir else args.model_checkpoint)
+    tokenizer, model, layout = load_tokenizer_and_model(str(resume_dir) if resume_dir else args.model_checkpoint,
+                                                        input_format=args.input_format)
+    args.input_format = layout.name  # recorded in training_args.json as used
     run_dir = resume_dir.parent if resume_dir else Path(args.output_dir or make_run_dir(
         args.model_checkpoint or "SmolLM2-135M-Instruct"))
     max_len = min(args.max_seq_len or model_max_length(model), model_max_length(model))
-    train_loader, valid_loader, train_sampler = get_data_loaders(args, tokenizer, max_len, world_size, rank)
+    train_loader, valid_loader, train_sampler = get_data_loaders(args, tokenizer, layout, max_len, world_size, rank)
 
     accum = args.gradient_accumulation_steps  # each epoch's batches are a multiple of it (the sampler drops the rest)
     total_steps = args.n_epochs * len(train_loader) // accum
@@ -212,7 +221,12 @@ def train(argv=None):
             if engine.state.iteration % accum == 0 and step_of(engine) >= args.max_steps:
                 engine.terminate()
 
-    to_save = {"trainer": trainer, "optimizer": optimizer, "scaler": scaler}
+    best = Checkpoint({}, RunSaver(run_dir, raw_model, tokenizer, newest=False), n_saved=1,
+                      filename_pattern="best-checkpoint-{global_step}", score_name="neg_ppl",
+                      score_function=lambda _: -perplexity(evaluator.state.metrics["nll"]),
+                      global_step_transform=lambda engine, _: step_of(engine))
+    # the best checkpoint's bookkeeping is saved with the newest, so a resumed run still replaces a worse one
+    to_save = {"trainer": trainer, "optimizer": optimizer, "scaler": scaler, "best_checkpoint": best}
     checkpoint = Checkpoint(to_save, RunSaver(run_dir, raw_model, tokenizer), n_saved=2,
                             filename_pattern="checkpoint-{global_step}",
                             global_step_transform=lambda engine, _: step_of(engine))
@@ -248,12 +262,15 @@ def train(argv=None):
             return
         validate(engine)
         if main:
+            best(engine)  # first: the newest checkpoint then records it
             checkpoint(engine)
         saved["step"] = step_of(engine)
 
     if args.eval_before_start:
         trainer.add_event_handler(Events.STARTED, validate)
     trainer.add_event_handler(Events.EPOCH_COMPLETED, validate_and_save)
+    if args.eval_every:
+        trainer.add_event_handler(Events.ITERATION_COMPLETED(every=args.eval_every * accum), validate_and_save)
     trainer.add_event_handler(Events.COMPLETED, validate_and_save)
 
     if resume_dir:
@@ -280,5 +297,5 @@ def train(argv=None):
 if __name__ == "__main__":
     try:
         train()
-    except (DialogFormatError, FileNotFoundError, IsADirectoryError) as e:  # bad input: the message names the file and line
+    except (DialogFormatError, FileNotFoundError, IsADirectoryError, InputFormatError) as e:  # bad input: the message names the file and line
         sys.exit(f"train.py: error: {e}")

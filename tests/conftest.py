@@ -24,6 +24,28 @@ def make_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
 
 
+# SmolLM2's own chat template (ChatML with a default system prompt), over words the test vocabulary has
+CHAT_TEMPLATE = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+                 "{{ '<|im_start|>system\\nyou are my nice friend<|im_end|>\\n' }}{% endif %}"
+                 "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
+                 "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def make_chat_tokenizer():
+    """The test words plus newline, role names and ChatML's special tokens, with a chat template and no pad token."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<unk>", "\n", "system", "user", "assistant", "nice", *WORDS]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split("\n", "isolated"),
+                                                 pre_tokenizers.Split(" ", "removed")])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<|im_start|>",
+                                        eos_token="<|im_end|>")
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
 def sentence(rng, n=None):
     return " ".join(rng.choice(WORDS) for _ in range(n or rng.randint(2, 6)))
 
@@ -56,11 +78,16 @@ def tiny_dirs(tmp_path_factory):
     gpt2 = GPT2DoubleHeadsModel(GPT2Config(vocab_size=n, n_positions=256, n_embd=32, n_layer=2, n_head=2,
                                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                                            summary_first_dropout=0.0))
+    chat_tokenizer = make_chat_tokenizer()
+    llama_chat = LlamaForCausalLM(LlamaConfig(vocab_size=len(chat_tokenizer), hidden_size=32, intermediate_size=64,
+                                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                              max_position_embeddings=256, tie_word_embeddings=True))
     dirs = {}
-    for name, model in (("llama", llama), ("gpt2", gpt2)):
+    for name, model, tok in (("llama", llama, tokenizer), ("gpt2", gpt2, tokenizer),
+                             ("llama_chat", llama_chat, chat_tokenizer)):
         d = tmp_path_factory.mktemp(name)
         model.save_pretrained(d)
-        tokenizer.save_pretrained(d)
+        tok.save_pretrained(d)
         dirs[name] = str(d)
     return dirs
 

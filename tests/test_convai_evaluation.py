@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import convai_evaluation
-from decoding import DecodingConfig, context_inputs, generate
-from inputs import build_input_from_segments, collate, special_ids
+from decoding import DecodingConfig, generate
+from inputs import collate
 from modeling import load_tokenizer_and_model
 
 DISTRACTORS = ["cats dogs pizza music", "school work family", "yes no maybe sure", "running cooking today",
@@ -22,14 +22,13 @@ def chatty(chatty_dir):
 @pytest.fixture(scope="module")
 def convai_file(chatty, tmp_path_factory):
     """ConvAI2 text whose gold replies are the model's own greedy replies, among random distractors."""
-    tokenizer, model = load_tokenizer_and_model(chatty)
+    tokenizer, model, layout = load_tokenizer_and_model(chatty)
     model.eval()
-    special = special_ids(tokenizer)
     lines = []
     for k, text in enumerate(HISTORIES):
-        context = context_inputs([tokenizer("i like cats", add_special_tokens=False)["input_ids"]],
-                                 [tokenizer(text, add_special_tokens=False)["input_ids"]], special, 256, 10)
-        reply = generate(model, [context], special, DecodingConfig(no_sample=True, min_length=4, max_length=4))[0]
+        context = layout.context_inputs([tokenizer("i like cats", add_special_tokens=False)["input_ids"]],
+                                 [tokenizer(text, add_special_tokens=False)["input_ids"]], 256, 10)
+        reply = generate(model, [context], layout, DecodingConfig(no_sample=True, min_length=4, max_length=4))[0]
         gold = tokenizer.decode(reply)
         cands = DISTRACTORS[k:k + 3] + [gold]
         lines += ["1 your persona: i like cats", f"2 {text}\t{gold}\t\t{'|'.join(cands)}"]
@@ -52,16 +51,15 @@ def test_hits_at_1_finds_the_reply_the_model_prefers(chatty, convai_file, tmp_pa
 
 def test_ppl_is_exp_of_the_mean_nll_of_gold_tokens(chatty, convai_file, tmp_path):
     results = evaluate(chatty, convai_file, tmp_path, "--eval_type", "ppl")
-    tokenizer, model = load_tokenizer_and_model(chatty)
+    tokenizer, model, layout = load_tokenizer_and_model(chatty)
     model.eval()
-    special = special_ids(tokenizer)
     encode = lambda t: tokenizer(t, add_special_tokens=False)["input_ids"]  # noqa: E731
     nll, tokens, words = 0.0, 0, 0
     for line in open(convai_file).read().splitlines()[1::2]:
         text, gold = line.split(" ", 1)[1].split("\t")[:2]
-        batch = collate([{"instances": [build_input_from_segments([encode("i like cats")], [encode(text)],
-                                                                  encode(gold), special, lm_labels=True)],
-                          "mc_labels": 0}], special.pad)
+        batch = collate([{"instances": [layout.build([encode("i like cats")], [encode(text)],
+                                                                  encode(gold), lm_labels=True)],
+                          "mc_labels": 0}], layout.pad)
         with torch.no_grad():
             nll_sum, count, _ = model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"], None,
                                       batch["lm_labels"])

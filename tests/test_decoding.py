@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from decoding import DecodingConfig, banned_by_ngrams, context_inputs, generate, top_filtering
-from inputs import SpecialIds, special_ids
+from decoding import DecodingConfig, banned_by_ngrams, generate, top_filtering
+from layouts import SpecialIds, TransferTransfoLayout
 from modeling import load_tokenizer_and_model
 
 NEG = -float("inf")
@@ -37,6 +37,7 @@ def test_ngram_blocking():
 
 
 SPECIAL = SpecialIds(bos=0, eos=1, speaker1=2, speaker2=3, pad=4)
+LAYOUT = TransferTransfoLayout(SPECIAL)
 
 
 class EndEagerModel(torch.nn.Module):
@@ -56,65 +57,64 @@ class EndEagerModel(torch.nn.Module):
 @pytest.mark.parametrize("min_length", [0, 1, 3])
 def test_min_length_holds_then_the_reply_ends(min_length):
     config = DecodingConfig(no_sample=True, min_length=min_length, max_length=8)
-    assert generate(EndEagerModel(), [([0, 2], [2, 2])], SPECIAL, config) == [[7] * min_length]
+    assert generate(EndEagerModel(), [([0, 2], [2, 2])], LAYOUT, config) == [[7] * min_length]
 
 
 def test_max_length_bounds_the_reply():
     config = DecodingConfig(no_sample=True, min_length=50, max_length=6)
-    assert generate(EndEagerModel(), [([0, 2], [2, 2])], SPECIAL, config) == [[7] * 6]
+    assert generate(EndEagerModel(), [([0, 2], [2, 2])], LAYOUT, config) == [[7] * 6]
 
 
 @pytest.fixture(scope="module")
 def chat_model(chatty_dir):
     torch.manual_seed(0)
-    tokenizer, model = load_tokenizer_and_model(chatty_dir)
+    tokenizer, model, layout = load_tokenizer_and_model(chatty_dir)
     torch.nn.init.normal_(model.speaker_embeddings)
-    special = special_ids(tokenizer)
-    contexts = [context_inputs([[3, 4]], [[5, 6, 7]], special, 256, 20),
-                context_inputs([[3]], [[5, 6, 7, 8, 9, 10], [11], [12, 13]], special, 256, 20)]
-    return model.eval(), special, contexts
+    contexts = [layout.context_inputs([[3, 4]], [[5, 6, 7]], 256, 20),
+                layout.context_inputs([[3]], [[5, 6, 7, 8, 9, 10], [11], [12, 13]], 256, 20)]
+    return model.eval(), layout, contexts
 
 
-def no_cache_greedy(model, context, special, length):
+def no_cache_greedy(model, context, layout, length):
     """The original's loop: the whole sequence again for every new token."""
     ids, types, reply = list(context[0]), list(context[1]), []
     for _ in range(length):
         n = len(ids)
         logits, _ = model.step(torch.tensor([ids]), torch.tensor([types]), torch.ones(1, n, dtype=torch.long),
                                torch.arange(n)[None])
-        logits[:, list(special)] = NEG
+        logits[:, list(layout.stop_ids)] = NEG
         token = int(logits.argmax())
         reply.append(token)
         ids.append(token)
-        types.append(special.speaker1)
+        types.append(layout.bot_type)
     return reply
 
 
 def test_greedy_with_kv_cache_equals_the_no_cache_loop_in_a_batch(chat_model):
-    model, special, contexts = chat_model
+    model, layout, contexts = chat_model
     config = DecodingConfig(no_sample=True, min_length=12, max_length=12)
     with torch.no_grad():
-        expected = [no_cache_greedy(model, c, special, 12) for c in contexts]
-    assert generate(model, contexts, special, config) == expected
+        expected = [no_cache_greedy(model, c, layout, 12) for c in contexts]
+    assert generate(model, contexts, layout, config) == expected
     assert len(set(expected[0])) > 1  # a model that says something
 
 
 def test_same_seed_same_reply(chat_model):
-    model, special, contexts = chat_model
+    model, layout, contexts = chat_model
     config = DecodingConfig(temperature=1.5, top_p=0.95, max_length=15)
-    replies = [generate(model, contexts, special, config, generator=torch.Generator().manual_seed(s))
+    replies = [generate(model, contexts, layout, config, generator=torch.Generator().manual_seed(s))
                for s in (3, 3, 4, 5)]
     assert replies[0] == replies[1]
     assert replies[0] != replies[2] or replies[0] != replies[3]
 
 
 def test_beam_search_gives_a_reply_per_context_without_special_tokens(chat_model):
-    model, special, contexts = chat_model
+    model, layout, contexts = chat_model
     config = DecodingConfig(num_beams=3, max_length=10, no_repeat_ngram_size=2)
-    replies = generate(model, contexts, special, config)
+    replies = generate(model, contexts, layout, config)
     assert len(replies) == 2
     for reply in replies:
-        assert 0 < len(reply) <= 10 and not set(reply) & set(special)
+        assert 0 < len(reply) <= 10 and not set(reply) & set(layout.stop_ids)
         assert all(banned_by_ngrams(reply[:i], 2).isdisjoint({reply[i]}) for i in range(len(reply)))
 
 
@@ -147,10 +147,10 @@ class ScriptedModel(torch.nn.Module):
 def test_beam_search_finishes_the_reply_the_model_wants_at_the_right_positions(num_beams):
     model = ScriptedModel()
     context = ([0, 5, 6, 2], [2, 2, 2, 2])
-    reply = generate(model, [context], SPECIAL, DecodingConfig(no_sample=True, num_beams=num_beams, max_length=8))
+    reply = generate(model, [context], LAYOUT, DecodingConfig(no_sample=True, num_beams=num_beams, max_length=8))
     assert reply == [[7, 8, 9]]
     assert model.positions[0] == [3] and model.positions[1] == [4] * len(model.positions[1])  # no gap after context
 
 
 def test_no_context_no_reply():
-    assert generate(ScriptedModel(), [], SPECIAL, DecodingConfig()) == []
+    assert generate(ScriptedModel(), [], LAYOUT, DecodingConfig()) == []

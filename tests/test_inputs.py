@@ -5,78 +5,18 @@ import pytest
 import torch
 
 from conftest import make_personachat, make_tokenizer
-from inputs import (IGNORE_INDEX, DoubleHeadDataset, LengthGroupedBatchSampler, SpecialIds,
-                    build_input_from_segments, collate, fit_context)
+from inputs import DoubleHeadDataset, LengthGroupedBatchSampler, collate
+from layouts import IGNORE_INDEX, SpecialIds, TransferTransfoLayout
 from tokenized import tokenize_dialogs
 
 SPECIAL = SpecialIds(bos=100, eos=101, speaker1=102, speaker2=103, pad=104)
-
-
-def original_layout(persona, history, reply, special):
-    """The original repo's build_input_from_segments, restated, for odd-length histories."""
-    bos, eos, speaker1, speaker2 = special.bos, special.eos, special.speaker1, special.speaker2
-    sequence = [[bos] + list(chain(*persona))] + history + [reply + [eos]]
-    sequence = [sequence[0]] + [[speaker2 if (len(sequence) - i) % 2 else speaker1] + s
-                                for i, s in enumerate(sequence[1:])]
-    return list(chain(*sequence)), [speaker2 if i % 2 else speaker1 for i, s in enumerate(sequence) for _ in s]
-
-
-def test_input_layout_matches_hand_made_example():
-    persona, history, reply = [[1, 2], [3]], [[10, 11], [12], [13, 14]], [20, 21]
-    inst = build_input_from_segments(persona, history, reply, SPECIAL, lm_labels=True)
-    assert inst["input_ids"] == [100, 1, 2, 3, 103, 10, 11, 102, 12, 103, 13, 14, 102, 20, 21, 101]
-    assert inst["token_type_ids"] == [102] * 4 + [103] * 3 + [102] * 2 + [103] * 3 + [102] * 4
-    assert inst["mc_token_ids"] == 15
-    assert inst["lm_labels"] == [IGNORE_INDEX] * 13 + [20, 21, 101]
-
-
-def test_distractor_has_no_lm_labels_and_no_eos_when_asked():
-    inst = build_input_from_segments([[1]], [[10]], [20], SPECIAL, lm_labels=False, with_eos=False)
-    assert inst["input_ids"] == [100, 1, 103, 10, 102, 20]
-    assert set(inst["lm_labels"]) == {IGNORE_INDEX}
-
-
-@pytest.mark.parametrize("n_turns", [1, 3, 5])
-def test_layout_equals_the_original_repo_for_odd_histories(n_turns):
-    history = [[10 + k, 11 + k] for k in range(n_turns)]
-    inst = build_input_from_segments([[1, 2]], history, [20], SPECIAL)
-    ids, types = original_layout([[1, 2]], history, [20], SPECIAL)
-    assert inst["input_ids"] == ids and inst["token_type_ids"] == types
-
-
-def test_even_history_keeps_each_segment_type_equal_to_its_speaker_token():
-    inst = build_input_from_segments([], [[10], [11]], [20], SPECIAL)
-    assert inst["input_ids"] == [100, 102, 10, 103, 11, 102, 20, 101]
-    speakers = {SPECIAL.speaker1, SPECIAL.speaker2}
-    current = SPECIAL.speaker1
-    for token, token_type in zip(inst["input_ids"], inst["token_type_ids"]):
-        current = token if token in speakers else current
-        assert token_type == current
-
-
-def test_fit_context_drops_oldest_history_first():
-    persona, history, reply_len = fit_context([[1, 2]], [[10] * 5, [11] * 5, [12] * 5], 3, max_len=20)
-    assert persona == [[1, 2]] and history == [[11] * 5, [12] * 5] and reply_len == 3
-
-
-def test_fit_context_then_drops_oldest_persona_lines():
-    persona, history, _ = fit_context([[1] * 4, [2] * 4], [[12] * 3], 2, max_len=13)
-    assert persona == [[2] * 4] and history == [[12] * 3]
-
-
-def test_fit_context_shortens_the_persona_before_the_users_message_then_cuts_the_reply_last():
-    persona, history, reply_len = fit_context([[1, 2]], [[5, 6, 7, 8, 9]], 2, max_len=12)
-    assert persona == [[2]] and history == [[5, 6, 7, 8, 9]] and reply_len == 2
-    persona, history, reply_len = fit_context([[1]], [[5, 6, 7, 8, 9]], 2, max_len=10)
-    assert persona == [[]] and history == [[6, 7, 8, 9]] and reply_len == 2
-    persona, history, reply_len = fit_context([], [[1]], 10, max_len=8)
-    assert history == [[]] and reply_len == 4
+LAYOUT = TransferTransfoLayout(SPECIAL)
 
 
 def test_collate_pads_each_batch_to_its_longest_sequence():
-    short = {"instances": [build_input_from_segments([], [[10]], [20], SPECIAL, lm_labels=j == 1) for j in range(2)],
+    short = {"instances": [LAYOUT.build([], [[10]], [20], lm_labels=j == 1) for j in range(2)],
              "mc_labels": 1}
-    long = {"instances": [build_input_from_segments([[1, 2, 3]], [[10, 11]], [20, 21], SPECIAL, lm_labels=j == 1)
+    long = {"instances": [LAYOUT.build([[1, 2, 3]], [[10, 11]], [20, 21], lm_labels=j == 1)
                           for j in range(2)], "mc_labels": 1}
     batch = collate([short, long], pad_id=SPECIAL.pad)
     assert batch["input_ids"].shape == (2, 2, 11)
@@ -134,40 +74,38 @@ def test_distributed_shards_are_disjoint_and_equal_for_training():
 
 
 @pytest.fixture(scope="module")
-def tokenized_and_special():
+def tokenized_and_layout():
     tokenizer = make_tokenizer()
     tokenizer.add_special_tokens({"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>",
                                   "additional_special_tokens": ["<speaker1>", "<speaker2>"]})
-    from inputs import special_ids
-
-    return tokenize_dialogs(make_personachat(), tokenizer), special_ids(tokenizer)
+    return tokenize_dialogs(make_personachat(), tokenizer), TransferTransfoLayout(tokenizer)
 
 
-def test_dataset_items_hold_candidates_with_gold_last_and_labels_on_gold_only(tokenized_and_special):
-    data, special = tokenized_and_special
-    ds = DoubleHeadDataset(data, "train", special, num_candidates=2, max_history=1)
+def test_dataset_items_hold_candidates_with_gold_last_and_labels_on_gold_only(tokenized_and_layout):
+    data, layout = tokenized_and_layout
+    ds = DoubleHeadDataset(data, "train", layout, num_candidates=2, max_history=1)
     item = ds[1]
     assert item["mc_labels"] == 1 and len(item["instances"]) == 2
     assert set(item["instances"][0]["lm_labels"]) == {IGNORE_INDEX}
     _, _, candidates = data.utterance("train", 1)
     gold = item["instances"][1]
     labelled = [t for t in gold["lm_labels"] if t != IGNORE_INDEX]
-    assert labelled == list(candidates[-1]) + [special.eos]
+    assert labelled == list(candidates[-1]) + layout.reply_end
     assert ds.lengths()[1] == max(len(i["input_ids"]) for i in item["instances"])
 
 
-def test_dataset_caps_candidates_at_what_the_data_has_and_rotates_persona(tokenized_and_special):
-    data, special = tokenized_and_special
-    ds = DoubleHeadDataset(data, "train", special, num_candidates=10, personality_permutations=2)
+def test_dataset_caps_candidates_at_what_the_data_has_and_rotates_persona(tokenized_and_layout):
+    data, layout = tokenized_and_layout
+    ds = DoubleHeadDataset(data, "train", layout, num_candidates=10, personality_permutations=2)
     assert ds.num_candidates == 3 and len(ds) == 2 * data.num_utterances("train")
     persona, _, _ = ds.context(0)
     rotated, _, _ = ds.context(ds.n_utts)
     assert [list(p) for p in rotated] == [list(p) for p in persona[-1:] + persona[:-1]]
 
 
-def test_dataset_respects_max_len(tokenized_and_special):
-    data, special = tokenized_and_special
-    ds = DoubleHeadDataset(data, "train", special, num_candidates=2, max_history=5, max_len=12)
+def test_dataset_respects_max_len(tokenized_and_layout):
+    data, layout = tokenized_and_layout
+    ds = DoubleHeadDataset(data, "train", layout, num_candidates=2, max_history=5, max_len=12)
     assert all(len(inst["input_ids"]) <= 12 for i in range(len(ds)) for inst in ds[i]["instances"])
     assert ds.lengths().max() <= 12
-    assert torch.is_tensor(collate([ds[0], ds[1]], special.pad)["input_ids"])
+    assert torch.is_tensor(collate([ds[0], ds[1]], layout.pad)["input_ids"])

@@ -3,7 +3,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import make_personachat
-from inputs import SPECIAL_TOKENS, DoubleHeadDataset, collate, special_ids
+from inputs import DoubleHeadDataset, collate
+from layouts import SPECIAL_TOKENS, TransferTransfoLayout
 from modeling import DoubleHeads, GPTDoubleHeads, double_head_loss, load_tokenizer_and_model, save_model
 from tokenized import tokenize_dialogs
 from training import forward
@@ -11,14 +12,14 @@ from training import forward
 
 def batch_for(tokenizer, n=3, num_candidates=3, pad_to=None):
     data = tokenize_dialogs(make_personachat(), tokenizer)
-    ds = DoubleHeadDataset(data, "train", special_ids(tokenizer), num_candidates=num_candidates)
-    return collate([ds[i] for i in range(n)], special_ids(tokenizer).pad, pad_to=pad_to)
+    ds = DoubleHeadDataset(data, "train", TransferTransfoLayout(tokenizer), num_candidates=num_candidates)
+    return collate([ds[i] for i in range(n)], TransferTransfoLayout(tokenizer).pad, pad_to=pad_to)
 
 
 @pytest.fixture(params=["llama", "gpt2"])
 def loaded(request, tiny_dirs):
     torch.manual_seed(0)
-    tokenizer, model = load_tokenizer_and_model(tiny_dirs[request.param])
+    tokenizer, model, layout = load_tokenizer_and_model(tiny_dirs[request.param])
     return request.param, tokenizer, model.eval()
 
 
@@ -31,7 +32,7 @@ def test_gpt_family_uses_transformers_double_heads_and_others_get_ours(loaded):
 
 
 def test_gpt2_losses_equal_transformers_own(tiny_dirs):
-    tokenizer, model = load_tokenizer_and_model(tiny_dirs["gpt2"])
+    tokenizer, model, layout = load_tokenizer_and_model(tiny_dirs["gpt2"])
     model.eval()
     batch = batch_for(tokenizer)
     with torch.no_grad():
@@ -44,7 +45,7 @@ def test_gpt2_losses_equal_transformers_own(tiny_dirs):
 
 
 def test_llama_losses_equal_an_independent_computation(tiny_dirs):
-    tokenizer, model = load_tokenizer_and_model(tiny_dirs["llama"])
+    tokenizer, model, layout = load_tokenizer_and_model(tiny_dirs["llama"])
     model.eval()
     torch.nn.init.normal_(model.speaker_embeddings)
     batch = batch_for(tokenizer)
@@ -73,7 +74,7 @@ def test_llama_losses_equal_an_independent_computation(tiny_dirs):
 
 
 def test_speaker_embeddings_start_at_zero_then_change_the_output(tiny_dirs):
-    tokenizer, model = load_tokenizer_and_model(tiny_dirs["llama"])
+    tokenizer, model, layout = load_tokenizer_and_model(tiny_dirs["llama"])
     model.eval()
     batch = batch_for(tokenizer)
     no_types = batch["input_ids"], None, batch["attention_mask"], batch["mc_token_ids"], batch["lm_labels"]
@@ -101,7 +102,7 @@ def test_save_and_reload_gives_the_same_outputs_and_adds_tokens_once(loaded, tmp
             if "mc_head" in name or "multiple_choice" in name or "speaker" in name:
                 torch.nn.init.normal_(p)
     save_model(model, tokenizer, tmp_path)
-    tokenizer2, model2 = load_tokenizer_and_model(str(tmp_path))
+    tokenizer2, model2, _ = load_tokenizer_and_model(str(tmp_path))
     model2.eval()
     assert len(tokenizer2) == len(tokenizer)
     assert {p.name for p in tmp_path.iterdir()} >= {"config.json", "model.safetensors", "tokenizer.json"}
@@ -117,7 +118,7 @@ def test_save_and_reload_gives_the_same_outputs_and_adds_tokens_once(loaded, tmp
 
 def test_heads_file_of_another_model_is_refused(tiny_dirs, tmp_path):
     from safetensors.torch import save_file
-    tokenizer, model = load_tokenizer_and_model(tiny_dirs["llama"])
+    tokenizer, model, layout = load_tokenizer_and_model(tiny_dirs["llama"])
     save_model(model, tokenizer, tmp_path)
     save_file({"speaker_embeddings": torch.zeros(2, 7)}, tmp_path / "double_heads.safetensors")
     with pytest.raises(ValueError, match="double_heads.safetensors: expected tensors"):

@@ -13,10 +13,18 @@ def test_default_run_fine_tunes_the_packaged_model_and_reloads(tmp_path):
     metrics = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
     assert [m["step"] for m in metrics] == [0, 3]
     assert metrics[1]["ppl"] < metrics[0]["ppl"]
-    tokenizer, model = load_tokenizer_and_model(str(run_dir))
+    tokenizer, model, layout = load_tokenizer_and_model(str(run_dir))
     assert type(model.lm).__name__ == "LlamaForCausalLM"
-    assert len(tokenizer) == 49152 + 5 == model.lm.get_input_embeddings().num_embeddings
+    assert layout.name == "chat_template" == json.load(open(run_dir / "training_args.json"))["input_format"]
+    assert len(tokenizer) == 49152 == model.lm.get_input_embeddings().num_embeddings  # no token added
     assert "quantization_config" not in json.load(open(run_dir / "config.json"))
+    # the layout built from separately tokenized texts is what SmolLM2's own template gives
+    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    persona, turns, reply = ["i love cats.", "i am a nurse."], ["hi! how are you?", "great, and you?", "fine."], "ok!"
+    messages = [{"role": "system", "content": "\n".join(persona)}] + [
+        {"role": r, "content": t} for r, t in zip(["user", "assistant", "user", "assistant"], turns + [reply])]
+    own = tokenizer.apply_chat_template(messages, tokenize=True)["input_ids"]
+    assert layout.build([encode(p) for p in persona], [encode(t) for t in turns], encode(reply))["input_ids"] == own[:-1]
 
 
 def test_classifier_trains_on_the_packaged_minilm_and_reloads(tmp_path):

@@ -2,8 +2,7 @@ import pytest
 import torch
 
 from conftest import make_personachat
-from decoding import context_inputs
-from inputs import build_input_from_segments, collate, fit_context, special_ids
+from inputs import collate
 from modeling import load_tokenizer_and_model
 from ranking import rank_of_gold, score_candidates
 from tokenized import tokenize_dialogs
@@ -12,24 +11,23 @@ from tokenized import tokenize_dialogs
 @pytest.mark.parametrize("name, chunk_size", [("llama", 5), ("llama", 2), ("gpt2", 3)])
 def test_shared_context_scores_equal_full_sequence_scores(tiny_dirs, name, chunk_size):
     torch.manual_seed(0)
-    tokenizer, model = load_tokenizer_and_model(tiny_dirs[name])
+    tokenizer, model, layout = load_tokenizer_and_model(tiny_dirs[name])
     model.eval()
     if name == "llama":
         torch.nn.init.normal_(model.speaker_embeddings)
-    special = special_ids(tokenizer)
     data = tokenize_dialogs(make_personachat(n_cands=5), tokenizer)
     persona, history, candidates = data.utterance("train", 4)
     longest = max(len(c) for c in candidates) + 1
-    mc, logp, lengths = score_candidates(model, context_inputs(persona, history, special, 256, longest),
-                                         candidates, special, chunk_size=chunk_size)
-    persona, history, _ = fit_context(persona, history, longest, 256)
+    mc, logp, lengths = score_candidates(model, layout.context_inputs(persona, history, 256, longest),
+                                         candidates, layout, chunk_size=chunk_size)
+    persona, history, _ = layout.fit(persona, history, longest, 256)
     full_mc = model(**{k: v for k, v in collate([{"instances": [
-        build_input_from_segments(persona, history, c, special) for c in candidates], "mc_labels": 0}],
-        special.pad).items() if k in ("input_ids", "token_type_ids", "attention_mask", "mc_token_ids")})[2][0]
+        layout.build(persona, history, c) for c in candidates], "mc_labels": 0}],
+        layout.pad).items() if k in ("input_ids", "token_type_ids", "attention_mask", "mc_token_ids")})[2][0]
     assert torch.allclose(mc, full_mc, atol=1e-4)
     for j, c in enumerate(candidates):
-        batch = collate([{"instances": [build_input_from_segments(persona, history, c, special, lm_labels=True)],
-                          "mc_labels": 0}], special.pad)
+        batch = collate([{"instances": [layout.build(persona, history, c, lm_labels=True)],
+                          "mc_labels": 0}], layout.pad)
         nll_sum, count, _ = model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"], None,
                                   batch["lm_labels"])
         assert -logp[j].item() == pytest.approx(nll_sum.item(), rel=1e-4)
@@ -37,12 +35,11 @@ def test_shared_context_scores_equal_full_sequence_scores(tiny_dirs, name, chunk
 
 
 def test_lm_sums_only_where_asked(tiny_dirs):
-    tokenizer, model = load_tokenizer_and_model(tiny_dirs["llama"])
-    special = special_ids(tokenizer)
+    tokenizer, model, layout = load_tokenizer_and_model(tiny_dirs["llama"])
     data = tokenize_dialogs(make_personachat(n_cands=5), tokenizer)
     persona, history, candidates = data.utterance("train", 0)
-    _, logp, _ = score_candidates(model.eval(), context_inputs(persona, history, special, 256, 20), candidates,
-                                  special, lm_rows=[4])
+    _, logp, _ = score_candidates(model.eval(), layout.context_inputs(persona, history, 256, 20), candidates,
+                                  layout, lm_rows=[4])
     assert torch.isnan(logp[:4]).all() and torch.isfinite(logp[4])
 
 

@@ -42,7 +42,7 @@ def test_run_directory_holds_what_later_scripts_load(tiny_dirs, personachat_file
     assert metrics[-1]["nll"] < metrics[0]["nll"]
     args = json.load(open(os.path.join(run_dir, "training_args.json")))
     assert args["n_epochs"] == 2 and args["total_steps"] == 12
-    tokenizer, model = load_tokenizer_and_model(str(run_dir))
+    tokenizer, model, layout = load_tokenizer_and_model(str(run_dir))
     saved = load_file(os.path.join(run_dir, "double_heads.safetensors"))
     assert torch.equal(model.mc_head.weight, saved["mc_head.weight"])
     assert torch.equal(model.speaker_embeddings, saved["speaker_embeddings"])
@@ -103,7 +103,7 @@ def test_resume_refuses_another_output_dir(tiny_dirs, personachat_file, tmp_path
 
 
 def test_nan_loss_stops_the_run_without_saving(tiny_dirs, personachat_file, tmp_path):
-    tokenizer, model = load_tokenizer_and_model(tiny_dirs["llama"])
+    tokenizer, model, layout = load_tokenizer_and_model(tiny_dirs["llama"])
     with torch.no_grad():
         model.lm.get_input_embeddings().weight.fill_(float("nan"))
     model.lm.save_pretrained(tmp_path / "nan_model")
@@ -128,7 +128,7 @@ def test_gpt2_double_heads_train_and_reload(tiny_dirs, personachat_file, tmp_pat
     args = tiny_args(tiny_dirs, personachat_file, tmp_path, "run", "--max_steps", "2")
     args[1] = tiny_dirs["gpt2"]
     run_dir = train_script.train(args)
-    _, model = load_tokenizer_and_model(str(run_dir))
+    _, model, layout = load_tokenizer_and_model(str(run_dir))
     assert type(model.lm).__name__ == "GPT2DoubleHeadsModel"
 
 

@@ -5,7 +5,8 @@ import torch
 from ignite.engine import Engine
 
 from conftest import make_personachat
-from inputs import DoubleHeadDataset, collate, special_ids
+from inputs import DoubleHeadDataset, collate
+from layouts import TransferTransfoLayout
 from modeling import DoubleHeads, load_tokenizer_and_model
 from tokenized import tokenize_dialogs
 from training import amp_dtype, linear_lr, make_inference, make_update
@@ -16,12 +17,12 @@ CPU = torch.device("cpu")
 @pytest.fixture
 def setup(tiny_dirs):
     torch.manual_seed(0)
-    tokenizer, model = load_tokenizer_and_model(tiny_dirs["llama"])
+    tokenizer, model, layout = load_tokenizer_and_model(tiny_dirs["llama"])
     model = DoubleHeads(model.lm, model.speaker_ids.tolist(), mc_dropout=0.0)  # no dropout: exact comparisons
     data = tokenize_dialogs(make_personachat(reply_len=4), tokenizer)  # equal reply lengths
-    ds = DoubleHeadDataset(data, "train", special_ids(tokenizer), num_candidates=2)
+    ds = DoubleHeadDataset(data, "train", TransferTransfoLayout(tokenizer), num_candidates=2)
     items = [ds[i] for i in range(4)]
-    return model, items, special_ids(tokenizer).pad
+    return model, items, TransferTransfoLayout(tokenizer).pad
 
 
 def run_updates(model, batches, accumulation_steps, dtype=None, scaler=None):
