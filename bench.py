@@ -3,6 +3,7 @@
     python bench.py train [--examples 32] [--json]
     python bench.py generate [--reply_tokens 20] [--json]
     python bench.py rank [--examples 8] [--json]
+    python bench.py quality [--max_steps 200] [--max_examples 200] [--json]
 
 `train`: training steps of the packaged model on the packaged corpus through our pipeline (length-grouped
 batches padded to their own longest sequence), against the original repo's batching (random batches, every
@@ -16,14 +17,26 @@ our KV-cache decoding, against re-running the whole sequence for every token (th
 projects every position onto the vocabulary; and a stricter variant projecting the last position only) and
 against transformers' own `generate` on the same prompt.
 
+`quality`: is the trained agent better than where it started? On held-out dialogs (train.py's split), the
+zero-shot model in both input formats, then a run of --max_steps optimizer steps from it, each scored by
+convai_evaluation.py on the same --max_examples examples (20 candidates): hits@1 by the multiple-choice head and
+by LM likelihood, token and word perplexity, and F1 of greedy replies; plus the untrained MiniLM bi-encoder's
+hits@1. Prints every row and the trained-minus-zero-shot deltas. Training and evaluation run as the scripts
+themselves, in subprocesses.
+
 `rank`: hits@1 scoring of 20 candidates per example with the context computed once and the candidates on its
 KV cache, against 20 full sequences through the double-heads model (the scores are checked to agree).
 """
 import argparse
 import copy
 import json
+import os
 import resource
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 from functools import partial
 
 import numpy as np
@@ -239,6 +252,73 @@ def bench_rank(args):
             "speedup_vs_full_sequences": t_full / t_shared}
 
 
+QUALITY_METRICS = ("mc_hits@1", "lm_hits@1", "ppl", "word_ppl", "f1")
+
+
+def run_script(script, argv):
+    """Run one of the repo's entry scripts as a user would; its output goes to this terminal."""
+    command = [sys.executable, str(Path(__file__).parent / script), *argv]
+    print("$ " + " ".join(command), file=sys.stderr, flush=True)
+    subprocess.run(command, check=True)
+
+
+def evaluate(model_checkpoint, args, results_file, *extra):
+    """convai_evaluation.py's results on the held-out examples, ranked by the MC head and by LM likelihood."""
+    run_script("convai_evaluation.py", ["--model_checkpoint", model_checkpoint, "--eval_type", "all",
+                                        "--max_examples", str(args.max_examples), "--dataset_path", args.dataset_path,
+                                        "--dataset_cache", args.dataset_cache, "--device", args.device,
+                                        "--results_file", results_file, "--split_seed", str(args.seed), *extra])
+    with open(results_file) as f:
+        results = json.load(f)
+    by_ranker = results.get("by_ranker", {results["ranker"]: results})
+    row = {f"{name}_hits@1": metrics["hits@1"] for name, metrics in by_ranker.items()}
+    row.update({k: results[k] for k in ("ppl", "word_ppl", "f1") if k in results})
+    return row
+
+
+def bench_quality(args):
+    from utils import default_model_checkpoint
+
+    model = args.model_checkpoint or default_model_checkpoint()
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench_quality_"))
+    rows = {}
+    for input_format in ("transfertransfo", "chat_template"):
+        rankers = ["mc", "lm"] + (["biencoder"] if input_format == "transfertransfo" else [])
+        row = evaluate(model, args, str(work / f"zero_shot_{input_format}.json"), "--input_format", input_format,
+                       "--ranker", *rankers)
+        if "biencoder_hits@1" in row:
+            rows["biencoder (untrained MiniLM)"] = {"biencoder_hits@1": row.pop("biencoder_hits@1")}
+        rows[f"zero-shot {input_format}"] = row
+    run_dir = work / "run"
+    start = time.perf_counter()
+    run_script("train.py", ["--model_checkpoint", model, "--input_format", args.input_format, "--output_dir",
+                            str(run_dir), "--max_steps", str(args.max_steps), "--dataset_path", args.dataset_path,
+                            "--dataset_cache", args.dataset_cache, "--device", args.device, "--seed", str(args.seed),
+                            "--max_valid_examples", str(args.max_valid_examples), *args.train_args])
+    train_seconds = time.perf_counter() - start
+    trained = f"trained {args.input_format} ({args.max_steps} steps)"
+    rows[trained] = evaluate(str(run_dir), args, str(work / "trained.json"), "--ranker", "mc", "lm")
+    zero_shot = rows[f"zero-shot {args.input_format}"]
+    deltas = {k: rows[trained][k] - zero_shot[k] for k in QUALITY_METRICS if k in zero_shot and k in rows[trained]}
+    return {"examples": args.max_examples, "candidates": 20, "max_steps": args.max_steps,
+            "train_seconds": train_seconds, "rows": rows, "deltas": deltas,
+            "mc_beats_zero_shot_lm_and_biencoder": rows[trained]["mc_hits@1"] > max(
+                zero_shot["lm_hits@1"], rows["biencoder (untrained MiniLM)"]["biencoder_hits@1"]),
+            "zero_shot_ppl_ratio_transfertransfo_over_chat_template":
+                rows["zero-shot transfertransfo"]["ppl"] / rows["zero-shot chat_template"]["ppl"],
+            "work_dir": str(work)}
+
+
+def print_quality(result):
+    """The rows as a table (one column per metric), then the deltas."""
+    print(f"{'':>40}" + "".join(f"{m:>18}" for m in ("biencoder_hits@1",) + QUALITY_METRICS))
+    for name, row in result["rows"].items():
+        print(f"{name:>40}" + "".join(f"{row[m]:>18.4f}" if m in row else f"{'':>18}"
+                                      for m in ("biencoder_hits@1",) + QUALITY_METRICS))
+    print(f"{'trained - zero-shot':>40}{'':>18}" + "".join(f"{result['deltas'].get(m, float('nan')):>+18.4f}"
+                                                          for m in QUALITY_METRICS))
+
+
 def add_command(sub, name, help_text):
     """A subcommand with the flags every benchmark takes."""
     command = sub.add_parser(name, help=help_text)
@@ -275,9 +355,27 @@ def main(argv=None):
     rank.add_argument("--context_tokens", type=int, default=100, help="Context length to look for (default: 100)")
     rank.add_argument("--num_candidates", type=int, default=20, help="Candidates per example (default: 20)")
     rank.add_argument("--repeats", type=int, default=1, help="Timed runs per variant, the fastest kept (default: 1)")
+    quality = add_command(sub, "quality", "held-out hits@1 / ppl / F1: zero-shot in both formats, then trained")
+    quality.add_argument("--max_steps", type=int, default=200, help="Optimizer steps of the run (default: 200)")
+    quality.add_argument("--max_examples", type=int, default=200,
+                         help="Held-out examples every model is scored on (default: 200)")
+    quality.add_argument("--max_valid_examples", type=int, default=100,
+                         help="train.py's validation examples (default: 100)")
+    quality.add_argument("--seed", type=int, default=42, help="Seed of the split and of training (default: 42)")
+    quality.add_argument("--work_dir", default="", help="Where the run and results go (default: a new temporary dir)")
+    quality.add_argument("train_args", nargs=argparse.REMAINDER,
+                         help="After --: more train.py flags (e.g. -- --lr 1e-4 --num_candidates 4)")
     args = parser.parse_args(argv)
-    result = {"train": bench_train, "generate": bench_generate, "rank": bench_rank}[args.command](args)
+    if args.command == "quality":
+        args.train_args = [a for a in args.train_args if a != "--"]
+        args.input_format = args.input_format or "chat_template"
+    result = {"train": bench_train, "generate": bench_generate, "rank": bench_rank,
+              "quality": bench_quality}[args.command](args)
+    if args.command == "quality":
+        print_quality(result)
     for name, value in result.items():
+        if isinstance(value, dict):
+            continue
         print(f"{name:>28}: {value:.4g}" if isinstance(value, float) else f"{name:>28}: {value}")
     if args.json:
         print(json.dumps(result))

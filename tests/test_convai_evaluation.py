@@ -49,6 +49,15 @@ def test_hits_at_1_finds_the_reply_the_model_prefers(chatty, convai_file, tmp_pa
     assert json.load(open(tmp_path / "results.json"))["hits@1"] == 1.0
 
 
+def test_several_rankers_rank_the_same_examples(chatty, convai_file, tmp_path):
+    both = evaluate(chatty, convai_file, tmp_path, "--eval_type", "hits@1", "--ranker", "lm", "mc")
+    alone = {name: evaluate(chatty, convai_file, tmp_path, "--eval_type", "hits@1", "--ranker", name)
+             for name in ("lm", "mc")}
+    assert both["ranker"] == "lm" and both["hits@1"] == alone["lm"]["hits@1"] == 1.0
+    for name in ("lm", "mc"):
+        assert both["by_ranker"][name] == {k: alone[name][k] for k in ("hits@1", "mrr")}
+
+
 def test_ppl_is_exp_of_the_mean_nll_of_gold_tokens(chatty, convai_file, tmp_path):
     results = evaluate(chatty, convai_file, tmp_path, "--eval_type", "ppl")
     tokenizer, model, layout = load_tokenizer_and_model(chatty)

@@ -154,3 +154,34 @@ def test_beam_search_finishes_the_reply_the_model_wants_at_the_right_positions(n
 
 def test_no_context_no_reply():
     assert generate(ScriptedModel(), [], LAYOUT, DecodingConfig()) == []
+
+
+class ChatScriptedModel(torch.nn.Module):
+    """Says `words` then the template's end of turn, after which it would go on to a new user turn."""
+
+    def __init__(self, tokenizer, words):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.script = tokenizer.convert_tokens_to_ids(words + ["<|im_end|>", "\n", "<|im_start|>", "user"])
+        self.vocab, self.start = len(tokenizer), None
+
+    def step(self, input_ids, token_type_ids, attention_mask, position_ids, cache=None):
+        self.start = position_ids[0, -1].item() if cache is None else self.start  # the context's last position
+        logits = torch.full((input_ids.shape[0], self.vocab), -10.0)
+        for row, position in enumerate(position_ids[:, -1].tolist()):
+            logits[row, self.script[min(position - self.start, len(self.script) - 1)]] = 3.0
+        return logits, cache or NoCache()
+
+
+@pytest.mark.parametrize("num_beams", [1, 2])
+def test_chat_template_replies_stop_at_the_end_of_turn(num_beams):
+    from conftest import make_chat_tokenizer
+    from layouts import ChatTemplateLayout
+
+    tokenizer = make_chat_tokenizer()
+    layout = ChatTemplateLayout(tokenizer)
+    context = layout.context_inputs([], [tokenizer("hi", add_special_tokens=False)["input_ids"]], 64, 10)
+    assert tokenizer.convert_ids_to_tokens(context[0][-3:]) == ["<|im_start|>", "assistant", "\n"]
+    model = ChatScriptedModel(tokenizer, ["i", "love", "cats"])
+    reply = generate(model, [context], layout, DecodingConfig(no_sample=True, num_beams=num_beams, max_length=10))[0]
+    assert tokenizer.convert_ids_to_tokens(reply) == ["i", "love", "cats"]

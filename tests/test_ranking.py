@@ -8,12 +8,12 @@ from ranking import rank_of_gold, score_candidates
 from tokenized import tokenize_dialogs
 
 
-@pytest.mark.parametrize("name, chunk_size", [("llama", 5), ("llama", 2), ("gpt2", 3)])
+@pytest.mark.parametrize("name, chunk_size", [("llama", 5), ("llama", 2), ("gpt2", 3), ("llama_chat", 3)])
 def test_shared_context_scores_equal_full_sequence_scores(tiny_dirs, name, chunk_size):
     torch.manual_seed(0)
     tokenizer, model, layout = load_tokenizer_and_model(tiny_dirs[name])
     model.eval()
-    if name == "llama":
+    if name != "gpt2":
         torch.nn.init.normal_(model.speaker_embeddings)
     data = tokenize_dialogs(make_personachat(n_cands=5), tokenizer)
     persona, history, candidates = data.utterance("train", 4)
@@ -31,7 +31,7 @@ def test_shared_context_scores_equal_full_sequence_scores(tiny_dirs, name, chunk
         nll_sum, count, _ = model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"], None,
                                   batch["lm_labels"])
         assert -logp[j].item() == pytest.approx(nll_sum.item(), rel=1e-4)
-        assert lengths[j].item() == count.item() == len(c) + 1
+        assert lengths[j].item() == count.item() == len(c) + len(layout.reply_end)
 
 
 def test_lm_sums_only_where_asked(tiny_dirs):

@@ -162,3 +162,53 @@ def test_bad_data_file_ends_the_script_with_file_and_line(tiny_dirs, tmp_path):
                            *tiny_args(tiny_dirs, str(bad), tmp_path)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 1
     assert done.stderr.strip().endswith(f"train.py: error: {bad}:3: line id 4 follows 2")
+
+
+def test_a_chat_template_run_is_read_back_in_its_format(tiny_dirs, personachat_file, tmp_path):
+    from layouts import InputFormatError
+    from modeling import stored_input_format
+
+    args = tiny_args(tiny_dirs, personachat_file, tmp_path, "run", "--max_steps", "2")
+    args[1] = tiny_dirs["llama_chat"]
+    run_dir = train_script.train(args)  # no --input_format: the tokenizer's chat template is the default
+    assert json.load(open(os.path.join(run_dir, "training_args.json")))["input_format"] == "chat_template"
+    assert stored_input_format(str(run_dir)) == "chat_template"
+    tokenizer, model, layout = load_tokenizer_and_model(str(run_dir))
+    assert layout.name == "chat_template" and model.input_format == "chat_template"
+    assert "<speaker1>" not in tokenizer.get_vocab() and tokenizer.pad_token == "<pad>"  # only a pad was missing
+    assert len(tokenizer) == model.lm.get_input_embeddings().num_embeddings
+    with pytest.raises(InputFormatError, match="was trained with --input_format chat_template"):
+        load_tokenizer_and_model(str(run_dir), input_format="transfertransfo")
+    args = tiny_args(tiny_dirs, personachat_file, tmp_path, "tt", "--max_steps", "1", "--input_format", "transfertransfo")
+    args[1] = tiny_dirs["llama_chat"]
+    tokenizer, _, layout = load_tokenizer_and_model(str(train_script.train(args)))
+    assert layout.name == "transfertransfo" and "<speaker1>" in tokenizer.get_vocab()
+
+
+def test_eval_every_validates_mid_epoch_and_keeps_the_best_checkpoint_beside_the_newest(tiny_dirs, personachat_file,
+                                                                                         tmp_path):
+    run_dir = train_script.train(tiny_args(tiny_dirs, personachat_file, tmp_path, "run", "--max_steps", "5",
+                                           "--eval_every", "2", "--lr", "0.3"))
+    metrics = read_metrics(run_dir)
+    assert [m["step"] for m in metrics] == [2, 4, 5]
+    best_step = min(metrics, key=lambda m: m["ppl"])["step"]
+    names = sorted(p.name for p in run_dir.iterdir() if "checkpoint-" in p.name)
+    assert names == sorted({f"best-checkpoint-{best_step}", "checkpoint-4", "checkpoint-5"})
+    best = run_dir / f"best-checkpoint-{best_step}"
+    assert (best / "model.safetensors").is_file() and not (best / "training_state.pt").exists()
+    _, model, _ = load_tokenizer_and_model(str(best))
+    assert model is not None
+    if best_step != 5:  # the run's top level is the newest checkpoint, not the best
+        top = load_file(os.path.join(run_dir, "model.safetensors"))
+        assert any(not torch.equal(t, load_file(best / "model.safetensors")[k]) for k, t in top.items())
+
+
+def test_a_resumed_run_replaces_a_worse_best_checkpoint(tiny_dirs, personachat_file, tmp_path):
+    run_dir = train_script.train(tiny_args(tiny_dirs, personachat_file, tmp_path, "run", "--max_steps", "2",
+                                           "--eval_every", "1"))
+    train_script.train(["--resume", str(run_dir), "--max_steps", "4"])
+    metrics = read_metrics(run_dir)
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    best_step = min(metrics, key=lambda m: m["ppl"])["step"]
+    assert best_step > 2  # a best from before the resume was there to replace
+    assert sorted(p.name for p in run_dir.glob("best-checkpoint-*")) == [f"best-checkpoint-{best_step}"]
