@@ -61,7 +61,10 @@ class DoubleHeadDataset(torch.utils.data.Dataset):
 
 
 def collate(items, pad_id, pad_to=None):
-    """Stack items into (batch, candidates, length) tensors padded to the batch's longest (or pad_to) sequence."""
+    """Stack items into (batch, candidates, length) tensors padded to the batch's longest (or pad_to) sequence.
+
+    Items are one context's candidates each; `context_lens` holds each context's length (laid out by layouts.py).
+    """
     length = max(len(inst["input_ids"]) for item in items for inst in item["instances"])
     length = max(length, pad_to or 0)
     pads = {"input_ids": pad_id, "token_type_ids": pad_id, "lm_labels": IGNORE_INDEX}
@@ -75,6 +78,9 @@ def collate(items, pad_id, pad_to=None):
     batch["mc_token_ids"] = torch.tensor([[inst["mc_token_ids"] for inst in item["instances"]] for item in items],
                                          dtype=torch.long)
     batch["mc_labels"] = torch.tensor([item["mc_labels"] for item in items], dtype=torch.long)
+    starts = [{inst.get("reply_start") for inst in item["instances"]} for item in items]
+    if all(len(s) == 1 and None not in s for s in starts):  # one shared context per item: the model may run it once
+        batch["context_lens"] = torch.tensor([s.pop() for s in starts], dtype=torch.long)
     return batch
 
 

@@ -81,11 +81,14 @@ class Layout:
         return fit_context(persona, history, reply_len, max_len, self.overhead)
 
     def build(self, persona, history, reply, lm_labels=False, with_end=True):
-        """One candidate's input_ids, token_type_ids, mc_token_ids and lm_labels (labels only when lm_labels)."""
+        """One candidate's input_ids, token_type_ids, mc_token_ids and lm_labels (labels only when lm_labels).
+
+        `reply_start` is the context's length: where the candidates of one context start to differ.
+        """
         ids, types = self.context(persona, history)
         tail = list(reply) + (list(self.reply_end) if with_end else [])
         input_ids = ids + tail
-        return {"input_ids": input_ids,
+        return {"input_ids": input_ids, "reply_start": len(ids),
                 "token_type_ids": types + [self.bot_type] * len(tail),
                 "mc_token_ids": len(input_ids) - 1,
                 "lm_labels": [IGNORE_INDEX] * len(ids) + (tail if lm_labels else [IGNORE_INDEX] * len(tail))}

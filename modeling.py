@@ -63,8 +63,17 @@ class DoubleHeads(nn.Module):
     def config(self):
         return self.lm.config
 
-    def forward(self, input_ids, token_type_ids=None, attention_mask=None, mc_token_ids=None, lm_labels=None):
-        """(lm_nll_sum, lm_token_count, mc_logits) for inputs shaped (batch, candidates, length)."""
+    def forward(self, input_ids, token_type_ids=None, attention_mask=None, mc_token_ids=None, lm_labels=None,
+                context_lens=None):
+        """(lm_nll_sum, lm_token_count, mc_logits) for inputs shaped (batch, candidates, length).
+
+        With `context_lens` (batch,), the length of the context all candidates of an example share, the context
+        runs once and the candidates' own tokens on its KV cache (`shared_context_forward`): the same outputs.
+        Gradient checkpointing keeps no cache, so it takes full sequences.
+        """
+        if context_lens is not None and not (self.training and self.lm.is_activation_checkpointing):
+            return self.shared_context_forward(input_ids, token_type_ids, attention_mask, mc_token_ids, lm_labels,
+                                               context_lens)
         batch, n_cand, length = input_ids.shape
         flat = lambda x: x.view(-1, length) if x is not None else None  # noqa: E731  (sequences, length)
         hidden, _ = self.hidden_states(flat(input_ids), flat(token_type_ids), flat(attention_mask), None,
@@ -74,6 +83,45 @@ class DoubleHeads(nn.Module):
             mc_logits = self.mc_logits_at(hidden, mc_token_ids.view(-1)).view(batch, n_cand)
         nll_sum, count = (shifted_nll(hidden, lm_labels.view(-1, length), self.lm.get_output_embeddings())
                           if lm_labels is not None else (None, None))
+        return nll_sum, count, mc_logits
+
+    def shared_context_forward(self, input_ids, token_type_ids, attention_mask, mc_token_ids, lm_labels, context_lens):
+        """forward() with each example's context computed once, gradients included, and its candidates on its cache.
+
+        ConvAI2's candidates share persona and history (most of the tokens), so full sequences repeat the context
+        once per candidate; here a distractor costs its own tokens only. Contexts are right-padded, candidates
+        continue each at its own context's length (the padding between is masked). Context tokens carry no labels.
+        """
+        batch, n_cand, length = input_ids.shape
+        device = input_ids.device
+        n_ctx = int(context_lens.max())
+        steps = torch.arange(n_ctx, device=device)
+        ctx_mask = (steps < context_lens[:, None]).long()
+        ctx_types = token_type_ids[:, 0, :n_ctx] if token_type_ids is not None else None
+        hidden_ctx, cache = self.hidden_states(input_ids[:, 0, :n_ctx], ctx_types, ctx_mask, steps.expand(batch, n_ctx))
+        tail_lens = (attention_mask.sum(-1) - context_lens[:, None]).view(-1)  # (sequences,)
+        n_tail = int(tail_lens.max())
+        index = (context_lens[:, None, None] + torch.arange(n_tail, device=device)).expand(batch, n_cand, n_tail)
+        index = index.clamp(max=length - 1)
+        tail_mask = (torch.arange(n_tail, device=device) < tail_lens[:, None]).long()  # (sequences, n_tail)
+        take = lambda x: x.gather(2, index).view(-1, n_tail) if x is not None else None  # noqa: E731  own tokens
+        rows = torch.arange(batch, device=device).repeat_interleave(n_cand)
+        cache.reorder_cache(rows)  # each context once per candidate (differentiable: an index_select)
+        positions = context_lens[rows, None] + torch.arange(n_tail, device=device)
+        hidden, _ = self.hidden_states(take(input_ids), take(token_type_ids),
+                                       torch.cat([ctx_mask[rows], tail_mask], dim=1), positions, cache)
+        mc_logits = None
+        if mc_token_ids is not None:
+            mc_logits = self.mc_logits_at(hidden, (mc_token_ids - context_lens[:, None]).view(-1)).view(batch, n_cand)
+        nll_sum = count = None
+        if lm_labels is not None:  # a candidate's first token is predicted by its context's last position
+            last_ctx = hidden_ctx[torch.arange(batch, device=device), context_lens - 1][rows, None]
+            labels = take(lm_labels).masked_fill(tail_mask == 0, IGNORE_INDEX)
+            predicting = torch.cat([last_ctx, hidden[:, :-1]], dim=1)
+            mask = labels != IGNORE_INDEX
+            nll_sum = F.cross_entropy(self.lm.get_output_embeddings()(predicting[mask]).float(), labels[mask],
+                                      reduction="sum")
+            count = mask.sum()
         return nll_sum, count, mc_logits
 
     def hidden_states(self, input_ids, token_type_ids, attention_mask, position_ids, cache=None, use_cache=True):
@@ -136,7 +184,9 @@ class GPTDoubleHeads(nn.Module):
     def config(self):
         return self.lm.config
 
-    def forward(self, input_ids, token_type_ids=None, attention_mask=None, mc_token_ids=None, lm_labels=None):
+    def forward(self, input_ids, token_type_ids=None, attention_mask=None, mc_token_ids=None, lm_labels=None,
+                context_lens=None):
+        """As DoubleHeads.forward; full sequences always (`context_lens` is not used)."""
         out = self.lm(input_ids=input_ids, token_type_ids=token_type_ids, attention_mask=attention_mask,
                       mc_token_ids=mc_token_ids)
         nll_sum, count = shifted_nll(out.logits, lm_labels) if lm_labels is not None else (None, None)

@@ -79,6 +79,9 @@ def build_parser():
     parser.add_argument("--gradient_accumulation_steps", type=int, default=8,
                         help="Batches whose gradients make one optimizer step (default: 8)")
     parser.add_argument("--lr", type=float, default=6.25e-5, help="Peak learning rate (default: 6.25e-5)")
+    parser.add_argument("--mc_lr", type=float, default=0.0,
+                        help="Peak learning rate of the multiple-choice head, which starts untrained while the rest "
+                             "is pretrained (default: 0, the same as --lr)")
     parser.add_argument("--lm_coef", type=float, default=1.0, help="LM loss coefficient (default: 1.0)")
     parser.add_argument("--mc_coef", type=float, default=1.0, help="Multiple-choice loss coefficient (default: 1.0)")
     parser.add_argument("--max_norm", type=float, default=1.0, help="Gradient clipping norm (default: 1.0)")
@@ -146,6 +149,19 @@ def get_data_loaders(args, tokenizer, layout, max_len, world_size, rank):
     return train_loader, valid_loader, train_sampler
 
 
+def param_groups(model, lr, mc_lr):
+    """AdamW groups, each with its peak learning rate: the multiple-choice head at mc_lr, the rest at lr.
+
+    Without mc_lr one group, as runs saved before --mc_lr have (so that they resume).
+    """
+    if not mc_lr:
+        return [{"params": list(model.parameters()), "lr": lr, "peak_lr": lr}]
+    head = [p for name, p in model.named_parameters() if name.startswith("mc_head.") or "multiple_choice_head" in name]
+    ids = {id(p) for p in head}
+    rest = [p for p in model.parameters() if id(p) not in ids]
+    return [{"params": rest, "lr": lr, "peak_lr": lr}, {"params": head, "lr": mc_lr, "peak_lr": mc_lr}]
+
+
 def check_replicas_agree(model):
     """Raise unless every rank holds the same weights: DDP's promise, checked once at the end of a run."""
     digest = hashlib.sha256()
@@ -190,7 +206,7 @@ def train(argv=None):
     if args.gradient_checkpointing:
         model.lm.gradient_checkpointing_enable()
     raw_model = model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    optimizer = torch.optim.AdamW(param_groups(raw_model, args.lr, args.mc_lr))
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     if distributed:
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -208,7 +224,7 @@ def train(argv=None):
     def set_lr_and_seed(engine):  # both depend on the step alone, so a resumed run replays them exactly
         step = (engine.state.iteration - 1) // accum
         for group in optimizer.param_groups:
-            group["lr"] = linear_lr(step, args.lr, total_steps, args.warmup_steps)
+            group["lr"] = linear_lr(step, group["peak_lr"], total_steps, args.warmup_steps)
         torch.manual_seed(args.seed + engine.state.iteration)  # dropout masks
 
     @trainer.on(Events.EPOCH_STARTED)

@@ -35,7 +35,7 @@ def autocast(device, dtype):
 
 def forward(model, batch):
     return model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"], batch["mc_token_ids"],
-                 batch["lm_labels"])
+                 batch["lm_labels"], batch.get("context_lens"))
 
 
 def make_update(model, optimizer, scaler, device, dtype=None, accumulation_steps=1, lm_coef=1.0, mc_coef=1.0,

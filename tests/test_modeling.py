@@ -77,7 +77,8 @@ def test_speaker_embeddings_start_at_zero_then_change_the_output(tiny_dirs):
     tokenizer, model, layout = load_tokenizer_and_model(tiny_dirs["llama"])
     model.eval()
     batch = batch_for(tokenizer)
-    no_types = batch["input_ids"], None, batch["attention_mask"], batch["mc_token_ids"], batch["lm_labels"]
+    no_types = (batch["input_ids"], None, batch["attention_mask"], batch["mc_token_ids"], batch["lm_labels"],
+                batch["context_lens"])
     with torch.no_grad():
         assert torch.equal(forward(model, batch)[0], model(*no_types)[0])  # starts as the pretrained LM
         torch.nn.init.normal_(model.speaker_embeddings)
@@ -123,3 +124,40 @@ def test_heads_file_of_another_model_is_refused(tiny_dirs, tmp_path):
     save_file({"speaker_embeddings": torch.zeros(2, 7)}, tmp_path / "double_heads.safetensors")
     with pytest.raises(ValueError, match="double_heads.safetensors: expected tensors"):
         load_tokenizer_and_model(str(tmp_path))
+
+
+def test_input_format_defaults_to_the_chat_template_and_gpt_models_keep_transfertransfo(tiny_dirs):
+    from layouts import InputFormatError
+
+    assert load_tokenizer_and_model(tiny_dirs["llama_chat"])[2].name == "chat_template"
+    assert load_tokenizer_and_model(tiny_dirs["llama"])[2].name == "transfertransfo"  # no template
+    assert load_tokenizer_and_model(tiny_dirs["gpt2"])[2].name == "transfertransfo"
+    with pytest.raises(InputFormatError, match="GPT/GPT-2.*--input_format transfertransfo"):
+        load_tokenizer_and_model(tiny_dirs["gpt2"], input_format="chat_template")
+    with pytest.raises(InputFormatError, match="no chat template"):
+        load_tokenizer_and_model(tiny_dirs["llama"], input_format="chat_template")
+
+
+@pytest.mark.parametrize("name", ["llama", "llama_chat"])
+def test_shared_context_forward_gives_the_losses_and_gradients_of_full_sequences(tiny_dirs, name):
+    torch.manual_seed(0)
+    tokenizer, model, layout = load_tokenizer_and_model(tiny_dirs[name], mc_dropout=0.0)
+    torch.nn.init.normal_(model.speaker_embeddings)
+    data = tokenize_dialogs(make_personachat(n_cands=4), tokenizer)
+    ds = DoubleHeadDataset(data, "train", layout, num_candidates=4, max_history=2)
+    batch = collate([ds[i] for i in (0, 4, 7)], layout.pad)  # contexts of different lengths in one batch
+    assert len(set(batch["context_lens"].tolist())) > 1
+    results = []
+    for context_lens in (None, batch["context_lens"]):
+        model.zero_grad()
+        outputs = model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"], batch["mc_token_ids"],
+                        batch["lm_labels"], context_lens)
+        loss = double_head_loss(outputs, batch["mc_labels"])[0]
+        loss.backward()
+        results.append((outputs, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (full, full_grads), (shared, shared_grads) = results
+    assert shared[0].item() == pytest.approx(full[0].item(), rel=1e-5) and shared[1] == full[1]
+    assert torch.allclose(shared[2], full[2], atol=1e-5)
+    assert full_grads.keys() == shared_grads.keys()
+    for n in full_grads:
+        assert torch.allclose(shared_grads[n], full_grads[n], atol=1e-5), n
