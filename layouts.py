@@ -170,7 +170,7 @@ class ChatTemplateLayout(Layout):
                 return tail[:i + 1]
         if self.tokenizer.eos_token_id is None:
             raise InputFormatError("the chat template closes an assistant message with no special token and the "
-                             "tokenizer has no eos token: use --input_format transfertransfo")
+                                   "tokenizer has no eos token: use --input_format transfertransfo")
         return [self.tokenizer.eos_token_id]
 
     def roles(self, has_system, n_history):
@@ -187,13 +187,13 @@ class ChatTemplateLayout(Layout):
                 text = self.tokenizer.apply_chat_template(messages, tokenize=False)
             except Exception as e:  # jinja's TemplateError or the template's own raise_exception
                 raise InputFormatError(f"the chat template cannot lay out {' / '.join(roles)} messages ({e}): use "
-                                 f"--input_format transfertransfo") from None
+                                       f"--input_format transfertransfo") from None
             pieces = []
             for i in range(len(roles)):
                 before, sentinel, text = text.partition(_SENTINEL.format(i))
                 if not sentinel or _SENTINEL.format(i) in text:
-                    raise InputFormatError("the chat template does not keep each message's content once and as it is: "
-                                     "use --input_format transfertransfo")
+                    raise InputFormatError("the chat template does not keep each message's content once and as it "
+                                           "is: use --input_format transfertransfo")
                 pieces.append(before)
             self._frames[key] = [self._encode(p) for p in pieces + [text]]
         return self._frames[key]
