@@ -389,6 +389,7 @@ def main(argv=None):
         print(f"{name:>28}: {value:.4g}" if isinstance(value, float) else f"{name:>28}: {value}")
     if args.json:
         print(json.dumps(result))
+    return result
 
 
 if __name__ == "__main__":

@@ -1,0 +1,27 @@
+"""bench.py quality end to end on a tiny chat model: the scripts it runs, the rows it reads back, the deltas."""
+import json
+
+import pytest
+
+import bench
+
+
+def test_quality_scores_zero_shot_and_trained_models_on_the_same_examples(tiny_dirs, personachat_file, tmp_path,
+                                                                          capsys):
+    result = bench.main(["quality", "--model_checkpoint", tiny_dirs["llama_chat"], "--dataset_path", personachat_file,
+                         "--dataset_cache", str(tmp_path / "cache"), "--device", "cpu", "--max_steps", "2",
+                         "--max_examples", "4", "--max_valid_examples", "3", "--work_dir", str(tmp_path / "work"),
+                         "--json", "--", "--train_batch_size", "2", "--gradient_accumulation_steps", "1"])
+    rows = result["rows"]
+    assert list(rows) == ["biencoder (untrained MiniLM)", "zero-shot transfertransfo", "zero-shot chat_template",
+                          "trained chat_template (2 steps)"]
+    trained, zero_shot = rows["trained chat_template (2 steps)"], rows["zero-shot chat_template"]
+    for name in ("mc_hits@1", "lm_hits@1", "ppl", "word_ppl", "f1"):
+        assert result["deltas"][name] == pytest.approx(trained[name] - zero_shot[name])
+    saved = json.load(open(tmp_path / "work" / "trained.json"))
+    assert saved["examples"] == 4 and saved["input_format"] == "chat_template"
+    assert saved["by_ranker"]["mc"]["hits@1"] == trained["mc_hits@1"]
+    assert json.load(open(tmp_path / "work" / "zero_shot_transfertransfo.json"))["input_format"] == "transfertransfo"
+    assert result["zero_shot_ppl_ratio_transfertransfo_over_chat_template"] == pytest.approx(
+        rows["zero-shot transfertransfo"]["ppl"] / zero_shot["ppl"])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"] == json.loads(json.dumps(rows))
