@@ -2,6 +2,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
 from dialogs import read_personas
 from utils import newest_run
@@ -12,8 +14,9 @@ def run_interact(args, stdin, cwd=None):
                           capture_output=True, text=True, timeout=120, cwd=cwd)
 
 
-def test_piped_conversation_gets_one_reply_per_line_and_ends_at_eof(tiny_dirs):
-    done = run_interact(["--model_checkpoint", tiny_dirs["llama"], "--personality", "i like cats",
+@pytest.mark.parametrize("name", ["llama", "llama_chat"])
+def test_piped_conversation_gets_one_reply_per_line_and_ends_at_eof(tiny_dirs, name):
+    done = run_interact(["--model_checkpoint", tiny_dirs[name], "--personality", "i like cats",
                          "--personality", "i read books", "--max_length", "5"],
                         "hello how are you\n\n/persona\nwhat do you like\n/reset\ngood\n")
     assert done.returncode == 0, done.stderr[-2000:]
@@ -49,3 +52,9 @@ def test_personas_are_read_without_the_rest(personachat_file, tmp_path):
     chat = tmp_path / "chat.json"
     chat.write_text('{"c1": {"messages": [[{"text": "hi"}], [{"text": "yo"}]]}}')
     assert read_personas(chat) == []
+
+
+def test_a_format_the_tokenizer_cannot_give_is_a_clear_error(tiny_dirs):
+    done = run_interact(["--model_checkpoint", tiny_dirs["llama"], "--input_format", "chat_template"], "hi\n")
+    assert done.returncode != 0
+    assert "interact.py: error:" in done.stderr and "no chat template" in done.stderr
