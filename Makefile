@@ -22,7 +22,7 @@ $(STAMP): requirements.txt requirements-packaged.txt Makefile
 demo: install
 	rm -rf runs/demo
 	$(PY) train.py --output_dir runs/demo --max_steps 12 --gradient_accumulation_steps 1 \
-		--train_batch_size 4 --max_valid_examples 48 --eval_before_start --lr 1e-4
+		--train_batch_size 4 --max_valid_examples 48 --eval_before_start --lr 1e-4 --mc_lr 1e-3
 	$(PY) checkpointing.py runs/demo
 
 test: install
