@@ -44,6 +44,7 @@ from ignite.engine import Engine
 
 from decoding import DecodingConfig, generate
 from inputs import DoubleHeadDataset, LengthGroupedBatchSampler, collate
+from layouts import INPUT_FORMATS
 from modeling import load_tokenizer_and_model
 from ranking import score_candidates
 from tokenized import get_dataset
@@ -335,7 +336,7 @@ def add_command(sub, name, help_text):
     command.add_argument("--model_checkpoint", default="", help="Model (default: the packaged SmolLM2)")
     command.add_argument("--dataset_path", default="", help="Dialog data (default: the packaged chit-chat corpus)")
     command.add_argument("--dataset_cache", default="./dataset_cache", help="Cache directory (default: ./dataset_cache)")
-    command.add_argument("--input_format", default="", choices=("", "transfertransfo", "chat_template"),
+    command.add_argument("--input_format", default="", choices=("",) + INPUT_FORMATS,
                          help="Input layout (default: chat_template where the tokenizer has one)")
     command.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                          help="cuda or cpu (default: cuda when available)")

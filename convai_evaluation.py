@@ -127,7 +127,7 @@ def main(argv=None):
         candidates = candidates[-args.num_candidates:] if "hits@1" in want else candidates[-1:]
         persona_ids, history_ids, cand_ids = encode(persona), encode(history), encode(candidates)
         context = layout.context_inputs(persona_ids, history_ids, max_len,
-                                        max(max(len(c) for c in cand_ids) + len(layout.reply_end), args.max_length))
+                                        max(max(len(c) for c in cand_ids), args.max_length))  # end: in overhead
         contexts.append(context)
         record = {"id": example_id, "context": history[-1] if history else "", "gold": candidates[-1]}
         own_scores = "ppl" in want or ("hits@1" in want and {"mc", "lm"} & set(rankers))

@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 
 
-
 @dataclass
 class DecodingConfig:
     """The original interact.py's defaults, plus beam search and n-gram blocking."""

@@ -154,10 +154,23 @@ class ChatTemplateLayout(Layout):
         self.separator = self._encode("\n")  # between persona lines
         self._frames = {}
         self.reply_end = self._reply_end(self.frames(True, 1)[-1])
-        self.stop_ids = sorted(set(tokenizer.all_special_ids) | set(self.reply_end))
+        self.stop_ids = sorted(set(tokenizer.all_special_ids) | {self.reply_end[-1]})
         for has_system in (True, False):  # fail now, not mid-training, on a template that cannot lay turns out
-            for n_history in (1, 2):
+            for n_history in range(6):  # up to --max_history 2's five turns; longer histories render when met
                 self.frames(has_system, n_history)
+        self._check_against_the_template()
+
+    def _check_against_the_template(self):
+        """Refuse a tokenizer whose ids differ when the template's pieces and the contents are tokenized apart."""
+        persona, turns, reply = ["hello", "hi"], ["hi", "hello", "hi"], "hello"
+        roles = self.roles(True, len(turns))
+        messages = [{"role": r, "content": c} for r, c in zip(roles, ["\n".join(persona)] + turns + [reply])]
+        whole = self.tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+        ours = self.build([self._encode(p) for p in persona], [self._encode(t) for t in turns],
+                          self._encode(reply))["input_ids"]
+        if whole[:len(ours)] != ours:
+            raise InputFormatError("this tokenizer gives other ids to the chat template's pieces tokenized apart "
+                                   "than to the whole conversation: use --input_format transfertransfo")
 
     def _encode(self, text):
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]

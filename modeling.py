@@ -108,6 +108,7 @@ class DoubleHeads(nn.Module):
         rows = torch.arange(batch, device=device).repeat_interleave(n_cand)
         cache.reorder_cache(rows)  # each context once per candidate (differentiable: an index_select)
         positions = context_lens[rows, None] + torch.arange(n_tail, device=device)
+        positions = positions.masked_fill(tail_mask == 0, 0)  # padding never goes past the model's positions
         hidden, _ = self.hidden_states(take(input_ids), take(token_type_ids),
                                        torch.cat([ctx_mask[rows], tail_mask], dim=1), positions, cache)
         mc_logits = None

@@ -290,7 +290,16 @@ def train(argv=None):
     trainer.add_event_handler(Events.COMPLETED, validate_and_save)
 
     if resume_dir:
-        Checkpoint.load_objects(to_load=to_save, checkpoint=load_training_state(resume_dir))
+        state = load_training_state(resume_dir)
+        saved_groups = len(state["optimizer"]["param_groups"])
+        if saved_groups != len(optimizer.param_groups):
+            raise ValueError(f"--mc_lr: {resume_dir} was trained {'with' if saved_groups > 1 else 'without'} it; "
+                             f"resume {'with' if saved_groups > 1 else 'without'} --mc_lr")
+        peak_lrs = [group["peak_lr"] for group in optimizer.param_groups]
+        # runs saved before the best checkpoint existed have none to restore
+        Checkpoint.load_objects(to_load={k: v for k, v in to_save.items() if k in state}, checkpoint=state)
+        for group, peak_lr in zip(optimizer.param_groups, peak_lrs):  # the flags given now, not the saved ones
+            group["peak_lr"] = peak_lr
         saved["step"] = step_of(trainer)
         logger.info("Resumed from %s at optimizer step %d", resume_dir, step_of(trainer))
         if step_of(trainer) >= total_steps or trainer.state.epoch >= args.n_epochs:

@@ -157,6 +157,12 @@ def test_default_input_format_is_the_chat_template_where_one_can_lay_turns_out()
         ChatTemplateLayout(strict)
     with pytest.raises(InputFormatError, match="no chat template"):
         ChatTemplateLayout(make_tokenizer())
+    glued = make_chat_tokenizer()  # "userhi" is one unknown word whole, "user" + "hi" apart: ids would differ
+    glued.chat_template = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + m['content'] + '<|im_end|>' }}"
+                           "{% endfor %}")
+    with pytest.raises(InputFormatError, match="tokenized apart"):
+        ChatTemplateLayout(glued)
+    assert default_input_format(glued) == "transfertransfo"
 
 
 def test_chat_layout_adds_no_tokens_and_stops_at_the_end_of_turn(chat):

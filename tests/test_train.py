@@ -212,3 +212,19 @@ def test_a_resumed_run_replaces_a_worse_best_checkpoint(tiny_dirs, personachat_f
     best_step = min(metrics, key=lambda m: m["ppl"])["step"]
     assert best_step > 2  # a best from before the resume was there to replace
     assert sorted(p.name for p in run_dir.glob("best-checkpoint-*")) == [f"best-checkpoint-{best_step}"]
+
+
+def test_resume_takes_the_learning_rate_given_now_and_reads_checkpoints_from_before_the_best_one(
+        tiny_dirs, personachat_file, tmp_path):
+    run_dir = train_script.train(tiny_args(tiny_dirs, personachat_file, tmp_path, "run", "--max_steps", "2"))
+    path = run_dir / "checkpoint-2" / "training_state.pt"
+    state = torch.load(path, weights_only=True)
+    del state["best_checkpoint"]  # as saved before the best checkpoint and per-group peaks existed
+    for group in state["optimizer"]["param_groups"]:
+        del group["peak_lr"]
+    torch.save(state, path)
+    train_script.train(["--resume", str(run_dir), "--max_steps", "4", "--lr", "0.02"])
+    groups = torch.load(run_dir / "checkpoint-4" / "training_state.pt", weights_only=True)["optimizer"]["param_groups"]
+    assert [g["peak_lr"] for g in groups] == [0.02]
+    with pytest.raises(ValueError, match="--mc_lr"):
+        train_script.train(["--resume", str(run_dir), "--max_steps", "6", "--mc_lr", "0.1"])
