@@ -22,18 +22,26 @@ _CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
 class RunSaver(BaseSaveHandler):
     """ignite save handler writing a whole checkpoint directory; a crash mid-write leaves the previous intact.
 
-    `newest=True`: the checkpoint holds the training state and the run directory's top level mirrors it; else
-    (the best checkpoint) the model and tokenizer only.
+    `newest=True`: the checkpoint holds the training state, its model files are hard links to the best
+    checkpoint's of the same step when there is one (no second copy), and the run directory's top level mirrors
+    it; else (the best checkpoint) the model and tokenizer only. A checkpoint ignite drops is deleted only once
+    the next one is written, so that a crash in between still leaves one.
     """
 
     def __init__(self, run_dir, model, tokenizer, newest=True):
         self.run_dir, self.model, self.tokenizer, self.newest = Path(run_dir), model, tokenizer, newest
+        self.stale = []
 
     def __call__(self, checkpoint, filename, metadata=None):
         final = self.run_dir / filename
         tmp = self.run_dir / f".{filename}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        save_model(self.model, self.tokenizer, tmp)
+        twin = self.run_dir / f"best-{filename}"
+        if self.newest and (twin / "model.safetensors").is_file():
+            tmp.mkdir(parents=True)
+            link_files(twin, tmp)
+        else:
+            save_model(self.model, self.tokenizer, tmp)
         if self.newest:
             torch.save(checkpoint, tmp / TRAINING_STATE)
         if final.exists():
@@ -41,24 +49,33 @@ class RunSaver(BaseSaveHandler):
         os.replace(tmp, final)
         if self.newest:
             publish(final, self.run_dir)
+        for name in self.stale:
+            if name != filename:
+                shutil.rmtree(self.run_dir / name, ignore_errors=True)
+        self.stale = []
 
     def remove(self, filename):
-        shutil.rmtree(self.run_dir / filename, ignore_errors=True)
+        self.stale.append(filename)
 
 
-def publish(checkpoint_dir, run_dir):
-    """Point the run directory's model and tokenizer files at a checkpoint's, each file replaced atomically."""
-    for src in Path(checkpoint_dir).iterdir():
+def link_files(src_dir, dst_dir):
+    """Hard-link (else copy) every file of src_dir into dst_dir, each replaced atomically; training state aside."""
+    for src in Path(src_dir).iterdir():
         if src.name == TRAINING_STATE or not src.is_file():
             continue
-        tmp = Path(run_dir) / f".{src.name}.link"
+        tmp = Path(dst_dir) / f".{src.name}.link"
         if tmp.exists():
             tmp.unlink()
         try:
             os.link(src, tmp)
         except OSError:  # file systems without hard links
             shutil.copy2(src, tmp)
-        os.replace(tmp, Path(run_dir) / src.name)
+        os.replace(tmp, Path(dst_dir) / src.name)
+
+
+def publish(checkpoint_dir, run_dir):
+    """Point the run directory's model and tokenizer files at a checkpoint's, each file replaced atomically."""
+    link_files(checkpoint_dir, run_dir)
 
 
 def latest_checkpoint(path):

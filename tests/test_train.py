@@ -196,6 +196,9 @@ def test_eval_every_validates_mid_epoch_and_keeps_the_best_checkpoint_beside_the
     assert names == sorted({f"best-checkpoint-{best_step}", "checkpoint-4", "checkpoint-5"})
     best = run_dir / f"best-checkpoint-{best_step}"
     assert (best / "model.safetensors").is_file() and not (best / "training_state.pt").exists()
+    if best_step >= 4:  # saved at the same step as a newest checkpoint: one copy of the weights, linked
+        same = run_dir / f"checkpoint-{best_step}" / "model.safetensors"
+        assert same.stat().st_ino == (best / "model.safetensors").stat().st_ino
     _, model, _ = load_tokenizer_and_model(str(best))
     assert model is not None
     if best_step != 5:  # the run's top level is the newest checkpoint, not the best
@@ -212,6 +215,8 @@ def test_a_resumed_run_replaces_a_worse_best_checkpoint(tiny_dirs, personachat_f
     best_step = min(metrics, key=lambda m: m["ppl"])["step"]
     assert best_step > 2  # a best from before the resume was there to replace
     assert sorted(p.name for p in run_dir.glob("best-checkpoint-*")) == [f"best-checkpoint-{best_step}"]
+    same_step = [run_dir / f"{prefix}checkpoint-{best_step}" / "model.safetensors" for prefix in ("", "best-")]
+    assert same_step[0].stat().st_ino == same_step[1].stat().st_ino  # one copy of the weights, linked
 
 
 def test_resume_takes_the_learning_rate_given_now_and_reads_checkpoints_from_before_the_best_one(
