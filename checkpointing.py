@@ -39,7 +39,7 @@ class RunSaver(BaseSaveHandler):
         twin = self.run_dir / f"best-{filename}"
         if self.newest and (twin / "model.safetensors").is_file():
             tmp.mkdir(parents=True)
-            link_files(twin, tmp)
+            publish(twin, tmp)
         else:
             save_model(self.model, self.tokenizer, tmp)
         if self.newest:
@@ -58,24 +58,19 @@ class RunSaver(BaseSaveHandler):
         self.stale.append(filename)
 
 
-def link_files(src_dir, dst_dir):
-    """Hard-link (else copy) every file of src_dir into dst_dir, each replaced atomically; training state aside."""
-    for src in Path(src_dir).iterdir():
+def publish(checkpoint_dir, run_dir):
+    """Hard-link (else copy) a checkpoint's model and tokenizer files into another directory, each atomically."""
+    for src in Path(checkpoint_dir).iterdir():
         if src.name == TRAINING_STATE or not src.is_file():
             continue
-        tmp = Path(dst_dir) / f".{src.name}.link"
+        tmp = Path(run_dir) / f".{src.name}.link"
         if tmp.exists():
             tmp.unlink()
         try:
             os.link(src, tmp)
         except OSError:  # file systems without hard links
             shutil.copy2(src, tmp)
-        os.replace(tmp, Path(dst_dir) / src.name)
-
-
-def publish(checkpoint_dir, run_dir):
-    """Point the run directory's model and tokenizer files at a checkpoint's, each file replaced atomically."""
-    link_files(checkpoint_dir, run_dir)
+        os.replace(tmp, Path(run_dir) / src.name)
 
 
 def latest_checkpoint(path):
