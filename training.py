@@ -5,7 +5,10 @@ non-finite-loss stop) are tested on their own.
 """
 import contextlib
 
+import ignite.distributed as idist
 import torch
+from ignite.engine import Events
+from ignite.handlers import Timer
 
 from modeling import double_head_loss
 
@@ -67,9 +70,41 @@ def make_update(model, optimizer, scaler, device, dtype=None, accumulation_steps
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
-        return {"loss": loss.item(), "lm_loss": lm_loss.item(), "mc_loss": mc_loss.item()}
+        return {"loss": loss.item(), "lm_loss": lm_loss.item(), "mc_loss": mc_loss.item(),
+                "tokens": int(batch["attention_mask"].sum())}
 
     return update
+
+
+class Throughput:
+    """Optimizer steps and tokens per second of training time alone (validation and checkpoints excluded).
+
+    Tokens are the non-pad tokens of every candidate sequence, summed over the processes: what a
+    full-sequence forward would read, whichever path computed them.
+    """
+
+    def __init__(self, accumulation_steps=1):
+        self.accumulation_steps = accumulation_steps
+        self.timer = Timer(average=False)
+        self.tokens = 0
+        self.iterations = 0
+
+    def attach(self, engine):
+        self.timer.attach(engine, start=Events.STARTED, resume=Events.ITERATION_STARTED,
+                          pause=Events.ITERATION_COMPLETED, step=Events.ITERATION_COMPLETED)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.count)
+        return self
+
+    def count(self, engine):
+        self.tokens += engine.state.output["tokens"]
+        self.iterations += 1
+
+    def compute(self):
+        """{train_seconds, steps_per_s, tokens_per_s} since the run (or its resumption) started; collective."""
+        seconds = max(self.timer.value(), 1e-9)
+        tokens = idist.all_reduce(float(self.tokens))
+        steps = self.iterations / self.accumulation_steps
+        return {"train_seconds": seconds, "steps_per_s": steps / seconds, "tokens_per_s": tokens / seconds}
 
 
 def make_inference(model, device, dtype=None):

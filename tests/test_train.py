@@ -40,6 +40,9 @@ def test_run_directory_holds_what_later_scripts_load(tiny_dirs, personachat_file
     for m in metrics:
         assert m["ppl"] == pytest.approx(math.exp(m["nll"])) and 0 <= m["mc_accuracy"] <= 1
     assert metrics[-1]["nll"] < metrics[0]["nll"]
+    assert "tokens_per_s" not in metrics[0]  # before any step
+    assert all(m["tokens_per_s"] > 0 and m["steps_per_s"] > 0 for m in metrics[1:])
+    assert metrics[2]["train_seconds"] > metrics[1]["train_seconds"]
     args = json.load(open(os.path.join(run_dir, "training_args.json")))
     assert args["n_epochs"] == 2 and args["total_steps"] == 12
     tokenizer, model, layout = load_tokenizer_and_model(str(run_dir))

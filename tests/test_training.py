@@ -1,15 +1,16 @@
 import copy
+import time
 
 import pytest
 import torch
-from ignite.engine import Engine
+from ignite.engine import Engine, Events
 
 from conftest import make_personachat
 from inputs import DoubleHeadDataset, collate
 from layouts import TransferTransfoLayout
 from modeling import DoubleHeads, load_tokenizer_and_model
 from tokenized import tokenize_dialogs
-from training import amp_dtype, linear_lr, make_inference, make_update
+from training import Throughput, amp_dtype, linear_lr, make_inference, make_update
 
 CPU = torch.device("cpu")
 
@@ -53,6 +54,22 @@ def test_gradient_checkpointing_gives_the_same_step(setup):
     run_updates(checkpointed, [collate(items, pad)], 1)
     for (name, a), b in zip(plain.named_parameters(), checkpointed.parameters()):
         assert torch.allclose(a, b, atol=1e-6), name
+
+
+def test_throughput_counts_optimizer_steps_and_non_pad_tokens_of_training_alone(setup):
+    model, items, pad = setup
+    batches = [collate(items[:2], pad), collate(items[2:], pad)]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    engine = Engine(make_update(model, optimizer, torch.amp.GradScaler("cpu", enabled=False), CPU, None, 2))
+    throughput = Throughput(accumulation_steps=2).attach(engine)
+    engine.add_event_handler(Events.ITERATION_COMPLETED, lambda _: time.sleep(0.3))  # stands for validation
+    engine.run(batches, max_epochs=1)
+    speed = throughput.compute()
+    assert throughput.tokens == sum(int(b["attention_mask"].sum()) for b in batches)
+    assert throughput.tokens < sum(b["attention_mask"].numel() for b in batches)  # padding is not counted
+    assert speed["train_seconds"] < 0.3  # the sleeps after each iteration are left out
+    assert speed["steps_per_s"] == pytest.approx(1 / speed["train_seconds"])
+    assert speed["tokens_per_s"] == pytest.approx(throughput.tokens / speed["train_seconds"])
 
 
 def test_no_optimizer_step_before_the_accumulation_window_closes(setup):
