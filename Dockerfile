@@ -7,4 +7,5 @@ ARG TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
 RUN make install TORCH="$TORCH" PYTHON=python3
 COPY . .
 RUN touch .venv/.installed
+EXPOSE 8000
 CMD ["make", "demo"]

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 
-@dataclass
+@dataclass(frozen=True)
 class DecodingConfig:
     """The original interact.py's defaults, plus beam search and n-gram blocking."""
     max_length: int = 20
@@ -27,6 +27,20 @@ class DecodingConfig:
         return cls(max_length=args.max_length, min_length=args.min_length, temperature=args.temperature,
                    top_k=args.top_k, top_p=args.top_p, no_sample=no_sample, num_beams=args.num_beams,
                    no_repeat_ngram_size=args.no_repeat_ngram_size)
+
+
+def add_decoding_args(parser):
+    """The decoding flags of interact.py and serve.py (the original interact.py's, plus beams and n-gram blocking)."""
+    parser.add_argument("--no_sample", action="store_true", help="Greedy decoding instead of sampling")
+    parser.add_argument("--max_length", type=int, default=20, help="Most tokens in a reply (default: 20)")
+    parser.add_argument("--min_length", type=int, default=1,
+                        help="Fewest tokens in a reply: no special token before (default: 1)")
+    parser.add_argument("--temperature", type=float, default=0.7, help="Sampling softmax temperature (default: 0.7)")
+    parser.add_argument("--top_k", type=int, default=0, help="Sample among the k likeliest tokens; 0: off (default: 0)")
+    parser.add_argument("--top_p", type=float, default=0.9, help="Nucleus sampling mass; 0: off (default: 0.9)")
+    parser.add_argument("--num_beams", type=int, default=1, help="Beam search with this many beams (default: 1, off)")
+    parser.add_argument("--no_repeat_ngram_size", type=int, default=0,
+                        help="Never repeat an n-gram of this size within a reply (default: 0, off)")
 
 
 def top_filtering(logits, top_k=0, top_p=0.0, filter_value=-float("inf")):
@@ -63,29 +77,51 @@ def banned_by_ngrams(tokens, n):
     return {tokens[i + n - 1] for i in range(len(tokens) - n + 1) if tuple(tokens[i:i + n - 1]) == prefix}
 
 
-def _adjust(logits, replies, t, stop_ids, config):
-    """min_length (no ending token before it) and n-gram blocking, in place."""
-    if t < config.min_length:
-        logits[:, stop_ids] = -float("inf")
-    if config.no_repeat_ngram_size:
-        for row, reply in enumerate(replies):
-            banned = banned_by_ngrams(reply, config.no_repeat_ngram_size)
-            if banned:
-                logits[row, list(banned)] = -float("inf")
+def _adjust(logits, replies, t, stop_ids, configs):
+    """min_length (no ending token before it) and n-gram blocking of each row's config, in place."""
+    for row, (reply, config) in enumerate(zip(replies, configs)):
+        if t < config.min_length:
+            logits[row, stop_ids] = -float("inf")
+        banned = banned_by_ngrams(reply, config.no_repeat_ngram_size)
+        if banned:
+            logits[row, list(banned)] = -float("inf")
     return logits
 
 
+def _pick(logits, configs, generators):
+    """Next token of each row: greedy, or sampled after temperature and top-k / nucleus filtering.
+
+    Rows that share a config and a generator are sampled in one draw, as the original did.
+    """
+    if len(set(configs)) == 1 and len(set(map(id, generators))) == 1:
+        config = configs[0]
+        if config.no_sample:
+            return logits.argmax(dim=-1)
+        probs = F.softmax(top_filtering(logits / config.temperature, config.top_k, config.top_p), dim=-1)
+        return torch.multinomial(probs, 1, generator=generators[0]).squeeze(1)
+    return torch.cat([_pick(logits[row:row + 1], [config], [generator])
+                      for row, (config, generator) in enumerate(zip(configs, generators))])
+
+
 @torch.no_grad()
-def generate(model, contexts, layout, config, generator=None):
+def generate(model, contexts, layout, config, generator=None, on_token=None):
     """Replies (token-id lists, end token excluded) to contexts [(input_ids, token_type_ids), ...] of `layout`.
 
-    A reply ends at any of the layout's stop tokens (<eos> or the template's end of turn, and the other special
-    tokens) once min_length tokens are out, or at max_length tokens.
+    `config` and `generator` are one for all contexts or a list with one per context (a server batches requests
+    with their own settings and seeds). A reply ends at any of the layout's stop tokens (<eos> or the template's
+    end of turn, and the other special tokens) once its min_length tokens are out, or at its max_length tokens.
+    `on_token(row, token)` is called with each reply token as it is picked (beam search: once the beam is chosen).
     """
     if not contexts:
         return []
-    if config.num_beams > 1:
-        return [beam_search(model, context, layout, config) for context in contexts]
+    configs = list(config) if isinstance(config, (list, tuple)) else [config] * len(contexts)
+    generators = list(generator) if isinstance(generator, (list, tuple)) else [generator] * len(contexts)
+    if any(c.num_beams > 1 for c in configs):
+        replies = [beam_search(model, context, layout, c) for context, c in zip(contexts, configs)]
+        for row, reply in enumerate(replies):
+            for token in reply if on_token else ():
+                on_token(row, token)
+        return replies
     device = next(model.parameters()).device
     ids, types, mask, positions = left_pad(contexts, layout.pad, device)
     stop_ids = list(layout.stop_ids)
@@ -95,21 +131,20 @@ def generate(model, contexts, layout, config, generator=None):
     done = [False] * len(contexts)
     next_position = positions[:, -1:] + 1
     speaker = torch.full((len(contexts), 1), layout.bot_type, device=device)
-    for t in range(config.max_length):
-        logits = _adjust(logits, replies, t, stop_ids, config)
-        if config.no_sample:
-            tokens = logits.argmax(dim=-1)
-        else:
-            probs = F.softmax(top_filtering(logits / config.temperature, config.top_k, config.top_p), dim=-1)
-            tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    for t in range(max(c.max_length for c in configs)):
+        logits = _adjust(logits, replies, t, stop_ids, configs)
+        tokens = _pick(logits, configs, generators)
         for row, token in enumerate(tokens.tolist()):
             if done[row]:
                 continue
             if token in stop_ids:
                 done[row] = True
-            else:
-                replies[row].append(token)
-        if all(done) or t == config.max_length - 1:
+                continue
+            replies[row].append(token)
+            done[row] = len(replies[row]) >= configs[row].max_length
+            if on_token:
+                on_token(row, token)
+        if all(done):
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1) if padded else None
         logits, past = model.step(tokens[:, None], speaker, mask, next_position, past)
@@ -131,7 +166,7 @@ def beam_search(model, context, layout, config):
     finished = []
     position = positions[:, -1:]  # of the last context token; each fed token goes one further
     for t in range(config.max_length):
-        logp = _adjust(F.log_softmax(logits, dim=-1), beams, t, stop_ids, config)
+        logp = _adjust(F.log_softmax(logits, dim=-1), beams, t, stop_ids, [config] * len(beams))
         total = (scores[:, None] + logp).view(-1)
         top_scores, top_index = total.topk(min(2 * config.num_beams, total.numel()))
         keep_beam, keep_token, keep_score = [], [], []

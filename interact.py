@@ -15,7 +15,7 @@ from argparse import ArgumentParser
 import torch
 
 from classifier import load_classifier
-from decoding import DecodingConfig, generate
+from decoding import DecodingConfig, add_decoding_args, generate
 from dialogs import DialogFormatError, read_personas
 from layouts import INPUT_FORMATS, InputFormatError
 from modeling import load_tokenizer_and_model, model_max_length
@@ -46,17 +46,8 @@ def get_args(argv=None):
     parser.add_argument("--max_history", type=int, default=2, help="Previous exchanges kept in history (default: 2)")
     parser.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cuda or cpu (default: cuda when available)")
-    parser.add_argument("--no_sample", action="store_true", help="Greedy decoding instead of sampling")
-    parser.add_argument("--max_length", type=int, default=20, help="Most tokens in a reply (default: 20)")
-    parser.add_argument("--min_length", type=int, default=1,
-                        help="Fewest tokens in a reply: no special token before (default: 1)")
+    add_decoding_args(parser)
     parser.add_argument("--seed", type=int, default=0, help="Seed of the persona draw and of sampling (default: 0)")
-    parser.add_argument("--temperature", type=float, default=0.7, help="Sampling softmax temperature (default: 0.7)")
-    parser.add_argument("--top_k", type=int, default=0, help="Sample among the k likeliest tokens; 0: off (default: 0)")
-    parser.add_argument("--top_p", type=float, default=0.9, help="Nucleus sampling mass; 0: off (default: 0.9)")
-    parser.add_argument("--num_beams", type=int, default=1, help="Beam search with this many beams (default: 1, off)")
-    parser.add_argument("--no_repeat_ngram_size", type=int, default=0,
-                        help="Never repeat an n-gram of this size within a reply (default: 0, off)")
     parser.add_argument("--rerank", type=int, default=0,
                         help="Sample this many replies and answer with the one --ranker_checkpoint scores best")
     parser.add_argument("--ranker_checkpoint", default="", help="A ranker trained by `bert_classifier.py train --ranker`")

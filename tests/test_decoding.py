@@ -108,6 +108,21 @@ def test_same_seed_same_reply(chat_model):
     assert replies[0] != replies[2] or replies[0] != replies[3]
 
 
+def test_each_context_keeps_its_own_settings_and_seed_in_a_batch(chat_model):
+    """A server batches requests with their own temperature, length and seed: each row decodes as it would alone."""
+    model, layout, contexts = chat_model
+    greedy = DecodingConfig(no_sample=True, min_length=5, max_length=5)
+    sampled = DecodingConfig(temperature=1.5, top_p=0.95, min_length=9, max_length=9)
+    alone = [generate(model, [contexts[0]], layout, greedy)[0],
+             generate(model, [contexts[1]], layout, sampled, generator=torch.Generator().manual_seed(7))[0]]
+    seen = []
+    batched = generate(model, contexts, layout, [greedy, sampled], [None, torch.Generator().manual_seed(7)],
+                       on_token=lambda row, token: seen.append((row, token)))
+    assert batched == alone and [len(r) for r in batched] == [5, 9]
+    assert [t for r, t in seen if r == 0] == batched[0] and [t for r, t in seen if r == 1] == batched[1]
+    assert [r for r, _ in seen][:4] == [0, 1, 0, 1]  # tokens come out step by step, not reply by reply
+
+
 def test_beam_search_gives_a_reply_per_context_without_special_tokens(chat_model):
     model, layout, contexts = chat_model
     config = DecodingConfig(num_beams=3, max_length=10, no_repeat_ngram_size=2)

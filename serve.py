@@ -1,0 +1,102 @@
+"""Serve a trained run: a chat page in the browser and an OpenAI-compatible chat-completions API.
+
+    python serve.py                                    # the newest run under runs/, on http://127.0.0.1:8000
+    python serve.py --model_checkpoint runs/x --port 8080 --no_sample
+    curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
+        -d '{"messages": [{"role": "system", "content": "i love cats."}, {"role": "user", "content": "hi!"}]}'
+
+A system message is the persona (one sentence per line); user and assistant messages are the history. The flags
+below are the defaults of every request; a request's max_tokens, temperature (0: greedy), top_p, seed and n
+override them. Requests waiting when the model is free are decoded in one batch.
+"""
+import logging
+import sys
+from argparse import ArgumentParser
+from pathlib import Path
+
+import torch
+import uvicorn
+
+from classifier import load_classifier
+from decoding import DecodingConfig, add_decoding_args
+from layouts import INPUT_FORMATS, InputFormatError
+from modeling import load_tokenizer_and_model, model_max_length
+from serving import ChatModel, ServerSettings, create_app
+from utils import newest_run
+
+logger = logging.getLogger(__file__)
+
+
+def get_args(argv=None):
+    parser = ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model_checkpoint", type=str, default="",
+                        help="Run directory, hub id or .gguf file (default: the newest run under --runs_dir)")
+    parser.add_argument("--input_format", type=str, default="", choices=("",) + INPUT_FORMATS,
+                        help="Layout of a pretrained model's inputs (default: a run's own; else chat_template where "
+                             "the tokenizer has one)")
+    parser.add_argument("--runs_dir", type=str, default="runs", help="Where to look for the newest run (default: runs)")
+    parser.add_argument("--host", type=str, default="127.0.0.1", help="Address to listen on (default: 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="Port to listen on (default: 8000)")
+    parser.add_argument("--served_model_name", type=str, default="",
+                        help="The model id of /v1/models and responses (default: the run directory's name)")
+    parser.add_argument("--personality", action="append", default=[],
+                        help="Persona sentence of requests without a system message; repeat for several")
+    parser.add_argument("--max_history", type=int, default=2, help="Previous exchanges kept in history (default: 2)")
+    parser.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cuda or cpu (default: cuda when available)")
+    add_decoding_args(parser)
+    parser.add_argument("--seed", type=int, default=None,
+                        help="Seed of the sampling of requests that give none (default: none, a fresh draw)")
+    parser.add_argument("--rerank", type=int, default=0,
+                        help="Sample this many replies per choice and answer with the one --ranker_checkpoint scores "
+                             "best (replies then stream at their end)")
+    parser.add_argument("--ranker_checkpoint", default="", help="A ranker trained by `bert_classifier.py train --ranker`")
+    parser.add_argument("--max_concurrency", type=int, default=32,
+                        help="Requests queued or decoding at once; more get HTTP 429 (default: 32)")
+    parser.add_argument("--max_batch_size", type=int, default=8,
+                        help="Most replies decoded in one batch (a request's n choices count each) (default: 8)")
+    parser.add_argument("--max_tokens_limit", type=int, default=512,
+                        help="Largest max_tokens a request may ask for (default: 512)")
+    parser.add_argument("--log_level", type=str, default="info", help="uvicorn's log level (default: info)")
+    args = parser.parse_args(argv)
+    if args.rerank > 1 and not args.ranker_checkpoint:
+        parser.error("--rerank needs --ranker_checkpoint")
+    if args.temperature <= 0:
+        parser.error("--temperature: must be above 0 (use --no_sample for greedy decoding)")
+    if args.max_batch_size < 1 or args.max_concurrency < 1:
+        parser.error("--max_batch_size and --max_concurrency: at least 1")
+    if args.max_length > args.max_tokens_limit:
+        parser.error(f"--max_length {args.max_length}: above --max_tokens_limit {args.max_tokens_limit}")
+    return args
+
+
+def build_app(args):
+    """Load the run (once) and make the app, as `python serve.py` would serve it."""
+    checkpoint = args.model_checkpoint or newest_run(args.runs_dir)
+    if checkpoint is None:
+        sys.exit(f"serve.py: no run under {args.runs_dir}/: train one with `make demo` (or `python train.py`), "
+                 f"or pass --model_checkpoint (a run directory, hub id or .gguf file)")
+    tokenizer, model, layout = load_tokenizer_and_model(checkpoint, input_format=args.input_format)
+    model.to(args.device).eval()
+    ranker = load_classifier(args.ranker_checkpoint) if args.rerank > 1 else None
+    if ranker is not None:
+        ranker[0].to(args.device).eval()
+    settings = ServerSettings(model_name=args.served_model_name or Path(checkpoint.rstrip("/")).name,
+                              decoding=DecodingConfig.from_args(args, no_sample=args.no_sample),
+                              max_history=args.max_history, persona=tuple(args.personality),
+                              max_tokens_limit=args.max_tokens_limit, rerank=args.rerank, seed=args.seed)
+    chat_model = ChatModel(model, tokenizer, layout, settings, model_max_length(model), ranker)
+    logger.info("Serving %s as %r", checkpoint, settings.model_name)
+    return create_app(chat_model, max_concurrency=args.max_concurrency, max_batch_size=args.max_batch_size)
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    arguments = get_args()
+    try:
+        application = build_app(arguments)
+    except (FileNotFoundError, IsADirectoryError, InputFormatError) as e:
+        sys.exit(f"serve.py: error: {e}")
+    print(f"Chat page: http://{arguments.host}:{arguments.port}/  API: http://{arguments.host}:{arguments.port}/v1",
+          file=sys.stderr, flush=True)
+    uvicorn.run(application, host=arguments.host, port=arguments.port, log_level=arguments.log_level)

@@ -1,0 +1,394 @@
+"""The chat server's parts: OpenAI chat requests to model inputs, one decoding thread that batches requests, and
+the FastAPI app (the API, its OpenAI-style errors and the chat page). serve.py loads a run and starts it.
+"""
+import asyncio
+import json
+import logging
+import queue
+import random
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Literal, Optional, Union
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from decoding import DecodingConfig, generate
+from reply_ranker import context_text, score_pairs
+
+logger = logging.getLogger(__name__)
+
+PAGE = Path(__file__).parent / "web" / "chat.html"
+
+
+class APIError(Exception):
+    """An error answered with OpenAI's body: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status, message, param=None, type_="invalid_request_error", code=None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.type, self.code = status, message, param, type_, code
+
+    def response(self):
+        return JSONResponse(status_code=self.status, content={"error": {
+            "message": self.message, "type": self.type, "param": self.param, "code": self.code}})
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class Message(BaseModel):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Union[str, list[TextPart]]
+
+    def text(self):
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class ChatRequest(BaseModel):
+    """The chat-completions fields we read; other fields OpenAI clients send are accepted and ignored."""
+    model_config = ConfigDict(extra="allow")
+    model: Optional[str] = None
+    messages: list[Message] = Field(min_length=1)
+    max_tokens: Optional[int] = Field(None, ge=1)
+    max_completion_tokens: Optional[int] = Field(None, ge=1)
+    temperature: Optional[float] = Field(None, ge=0, le=2)
+    top_p: Optional[float] = Field(None, gt=0, le=1)
+    n: int = Field(1, ge=1, le=16)
+    seed: Optional[int] = None
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+
+
+def persona_and_turns(messages):
+    """(persona sentences, turn texts ending with the user's) of OpenAI messages; APIError naming the bad field.
+
+    System (and developer) messages are the persona, one sentence per line. User and assistant messages are the
+    history; consecutive messages of one speaker join into one turn, as one speaker's turn.
+    """
+    persona, turns, roles = [], [], []
+    for i, message in enumerate(messages):
+        text = message.text().strip()
+        if not text:
+            raise APIError(400, f"messages[{i}].content: empty; every message needs text", f"messages[{i}].content")
+        if message.role in ("system", "developer"):
+            persona += [line.strip() for line in text.splitlines() if line.strip()]
+        elif roles and roles[-1] == message.role:
+            turns[-1] += "\n" + text
+        else:
+            turns.append(text)
+            roles.append(message.role)
+    if not roles or roles[-1] != "user":
+        raise APIError(400, f"messages[{len(messages) - 1}].role: the last message must be the user's, to be "
+                            f"answered", f"messages[{len(messages) - 1}].role")
+    return persona, turns
+
+
+class TextStream:
+    """Text pieces of a reply as its tokens arrive; joined, they are exactly the final text.
+
+    A piece is held back while the decoded text ends in a partial character (U+FFFD) or does not extend what
+    was already sent.
+    """
+
+    def __init__(self, decode):
+        self.decode, self.tokens, self.sent = decode, [], ""
+
+    def push(self, token):
+        self.tokens.append(token)
+        text = self.decode(self.tokens)
+        if text.endswith("\ufffd") or not text.startswith(self.sent):
+            return ""
+        piece, self.sent = text[len(self.sent):], text
+        return piece
+
+    def finish(self, tokens):
+        text = self.decode(tokens)
+        if not text.startswith(self.sent):  # never seen with byte-level tokenizers; the client has the sent text
+            logger.warning("streamed text %r is not a prefix of the reply %r", self.sent, text)
+            return ""
+        piece, self.sent = text[len(self.sent):], text
+        return piece
+
+
+@dataclass
+class Job:
+    """One request's rows (its choices, or its --rerank samples) and where its events go."""
+    contexts: list
+    configs: list
+    generators: list
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue
+    stream: bool = False
+    persona: list = field(default_factory=list)  # for --rerank's ranker
+    turns: list = field(default_factory=list)
+    samples: int = 1
+
+    def emit(self, *event):
+        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+
+
+class Batcher:
+    """One thread owns the model: requests waiting when it is free are decoded in one batch.
+
+    At most `max_pending` requests are queued or decoding; beyond that `submit` refuses (HTTP 429), so one
+    long request or a crowd cannot hold the page forever. A failing batch fails its own requests only.
+    """
+
+    def __init__(self, decode_jobs, max_batch_rows=8, max_pending=32, gather_s=0.005):
+        self.decode_jobs, self.max_batch_rows, self.max_pending, self.gather_s = (
+            decode_jobs, max_batch_rows, max_pending, gather_s)
+        self.queue = queue.Queue()
+        self.lock = threading.Lock()
+        self.pending = 0
+        self.batches = 0
+        self.thread = threading.Thread(target=self.run, name="decoder", daemon=True)
+        self.thread.start()
+
+    def submit(self, job):
+        with self.lock:
+            if self.pending >= self.max_pending:
+                raise APIError(429, f"the server is busy: {self.pending} requests in flight (--max_concurrency "
+                                    f"{self.max_pending}); retry later", type_="rate_limit_error",
+                               code="rate_limit_exceeded")
+            self.pending += 1
+        self.queue.put(job)
+
+    def take_batch(self):
+        """The next job, then those that arrive within gather_s, up to max_batch_rows rows."""
+        jobs = [self.queue.get()]
+        rows = len(jobs[0].contexts)
+        deadline = time.perf_counter() + self.gather_s
+        while rows < self.max_batch_rows:
+            try:
+                job = self.queue.get(timeout=max(deadline - time.perf_counter(), 0))
+            except queue.Empty:
+                break
+            if rows + len(job.contexts) > self.max_batch_rows:
+                self.queue.put(job)  # behind later arrivals, at worst by one batch
+                break
+            jobs.append(job)
+            rows += len(job.contexts)
+        return jobs
+
+    def run(self):
+        while True:
+            jobs = self.take_batch()
+            try:
+                self.decode_jobs(jobs)
+            except Exception as e:  # noqa: BLE001  the thread lives on; these requests get a 500
+                logger.exception("decoding failed")
+                for job in jobs:
+                    job.emit("error", f"{type(e).__name__}: {e}")
+            finally:
+                with self.lock:
+                    self.pending -= len(jobs)
+                    self.batches += 1
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """What serve.py's flags set: decoding defaults and limits."""
+    model_name: str
+    decoding: DecodingConfig
+    max_history: int = 2
+    persona: tuple = ()
+    max_tokens_limit: int = 512
+    rerank: int = 0
+    seed: Optional[int] = None
+
+
+class ChatModel:
+    """A loaded run, its layout and decoding defaults: requests become rows, batches of rows become replies."""
+
+    def __init__(self, model, tokenizer, layout, settings, max_len, ranker=None):
+        self.model, self.tokenizer, self.layout, self.settings, self.max_len = model, tokenizer, layout, settings, max_len
+        self.ranker = ranker
+        self.device = next(model.parameters()).device
+        self.rng = random.Random(settings.seed)
+
+    def encode(self, text):
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def text(self, tokens):
+        return self.tokenizer.decode(tokens, skip_special_tokens=True).lstrip()
+
+    def config_of(self, request):
+        """The server's decoding defaults with the request's max_tokens, temperature (0: greedy) and top_p."""
+        limit = self.settings.max_tokens_limit
+        max_tokens = request.max_completion_tokens or request.max_tokens
+        if max_tokens is not None and max_tokens > limit:
+            param = "max_completion_tokens" if request.max_completion_tokens else "max_tokens"
+            raise APIError(400, f"{param}: {max_tokens} is above this server's limit of {limit} (--max_tokens_limit)",
+                           param)
+        config = self.settings.decoding
+        changes = {"max_length": max_tokens or config.max_length}
+        if request.temperature is not None:
+            changes.update(no_sample=request.temperature == 0, temperature=request.temperature or 1.0)
+        if request.top_p is not None:
+            changes["top_p"] = request.top_p
+        return replace(config, **changes)
+
+    def job_for(self, request, loop):
+        persona, turns = persona_and_turns(request.messages)
+        persona = persona or list(self.settings.persona)
+        turns = turns[-(2 * self.settings.max_history + 1):]
+        config = self.config_of(request)
+        context = self.layout.context_inputs([self.encode(s) for s in persona], [self.encode(t) for t in turns],
+                                             self.max_len, config.max_length)
+        samples = max(self.settings.rerank, 1)
+        rows = request.n * samples
+        seed = request.seed if request.seed is not None else self.rng.getrandbits(62)
+        generators = [torch.Generator(device=self.device).manual_seed(seed + i) for i in range(rows)]
+        return Job([context] * rows, [config] * rows, generators, loop, asyncio.Queue(),
+                   stream=samples == 1 and config.num_beams == 1, persona=persona, turns=turns, samples=samples)
+
+    def decode_jobs(self, jobs):
+        """Decode the jobs' rows in one batch, streaming tokens to jobs that stream, then their replies."""
+        owners = [(job, i) for job in jobs for i in range(len(job.contexts))]
+
+        def on_token(row, token):
+            job, i = owners[row]
+            if job.stream:
+                job.emit("token", i, token)
+
+        replies = generate(self.model, [c for job in jobs for c in job.contexts],
+                           self.layout, [c for job in jobs for c in job.configs],
+                           [g for job in jobs for g in job.generators], on_token=on_token)
+        start = 0
+        for job in jobs:
+            mine = replies[start:start + len(job.contexts)]
+            start += len(job.contexts)
+            job.emit("done", self.choose(job, mine))
+
+    def choose(self, job, replies):
+        """One reply per choice: with --rerank, the sample the ranker scores best among each choice's samples."""
+        if job.samples == 1:
+            return replies
+        ranker_model, ranker_tokenizer, _, options = self.ranker
+        context = context_text(job.persona, job.turns, options.get("max_history", 2))
+        chosen = []
+        for start in range(0, len(replies), job.samples):
+            group = replies[start:start + job.samples]
+            scores = score_pairs(ranker_model, ranker_tokenizer, options, context, [self.text(r) for r in group],
+                                 self.device)
+            chosen.append(group[int(scores.argmax())])
+        return chosen
+
+    def finish_reason(self, reply, config):
+        return "length" if len(reply) >= config.max_length else "stop"
+
+    def usage(self, job, replies):
+        prompt = len(job.contexts[0][0])
+        completion = sum(len(r) + (self.finish_reason(r, job.configs[0]) == "stop") for r in replies)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def sse(payload):
+    return f"data: {json.dumps(payload)}\n\n"
+
+
+def create_app(chat_model, max_concurrency=32, max_batch_size=8):
+    """The FastAPI app over a ChatModel: /v1/chat/completions, /v1/models, /health and the chat page at /."""
+    app = FastAPI(title="TransferTransfo chat", docs_url=None, redoc_url=None)
+    batcher = Batcher(chat_model.decode_jobs, max_batch_rows=max_batch_size, max_pending=max_concurrency)
+    app.state.batcher, app.state.chat_model = batcher, chat_model
+    name = chat_model.settings.model_name
+    created = int(time.time())
+
+    @app.exception_handler(APIError)
+    async def api_error(request, exc):
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request, exc):
+        error = exc.errors()[0]
+        loc = [str(p) for p in error["loc"] if p != "body"]
+        param = "".join(f"[{p}]" if p.isdigit() else f".{p}" for p in loc).lstrip(".") or "body"
+        message = error["msg"] if error["type"] != "json_invalid" else "the body is not valid JSON"
+        return APIError(400, f"{param}: {message}", param).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, exc):
+        return APIError(exc.status_code, str(exc.detail), type_="invalid_request_error").response()
+
+    @app.exception_handler(Exception)
+    async def server_error(request, exc):
+        logger.exception("request failed")
+        return APIError(500, f"{type(exc).__name__}: {exc}", type_="server_error").response()
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": name, "in_flight": batcher.pending, "batches": batcher.batches}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": created,
+                                            "owned_by": "transfertransfo"}]}
+
+    @app.get("/")
+    async def page():
+        return FileResponse(PAGE, media_type="text/html")
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatRequest, request: Request):
+        if body.model and body.model != name:
+            raise APIError(404, f"model: {body.model!r} is not served here; this server serves {name!r} "
+                                f"(GET /v1/models)", "model", code="model_not_found")
+        job = chat_model.job_for(body, asyncio.get_running_loop())
+        batcher.submit(job)
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": name}
+        if body.stream:
+            return StreamingResponse(stream_events(job, head, body), media_type="text/event-stream")
+        replies = await wait_replies(job)
+        return {**head, "object": "chat.completion", "usage": chat_model.usage(job, replies), "choices": [
+            {"index": i, "message": {"role": "assistant", "content": chat_model.text(reply)},
+             "finish_reason": chat_model.finish_reason(reply, job.configs[i]), "logprobs": None}
+            for i, reply in enumerate(replies)]}
+
+    async def wait_replies(job):
+        while True:
+            kind, *rest = await job.events.get()
+            if kind == "done":
+                return rest[0]
+            if kind == "error":
+                raise APIError(500, rest[0], type_="server_error")
+
+    async def stream_events(job, head, body):
+        n = body.n
+        chunk = lambda choices: sse({**head, "object": "chat.completion.chunk", "choices": choices})  # noqa: E731
+        yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+                     for i in range(n)])
+        streams = [TextStream(chat_model.text) for _ in range(n)]
+        while True:
+            kind, *rest = await job.events.get()
+            if kind == "token":
+                i, token = rest
+                yield chunk([{"index": i, "delta": {"content": streams[i].push(token)}, "finish_reason": None}])
+            elif kind == "done":
+                replies = rest[0]
+                for i, reply in enumerate(replies):
+                    yield chunk([{"index": i, "delta": {"content": streams[i].finish(reply)},
+                                  "finish_reason": chat_model.finish_reason(reply, job.configs[i])}])
+                if body.stream_options and body.stream_options.include_usage:
+                    yield sse({**head, "object": "chat.completion.chunk", "choices": [],
+                               "usage": chat_model.usage(job, replies)})
+                break
+            else:
+                yield sse({"error": {"message": rest[0], "type": "server_error", "param": None, "code": None}})
+                break
+        yield "data: [DONE]\n\n"
+
+    return app

@@ -1,0 +1,123 @@
+"""serve.py end to end on the packaged SmolLM2: the official openai client, and the page in a headless Chromium."""
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from conftest import ROOT
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """serve.py on the packaged model, on a free local port, as a user starts it."""
+    from utils import default_model_checkpoint
+
+    port = free_port()
+    log = open(tmp_path_factory.mktemp("serve") / "serve.log", "w+")
+    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "serve.py"), "--model_checkpoint",
+                                default_model_checkpoint(), "--port", str(port), "--device", "cpu",
+                                "--max_length", "16", "--served_model_name", "smollm2"],
+                               stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 240
+    while True:
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2) as response:
+                if response.status == 200:
+                    break
+        except OSError:  # not listening yet
+            pass
+        if process.poll() is not None or time.time() > deadline:
+            log.seek(0)
+            process.kill()
+            pytest.fail(f"serve.py did not come up:\n{log.read()[-3000:]}")
+        time.sleep(0.5)
+    yield url
+    process.terminate()
+    process.wait(30)
+    log.close()
+
+
+def test_the_openai_client_gets_replies_streamed_and_not(server):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=server + "/v1", api_key="not-needed")
+    assert [m.id for m in client.models.list().data] == ["smollm2"]
+    messages = [{"role": "system", "content": "i love cats.\ni am a nurse."},
+                {"role": "user", "content": "hi! what do you do for a living?"}]
+    reply = client.chat.completions.create(model="smollm2", messages=messages, max_tokens=12, temperature=0)
+    content = reply.choices[0].message.content
+    assert content.strip() and reply.choices[0].finish_reason in ("stop", "length")
+    assert 0 < reply.usage.completion_tokens <= 13 and reply.usage.prompt_tokens > 10
+    stream = client.chat.completions.create(model="smollm2", messages=messages, max_tokens=12, temperature=0,
+                                            stream=True)
+    pieces = [chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices]
+    assert "".join(pieces) == content and len(pieces) > 3  # the same greedy reply, token by token
+    sampled = client.chat.completions.create(model="smollm2", messages=messages, max_tokens=12, temperature=1.0,
+                                             seed=3, n=2)
+    assert len(sampled.choices) == 2 and all(c.message.content.strip() for c in sampled.choices)
+
+
+def chromium_driver(tmp_path):
+    """Debian's Chromium through Selenium with the system chromedriver (nothing downloaded), or a skip saying why."""
+    if not (shutil.which(CHROMIUM) and shutil.which(CHROMEDRIVER)):
+        pytest.skip(f"no {CHROMIUM} / {CHROMEDRIVER}: install Debian's chromium and chromium-driver (.ci/run does)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--window-size=900,700", f"--user-data-dir={tmp_path / 'chromium'}"):
+        options.add_argument(flag)
+    return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+
+
+# Records every text the reply bubble shows, to tell a streamed reply from one that appears at once.
+WATCH_REPLIES = """
+window.shown = [];
+new MutationObserver(() => {
+  const bubble = document.querySelector('#messages .assistant, #messages .error');
+  if (bubble) window.shown.push(bubble.textContent);
+}).observe(document.getElementById('messages'), {childList: true, subtree: true, characterData: true});
+"""
+
+
+def test_the_page_shows_a_streamed_reply_to_a_typed_message(server, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver = chromium_driver(tmp_path)
+    try:
+        driver.get(server + "/")
+        WebDriverWait(driver, 20).until(lambda d: "smollm2" in d.find_element(By.ID, "model").text)
+        driver.find_element(By.ID, "persona").send_keys("i love cats.\ni am a nurse.")
+        driver.execute_script(WATCH_REPLIES)
+        driver.find_element(By.ID, "input").send_keys("hi! what do you do for a living?")
+        driver.find_element(By.ID, "send").click()
+        WebDriverWait(driver, 120).until(
+            lambda d: d.find_elements(By.CSS_SELECTOR, '#messages [data-done="true"]'))
+        user, reply = driver.find_elements(By.CSS_SELECTOR, "#messages .msg")
+        assert user.text == "hi! what do you do for a living?"
+        assert "assistant" in reply.get_attribute("class") and reply.text.strip()
+        shown = [t for t in driver.execute_script("return window.shown") if t]
+        assert len(set(shown)) > 2 and all(reply.text.startswith(t.strip()) for t in shown)  # grew piece by piece
+        driver.save_screenshot(str(tmp_path / "chat.png"))
+        driver.find_element(By.ID, "reset").click()
+        assert driver.find_elements(By.CSS_SELECTOR, "#messages .msg") == []
+    finally:
+        driver.quit()

@@ -1,0 +1,231 @@
+import asyncio
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from decoding import DecodingConfig
+from modeling import load_tokenizer_and_model, model_max_length
+from serving import APIError, Batcher, ChatModel, Job, ServerSettings, TextStream, create_app, persona_and_turns
+
+
+def make_chat_model(directory, **settings):
+    torch.manual_seed(0)
+    tokenizer, model, layout = load_tokenizer_and_model(directory)
+    torch.nn.init.normal_(model.speaker_embeddings)
+    defaults = dict(model_name="tiny", decoding=DecodingConfig(max_length=8, temperature=1.0), max_tokens_limit=32)
+    return ChatModel(model.eval(), tokenizer, layout, ServerSettings(**{**defaults, **settings}),
+                     model_max_length(model))
+
+
+@pytest.fixture(scope="module")
+def served(tiny_dirs):
+    chat_model = make_chat_model(tiny_dirs["llama_chat"])
+    seen = []  # the contexts the model is given, request by request
+    decode_jobs = chat_model.decode_jobs
+    chat_model.decode_jobs = lambda jobs: (seen.extend(j.contexts[0] for j in jobs), decode_jobs(jobs))
+    app = create_app(chat_model, max_concurrency=16, max_batch_size=8)
+    with TestClient(app) as client:
+        yield client, chat_model, seen
+
+
+PERSONA = {"role": "system", "content": "i love cats.\ni like music"}
+
+
+def ask(client, *messages, **fields):
+    return client.post("/v1/chat/completions", json={"messages": list(messages), **fields})
+
+
+def stream_events(client, *messages, **fields):
+    with client.stream("POST", "/v1/chat/completions",
+                       json={"messages": list(messages), "stream": True, **fields}) as response:
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in response.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in lines) and lines[-1] == "data: [DONE]"
+    return [json.loads(line[6:]) for line in lines[:-1]]
+
+
+def test_a_reply_has_openai_chat_completion_shape(served):
+    client, chat_model, _ = served
+    response = ask(client, PERSONA, {"role": "user", "content": "hi how are you"}, temperature=0, max_tokens=6)
+    assert response.status_code == 200
+    body = response.json()
+    assert body["object"] == "chat.completion" and body["model"] == "tiny" and body["id"].startswith("chatcmpl-")
+    (choice,) = body["choices"]
+    assert choice["index"] == 0 and choice["message"]["role"] == "assistant"
+    assert isinstance(choice["message"]["content"], str) and choice["finish_reason"] in ("stop", "length")
+    usage = body["usage"]
+    words = len(choice["message"]["content"].split())  # the test tokenizer: one token per word
+    assert usage["completion_tokens"] == words + (choice["finish_reason"] == "stop") <= 6
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"] and usage["prompt_tokens"] > 5
+
+
+def test_streamed_chunks_join_into_the_greedy_reply(served):
+    client, _, _ = served
+    messages = (PERSONA, {"role": "user", "content": "what do you like to eat"})
+    whole = ask(client, *messages, temperature=0, max_tokens=10).json()
+    events = stream_events(client, *messages, temperature=0, max_tokens=10,
+                           stream_options={"include_usage": True})
+    assert events[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert all(e["object"] == "chat.completion.chunk" and e["id"] == events[0]["id"] for e in events)
+    chunks = [c for e in events for c in e["choices"]]
+    assert "".join(c["delta"]["content"] for c in chunks) == whole["choices"][0]["message"]["content"] != ""
+    assert chunks[-1]["finish_reason"] == whole["choices"][0]["finish_reason"]
+    assert events[-1]["usage"] == whole["usage"]
+    token_chunks = len(chunks) - 2  # the role chunk and the closing chunk
+    assert token_chunks == len(whole["choices"][0]["message"]["content"].split())  # one chunk per token
+
+
+def test_a_seed_makes_sampling_repeat(served):
+    client, _, _ = served
+    user = {"role": "user", "content": "tell me about your family"}
+    reply = lambda seed: ask(client, user, temperature=1.5, seed=seed, max_tokens=12).json()[  # noqa: E731
+        "choices"][0]["message"]["content"]
+    assert reply(5) == reply(5)
+    assert len({reply(5), reply(6), reply(7), reply(8)}) > 1
+
+
+def test_n_choices_are_sampled_independently(served):
+    client, _, _ = served
+    body = ask(client, {"role": "user", "content": "hi"}, n=3, temperature=1.5, seed=1, max_tokens=12).json()
+    assert [c["index"] for c in body["choices"]] == [0, 1, 2]
+    assert len({c["message"]["content"] for c in body["choices"]}) > 1
+
+
+def test_the_persona_is_the_system_part_of_the_prompt_the_model_sees(served):
+    client, chat_model, seen = served
+    user = {"role": "user", "content": "hi"}
+    ask(client, PERSONA, user, temperature=0, max_tokens=2)
+    with_persona = chat_model.tokenizer.decode(seen[-1][0])
+    ask(client, user, temperature=0, max_tokens=2)
+    without = chat_model.tokenizer.decode(seen[-1][0])
+    assert "<|im_start|> system \n i love <unk> \n i like music <|im_end|>" in with_persona  # "cats." is unknown
+    assert "system \n you are my nice friend" in without  # the template's own default system prompt
+    assert with_persona.endswith(without[without.index("user"):])  # the same turn after a different system part
+
+
+@pytest.mark.parametrize("body, param", [
+    ({}, "messages"),
+    ({"messages": []}, "messages"),
+    ({"messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role"),
+    ({"messages": [{"role": "user"}]}, "messages[0].content"),
+    ({"messages": [{"role": "user", "content": "  "}]}, "messages[0].content"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}, "messages[1].role"),
+    ({"messages": [{"role": "system", "content": "i love cats"}]}, "messages[0].role"),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, "max_tokens"),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 33}, "max_tokens"),
+    ({"messages": [{"role": "user", "content": "hi"}], "temperature": -1}, "temperature"),
+    ({"messages": [{"role": "user", "content": "hi"}], "top_p": 0}, "top_p"),
+    ({"messages": [{"role": "user", "content": "hi"}], "n": 0}, "n"),
+])
+def test_bad_input_gets_a_400_naming_the_field_and_the_next_request_works(served, body, param):
+    client, _, _ = served
+    response = client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["param"] == param and error["message"].startswith(param) and error["type"] == "invalid_request_error"
+    assert ask(client, {"role": "user", "content": "hi"}, max_tokens=3).status_code == 200
+
+
+def test_malformed_json_and_an_unknown_model_are_refused(served):
+    client, _, _ = served
+    response = client.post("/v1/chat/completions", content=b"{not json", headers={"Content-Type": "application/json"})
+    assert response.status_code == 400 and "JSON" in response.json()["error"]["message"]
+    response = ask(client, {"role": "user", "content": "hi"}, model="gpt-4o")
+    assert response.status_code == 404 and response.json()["error"]["param"] == "model"
+    assert "'tiny'" in response.json()["error"]["message"]
+
+
+def test_a_prompt_longer_than_the_model_is_cut_as_in_training(served):
+    client, chat_model, seen = served
+    long_turn = " ".join(["hello"] * 1000)
+    response = ask(client, PERSONA, {"role": "user", "content": long_turn}, temperature=0, max_tokens=8)
+    assert response.status_code == 200
+    assert response.json()["usage"]["prompt_tokens"] == len(seen[-1][0]) <= chat_model.max_len - 8
+
+
+def test_concurrent_clients_get_their_own_replies_decoded_together(served):
+    client, chat_model, _ = served
+    users = ["hi", "what do you like", "i am from the city", "do you like cats", "my name is", "how is work"]
+    alone = [ask(client, {"role": "user", "content": u}, temperature=0, max_tokens=8).json()["choices"][0]
+             ["message"]["content"] for u in users]
+    batches_before = client.app.state.batcher.batches
+    with ThreadPoolExecutor(len(users)) as pool:
+        together = list(pool.map(lambda u: ask(client, {"role": "user", "content": u}, temperature=0,
+                                               max_tokens=8).json()["choices"][0]["message"]["content"], users))
+    assert together == alone
+    assert client.app.state.batcher.batches - batches_before < len(users)  # some were decoded in one batch
+
+
+def test_models_health_and_page(served):
+    client, _, _ = served
+    assert client.get("/v1/models").json()["data"][0]["id"] == "tiny"
+    health = client.get("/health").json()
+    assert health["status"] == "ok" and health["in_flight"] == 0
+    page = client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert 'id="persona"' in page.text and "/v1/chat/completions" in page.text
+    assert client.get("/nowhere").json()["error"]["message"] == "Not Found"
+
+
+def test_messages_become_persona_lines_and_alternating_turns():
+    messages = [type("M", (), {"role": r, "text": lambda self, c=c: c})() for r, c in [
+        ("system", "i love cats.\n\n i am a nurse. "), ("user", "hi"), ("user", "anyone?"), ("assistant", "yes"),
+        ("user", "cool")]]
+    assert persona_and_turns(messages) == (["i love cats.", "i am a nurse."], ["hi\nanyone?", "yes", "cool"])
+
+
+def test_text_stream_holds_back_partial_characters_and_joins_to_the_final_text():
+    pieces = {(1,): "caf", (1, 2): "caf\ufffd", (1, 2, 3): "café", (1, 2, 3, 4): "café au lait"}
+    stream = TextStream(lambda tokens: pieces[tuple(tokens)])
+    sent = [stream.push(t) for t in (1, 2, 3, 4)]
+    assert sent == ["caf", "", "é", " au lait"] and stream.finish([1, 2, 3, 4]) == ""
+
+
+def make_job(rows=1):
+    return Job([([0], [0])] * rows, [None] * rows, [None] * rows, asyncio.new_event_loop(), asyncio.Queue())
+
+
+def test_batcher_decodes_waiting_requests_together_and_refuses_beyond_its_limit():
+    release, batches = threading.Event(), []
+
+    def decode_jobs(jobs):
+        batches.append(len(jobs))
+        release.wait(5)
+
+    batcher = Batcher(decode_jobs, max_batch_rows=4, max_pending=4)
+    batcher.submit(make_job())
+    time.sleep(0.1)  # the first batch holds the thread
+    for _ in range(3):
+        batcher.submit(make_job())
+    with pytest.raises(APIError) as refused:
+        batcher.submit(make_job())
+    assert refused.value.status == 429 and "--max_concurrency 4" in refused.value.message
+    release.set()
+    deadline = time.time() + 5
+    while batcher.pending and time.time() < deadline:
+        time.sleep(0.01)
+    assert batches == [1, 3] and batcher.pending == 0
+
+
+def test_a_failing_batch_fails_its_requests_and_the_thread_goes_on():
+    calls = []
+
+    def decode_jobs(jobs):
+        calls.append(len(jobs))
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+        for job in jobs:
+            job.emit("done", [[]])
+
+    batcher = Batcher(decode_jobs)
+    jobs = [make_job(), make_job()]
+    for job in jobs:
+        batcher.submit(job)
+        time.sleep(0.1)
+    events = [job.loop.run_until_complete(asyncio.wait_for(job.events.get(), 5)) for job in jobs]
+    assert events[0] == ("error", "RuntimeError: boom") and events[1] == ("done", [[]])
