@@ -4,6 +4,7 @@
     python bench.py generate [--reply_tokens 20] [--json]
     python bench.py rank [--examples 8] [--json]
     python bench.py quality [--max_steps 200] [--max_examples 200] [--json]
+    python bench.py serve [--clients 8] [--requests 32] [--json]
 
 `train`: training steps of the packaged model on the packaged corpus through our pipeline (length-grouped
 batches padded to their own longest sequence, each context computed once for all its candidates), against the
@@ -26,6 +27,11 @@ by LM likelihood, token and word perplexity, and F1 of greedy replies; plus the 
 hits@1. Prints every row and the trained-minus-zero-shot deltas. Training and evaluation run as the scripts
 themselves, in subprocesses.
 
+`serve`: serve.py started as a user starts it, then the same --requests chat completions (the first turns of
+held-out dialogs, greedy, streamed) sent one at a time and by --clients concurrent clients: requests/s, reply
+tokens/s, p50/p95 latency and time to the first token of each, and `batching_speedup`, the concurrent
+requests/s over the one-at-a-time requests/s.
+
 `rank`: hits@1 scoring of 20 candidates per example with the context computed once and the candidates on its
 KV cache, against 20 full sequences through the double-heads model (the scores are checked to agree).
 """
@@ -37,6 +43,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -333,6 +341,67 @@ def print_quality(result):
                                                           for m in QUALITY_METRICS))
 
 
+def stream_request(url, body):
+    """(seconds, seconds to the first token, reply tokens) of one streamed chat completion."""
+    request = urllib.request.Request(url + "/v1/chat/completions", method="POST",
+                                     data=json.dumps({**body, "stream": True,
+                                                      "stream_options": {"include_usage": True}}).encode(),
+                                     headers={"Content-Type": "application/json"})
+    start = time.perf_counter()
+    first, tokens = None, 0
+    with urllib.request.urlopen(request, timeout=600) as response:
+        for line in response:
+            if not line.startswith(b"data: {"):
+                continue
+            event = json.loads(line[6:])
+            if first is None and any(c["delta"].get("content") for c in event["choices"]):
+                first = time.perf_counter() - start
+            if event.get("usage"):
+                tokens = event["usage"]["completion_tokens"]
+    return time.perf_counter() - start, first if first is not None else float("nan"), tokens
+
+
+def serve_phase(url, bodies, clients):
+    """Every body sent once by `clients` closed-loop clients: the figures of that load."""
+    start = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        timings = list(pool.map(lambda body: stream_request(url, body), bodies))
+    wall = time.perf_counter() - start
+    latency, first, tokens = map(np.array, zip(*timings))
+    return {"requests_per_s": len(bodies) / wall, "tokens_per_s": tokens.sum() / wall,
+            "p50_latency_s": float(np.percentile(latency, 50)), "p95_latency_s": float(np.percentile(latency, 95)),
+            "p50_ttft_s": float(np.nanpercentile(first, 50)), "p95_ttft_s": float(np.nanpercentile(first, 95)),
+            "wall_s": wall}
+
+
+def bench_serve(args):
+    from dialogs import read_dialogs
+    from serving import launch
+    from utils import default_model_checkpoint, resolve_dataset_path
+
+    dialogs = read_dialogs(resolve_dataset_path(args.dataset_path, args.dataset_cache))["valid"]
+    histories = [u["history"] for d in dialogs for u in d["utterances"][:1]][:args.requests]
+    bodies = [{"messages": [{"role": "user" if (len(h) - i) % 2 else "assistant", "content": t}
+                            for i, t in enumerate(h[-3:], start=len(h) - len(h[-3:]))],
+               "max_tokens": args.max_tokens, "temperature": 0} for h in histories]
+    model = args.model_checkpoint or default_model_checkpoint()
+    with tempfile.NamedTemporaryFile("w", suffix=".log") as log:
+        process, url = launch(["--model_checkpoint", model, "--device", args.device, "--max_batch_size",
+                               str(args.clients), "--log_level", "warning"]
+                              + (["--input_format", args.input_format] if args.input_format else []), log)
+        try:
+            stream_request(url, bodies[0])  # warm-up
+            one_at_a_time = serve_phase(url, bodies, 1)
+            concurrent = serve_phase(url, bodies, args.clients)
+        finally:
+            process.terminate()
+            process.wait(30)
+    return {"requests": len(bodies), "clients": args.clients, "max_tokens": args.max_tokens,
+            **{f"concurrent_{k}": v for k, v in concurrent.items()},
+            **{f"one_at_a_time_{k}": v for k, v in one_at_a_time.items()},
+            "batching_speedup": concurrent["requests_per_s"] / one_at_a_time["requests_per_s"]}
+
+
 def add_command(sub, name, help_text):
     """A subcommand with the flags every benchmark takes."""
     command = sub.add_parser(name, help=help_text)
@@ -369,6 +438,10 @@ def main(argv=None):
     rank.add_argument("--context_tokens", type=int, default=100, help="Context length to look for (default: 100)")
     rank.add_argument("--num_candidates", type=int, default=20, help="Candidates per example (default: 20)")
     rank.add_argument("--repeats", type=int, default=1, help="Timed runs per variant, the fastest kept (default: 1)")
+    serve = add_command(sub, "serve", "serve.py under concurrent clients against the same requests one at a time")
+    serve.add_argument("--clients", type=int, default=8, help="Concurrent clients, and the batch size (default: 8)")
+    serve.add_argument("--requests", type=int, default=32, help="Requests sent in each phase (default: 32)")
+    serve.add_argument("--max_tokens", type=int, default=32, help="max_tokens of each request (default: 32)")
     quality = add_command(sub, "quality", "held-out hits@1 / ppl / F1: zero-shot in both formats, then trained")
     quality.add_argument("--max_steps", type=int, default=200, help="Optimizer steps of the run (default: 200)")
     quality.add_argument("--max_examples", type=int, default=200,
@@ -383,7 +456,7 @@ def main(argv=None):
     if args.command == "quality":
         args.train_args = [a for a in args.train_args if a != "--"]
         args.input_format = args.input_format or "chat_template"
-    result = {"train": bench_train, "generate": bench_generate, "rank": bench_rank,
+    result = {"train": bench_train, "generate": bench_generate, "rank": bench_rank, "serve": bench_serve,
               "quality": bench_quality}[args.command](args)
     if args.command == "quality":
         print_quality(result)

@@ -20,7 +20,7 @@ from dialogs import DialogFormatError, read_personas
 from layouts import INPUT_FORMATS, InputFormatError
 from modeling import load_tokenizer_and_model, model_max_length
 from reply_ranker import context_text, score_pairs
-from utils import newest_run, resolve_dataset_path, set_seed
+from utils import checkpoint_or_newest_run, resolve_dataset_path, set_seed
 
 logger = logging.getLogger(__file__)
 
@@ -85,10 +85,7 @@ def user_lines(prompt):
 
 
 def run(args):
-    checkpoint = args.model_checkpoint or newest_run(args.runs_dir)
-    if checkpoint is None:
-        sys.exit(f"interact.py: no run under {args.runs_dir}/: train one with `make demo` (or `python train.py`), "
-                 f"or pass --model_checkpoint (a run directory, hub id or .gguf file)")
+    checkpoint = checkpoint_or_newest_run(args.model_checkpoint, args.runs_dir, "interact.py")
     set_seed(args.seed)
     persona = choose_persona(args)
     tokenizer, model, layout = load_tokenizer_and_model(checkpoint, input_format=args.input_format)

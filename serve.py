@@ -22,7 +22,7 @@ from decoding import DecodingConfig, add_decoding_args
 from layouts import INPUT_FORMATS, InputFormatError
 from modeling import load_tokenizer_and_model, model_max_length
 from serving import ChatModel, ServerSettings, create_app
-from utils import newest_run
+from utils import checkpoint_or_newest_run
 
 logger = logging.getLogger(__file__)
 
@@ -72,10 +72,7 @@ def get_args(argv=None):
 
 def build_app(args):
     """Load the run (once) and make the app, as `python serve.py` would serve it."""
-    checkpoint = args.model_checkpoint or newest_run(args.runs_dir)
-    if checkpoint is None:
-        sys.exit(f"serve.py: no run under {args.runs_dir}/: train one with `make demo` (or `python train.py`), "
-                 f"or pass --model_checkpoint (a run directory, hub id or .gguf file)")
+    checkpoint = checkpoint_or_newest_run(args.model_checkpoint, args.runs_dir, "serve.py")
     tokenizer, model, layout = load_tokenizer_and_model(checkpoint, input_format=args.input_format)
     model.to(args.device).eval()
     ranker = load_classifier(args.ranker_checkpoint) if args.rerank > 1 else None

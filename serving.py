@@ -6,8 +6,12 @@ import json
 import logging
 import queue
 import random
+import socket
+import subprocess
+import sys
 import threading
 import time
+import urllib.request
 import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -294,6 +298,32 @@ class ChatModel:
         prompt = len(job.contexts[0][0])
         completion = sum(len(r) + (self.finish_reason(r, job.configs[0]) == "stop") for r in replies)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def launch(argv, log, timeout=240):
+    """Start serve.py with `argv` on a free local port, as a user would; (process, url) once /health answers.
+
+    For tests and benchmarks. Its output goes to the open file `log`, whose tail is in the error if it fails.
+    """
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    process = subprocess.Popen([sys.executable, str(Path(__file__).parent / "serve.py"), *argv, "--port", str(port)],
+                               stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2) as response:
+                if response.status == 200:
+                    return process, url
+        except OSError:  # not listening yet
+            pass
+        if process.poll() is not None or time.time() > deadline:
+            process.kill()
+            log.flush()
+            raise RuntimeError(f"serve.py did not come up:\n{Path(log.name).read_text()[-3000:]}")
+        time.sleep(0.5)
 
 
 def sse(payload):

@@ -8,6 +8,7 @@ import os
 import random
 import re
 import socket
+import sys
 import tempfile
 from pathlib import Path
 
@@ -109,6 +110,15 @@ def newest_run(runs_dir):
     """The most recently written run directory under runs_dir (one holding a config.json), or None."""
     runs = [p for p in Path(runs_dir).glob("*") if (p / "config.json").is_file()]
     return str(max(runs, key=lambda p: (p / "config.json").stat().st_mtime)) if runs else None
+
+
+def checkpoint_or_newest_run(model_checkpoint, runs_dir, script):
+    """--model_checkpoint, else the newest run under runs_dir; with neither, the script exits saying what to do."""
+    checkpoint = model_checkpoint or newest_run(runs_dir)
+    if checkpoint is None:
+        sys.exit(f"{script}: no run under {runs_dir}/: train one with `make demo` (or `python train.py`), "
+                 f"or pass --model_checkpoint (a run directory, hub id or .gguf file)")
+    return checkpoint
 
 
 def set_seed(seed):

@@ -1,23 +1,11 @@
 """serve.py end to end on the packaged SmolLM2: the official openai client, and the page in a headless Chromium."""
-import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 
 import pytest
 
-from conftest import ROOT
+from serving import launch
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -25,30 +13,12 @@ def server(tmp_path_factory):
     """serve.py on the packaged model, on a free local port, as a user starts it."""
     from utils import default_model_checkpoint
 
-    port = free_port()
-    log = open(tmp_path_factory.mktemp("serve") / "serve.log", "w+")
-    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "serve.py"), "--model_checkpoint",
-                                default_model_checkpoint(), "--port", str(port), "--device", "cpu",
-                                "--max_length", "16", "--served_model_name", "smollm2"],
-                               stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 240
-    while True:
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=2) as response:
-                if response.status == 200:
-                    break
-        except OSError:  # not listening yet
-            pass
-        if process.poll() is not None or time.time() > deadline:
-            log.seek(0)
-            process.kill()
-            pytest.fail(f"serve.py did not come up:\n{log.read()[-3000:]}")
-        time.sleep(0.5)
-    yield url
-    process.terminate()
-    process.wait(30)
-    log.close()
+    with open(tmp_path_factory.mktemp("serve") / "serve.log", "w") as log:
+        process, url = launch(["--model_checkpoint", default_model_checkpoint(), "--device", "cpu",
+                               "--max_length", "16", "--served_model_name", "smollm2"], log)
+        yield url
+        process.terminate()
+        process.wait(30)
 
 
 def test_the_openai_client_gets_replies_streamed_and_not(server):
