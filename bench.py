@@ -342,7 +342,10 @@ def print_quality(result):
 
 
 def stream_request(url, body):
-    """(seconds, seconds to the first token, reply tokens) of one streamed chat completion."""
+    """(seconds, seconds to the first token, reply tokens) of one streamed chat completion.
+
+    The first token is the first chunk after the role announcement (an empty reply's is its closing chunk).
+    """
     request = urllib.request.Request(url + "/v1/chat/completions", method="POST",
                                      data=json.dumps({**body, "stream": True,
                                                       "stream_options": {"include_usage": True}}).encode(),
@@ -354,11 +357,11 @@ def stream_request(url, body):
             if not line.startswith(b"data: {"):
                 continue
             event = json.loads(line[6:])
-            if first is None and any(c["delta"].get("content") for c in event["choices"]):
+            if first is None and any("role" not in c["delta"] for c in event["choices"]):  # a token, or the end
                 first = time.perf_counter() - start
             if event.get("usage"):
                 tokens = event["usage"]["completion_tokens"]
-    return time.perf_counter() - start, first if first is not None else float("nan"), tokens
+    return time.perf_counter() - start, first, tokens
 
 
 def serve_phase(url, bodies, clients):
@@ -370,7 +373,7 @@ def serve_phase(url, bodies, clients):
     latency, first, tokens = map(np.array, zip(*timings))
     return {"requests_per_s": len(bodies) / wall, "tokens_per_s": tokens.sum() / wall,
             "p50_latency_s": float(np.percentile(latency, 50)), "p95_latency_s": float(np.percentile(latency, 95)),
-            "p50_ttft_s": float(np.nanpercentile(first, 50)), "p95_ttft_s": float(np.nanpercentile(first, 95)),
+            "p50_ttft_s": float(np.percentile(first, 50)), "p95_ttft_s": float(np.percentile(first, 95)),
             "wall_s": wall}
 
 

@@ -1,4 +1,4 @@
-"""bench.py quality end to end on a tiny chat model: the scripts it runs, the rows it reads back, the deltas."""
+"""bench.py quality and serve end to end on a tiny chat model: the scripts they run and the figures they read back."""
 import json
 
 import pytest
@@ -25,3 +25,16 @@ def test_quality_scores_zero_shot_and_trained_models_on_the_same_examples(tiny_d
     assert result["zero_shot_ppl_ratio_transfertransfo_over_chat_template"] == pytest.approx(
         rows["zero-shot transfertransfo"]["ppl"] / zero_shot["ppl"])
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"] == json.loads(json.dumps(rows))
+
+
+def test_serve_sends_the_same_requests_one_at_a_time_and_concurrently(tiny_dirs, personachat_file, tmp_path):
+    result = bench.main(["serve", "--model_checkpoint", tiny_dirs["llama_chat"], "--dataset_path", personachat_file,
+                         "--dataset_cache", str(tmp_path / "cache"), "--device", "cpu", "--requests", "3",
+                         "--clients", "2", "--max_tokens", "4"])
+    assert result["requests"] == 3 and result["clients"] == 2
+    for phase in ("one_at_a_time", "concurrent"):
+        assert result[f"{phase}_requests_per_s"] == pytest.approx(3 / result[f"{phase}_wall_s"])
+        assert 0 < result[f"{phase}_p50_ttft_s"] <= result[f"{phase}_p95_latency_s"]
+        assert 0 < result[f"{phase}_tokens_per_s"]  # reply tokens counted from the streamed usage
+    assert result["batching_speedup"] == pytest.approx(result["concurrent_requests_per_s"]
+                                                       / result["one_at_a_time_requests_per_s"])
