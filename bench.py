@@ -168,7 +168,38 @@ def bench_train(args):
         "speedup_vs_dataset_padding": (t_original / n_original) / (t_ours / len(items)),
         "pipeline_vs_bare_hf": t_bare / t_ours,
     }
+    if args.memory_steps:
+        result["memory"] = memory_variants(args)
     return result
+
+
+MEMORY_VARIANTS = {"full": [], "lora": ["--lora_r", "8"]}
+
+
+def memory_variants(args):
+    """Trainable parameters and peak memory of train.py itself, each variant in its own process(es), same flags."""
+    work = Path(tempfile.mkdtemp(prefix="bench_memory_"))
+    found = {}
+    for name, flags in MEMORY_VARIANTS.items():
+        run_script("train.py", ["--model_checkpoint", args.model_checkpoint, "--dataset_path", args.dataset_path,
+                                "--dataset_cache", args.dataset_cache, "--device", args.device, "--fp16", args.fp16,
+                                "--input_format", args.input_format, "--max_steps", str(args.memory_steps),
+                                "--train_batch_size", str(args.batch_size), "--gradient_accumulation_steps", "1",
+                                "--num_candidates", str(args.num_candidates), "--max_seq_len", str(args.max_seq_len),
+                                "--max_valid_examples", "4", "--output_dir", str(work / name), *flags])
+        run_args = json.loads((work / name / "training_args.json").read_text())
+        last = [json.loads(line) for line in (work / name / "metrics.jsonl").read_text().splitlines()][-1]
+        found[name] = {"trainable_parameters": run_args["trainable_parameters"], "parameters": run_args["parameters"],
+                       "steps_per_s": last["steps_per_s"],
+                       **{k: v for k, v in last.items() if k.startswith("peak_")}}
+    return found
+
+
+def print_memory(memory):
+    print(f"{'':>10}{'trainable':>14}{'parameters':>14}{'peak RSS MiB':>14}{'peak GPU MiB':>14}{'steps/s':>10}")
+    for name, row in memory.items():
+        print(f"{name:>10}{row['trainable_parameters']:>14,}{row['parameters']:>14,}{row['peak_rss_mb']:>14.0f}"
+              f"{row.get('peak_gpu_mb', float('nan')):>14.0f}{row['steps_per_s']:>10.3f}")
 
 
 def pick_context(data, layout, target, max_history=2):
@@ -432,6 +463,9 @@ def main(argv=None):
                        help="Batches timed for the dataset-padding baseline, all of equal cost (default: 2)")
     train.add_argument("--fp16", default="", help="Mixed precision: fp16 or bf16 (default: off)")
     train.add_argument("--seed", type=int, default=0, help="Which examples are drawn (default: 0)")
+    train.add_argument("--memory_steps", type=int, default=3,
+                       help="Steps of train.py per memory variant (full fine-tune, LoRA r=8), each in its own "
+                            "process; 0: skip them (default: 3)")
     gen = add_command(sub, "generate", "decoding speed with the KV cache, without it, and transformers' generate")
     gen.add_argument("--context_tokens", type=int, default=100, help="Context length to look for (default: 100)")
     gen.add_argument("--reply_tokens", type=int, default=20, help="Tokens per reply (default: 20)")
@@ -463,6 +497,8 @@ def main(argv=None):
               "quality": bench_quality}[args.command](args)
     if args.command == "quality":
         print_quality(result)
+    if result.get("memory"):
+        print_memory(result["memory"])
     for name, value in result.items():
         if isinstance(value, dict):
             continue

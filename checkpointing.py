@@ -4,6 +4,7 @@ Each holds the model and tokenizer in the save_pretrained layout plus `training_
 scaler, engine: tensors and numbers only, read back with `weights_only=True`, so nothing is unpickled). The run
 directory's top level always mirrors the newest checkpoint, by hard links, for the scripts that load a run.
 """
+import argparse
 import json
 import os
 import re
@@ -13,6 +14,7 @@ from pathlib import Path
 import torch
 from ignite.handlers.checkpoint import BaseSaveHandler
 
+from adapters import ADAPTER_CONFIG, has_lora, merge_lora
 from modeling import load_tokenizer_and_model, save_model
 
 TRAINING_STATE = "training_state.pt"
@@ -37,7 +39,7 @@ class RunSaver(BaseSaveHandler):
         tmp = self.run_dir / f".{filename}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         twin = self.run_dir / f"best-{filename}"
-        if self.newest and (twin / "model.safetensors").is_file():
+        if self.newest and twin.is_dir():  # written whole or not at all
             tmp.mkdir(parents=True)
             publish(twin, tmp)
         else:
@@ -111,14 +113,36 @@ def summarize_run(run_dir):
     return model, history
 
 
-if __name__ == "__main__":
-    import sys
+def merge_run(run_dir, out_dir):
+    """Write a LoRA run with its adapter merged into the LM: a plain run every script loads without peft."""
+    tokenizer, model, _ = load_tokenizer_and_model(str(run_dir))
+    if not has_lora(model):
+        raise ValueError(f"--merge: {run_dir} has no LoRA adapter ({ADAPTER_CONFIG}); it is a plain run already")
+    save_model(merge_lora(model), tokenizer, out_dir)
+    if (Path(run_dir) / "training_args.json").is_file():
+        shutil.copy2(Path(run_dir) / "training_args.json", Path(out_dir) / "training_args.json")
+    return out_dir
 
-    model, history = summarize_run(sys.argv[1])
-    print(f"Loaded {sys.argv[1]}: {type(model.lm).__name__}, {model.lm.num_parameters():,} parameters")
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Load a run back and print its validation history; or merge it.")
+    parser.add_argument("run_dir", help="A run directory written by train.py")
+    parser.add_argument("--merge", default="", metavar="OUT",
+                        help="Write the run with its LoRA adapter merged into the LM's weights to OUT")
+    args = parser.parse_args(argv)
+    if args.merge:
+        merge_run(args.run_dir, args.merge)
+        print(f"Merged {args.run_dir} into {args.merge} (load it with --model_checkpoint {args.merge})")
+        return
+    model, history = summarize_run(args.run_dir)
+    print(f"Loaded {args.run_dir}: {type(model.lm).__name__}, {model.lm.num_parameters():,} parameters")
     for record in history:
         print(f"  step {record['step']:>5}: ppl {record['ppl']:9.2f}  nll {record['nll']:.4f}  "
               f"mc_accuracy {record['mc_accuracy']:.3f}")
     if len(history) > 1:
         first, last = history[0]["ppl"], history[-1]["ppl"]
         print(f"Validation perplexity {first:.2f} -> {last:.2f} ({'lower' if last < first else 'NOT lower'})")
+
+
+if __name__ == "__main__":
+    main()

@@ -24,6 +24,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2D
 
 from layouts import (ATTR_TO_SPECIAL_TOKEN, IGNORE_INDEX, INPUT_FORMATS, InputFormatError, default_input_format,
                      make_layout)
+from adapters import has_lora, is_adapter_run, load_lora
 from utils import default_model_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -131,7 +132,7 @@ class DoubleHeads(nn.Module):
         if token_type_ids is not None:
             speaker = token_type_ids.unsqueeze(-1) == self.speaker_ids  # (sequences, length, speakers)
             inputs_embeds = inputs_embeds + speaker.to(inputs_embeds.dtype) @ self.speaker_embeddings
-        out = self.lm.base_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+        out = self.lm.get_decoder()(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
                                  cache=cache, use_cache=use_cache)
         return out.last_hidden_state, out.cache
 
@@ -153,10 +154,14 @@ class DoubleHeads(nn.Module):
                 **{f"mc_head.{k}": v.detach() for k, v in self.mc_head.state_dict().items()}}
 
     def save_pretrained(self, directory):
+        """The LM (a LoRA run: its adapter only, in peft's layout) and the heads, with what loading needs to know."""
+        metadata = {"speaker_ids": ",".join(map(str, self.speaker_ids.tolist())), "input_format": self.input_format}
         self.lm.save_pretrained(directory)
+        if has_lora(self):
+            metadata["base_model"] = self.lm.peft_config["default"].base_model_name_or_path or ""
+            Path(directory, "README.md").unlink(missing_ok=True)  # peft's model card template, not ours
         save_file({k: v.contiguous() for k, v in self.heads_state().items()}, os.path.join(directory, HEADS_FILE),
-                  metadata={"speaker_ids": ",".join(map(str, self.speaker_ids.tolist())),
-                            "input_format": self.input_format})
+                  metadata=metadata)
 
     def load_heads(self, directory):
         """Load the heads saved beside an LM; False when there are none (a plain pretrained LM)."""
@@ -227,7 +232,7 @@ def prepare_tokenizer_(lm, tokenizer, input_format):
     """Add the tokens the input format needs unless present, and resize the LM's embeddings to match.
 
     transfertransfo: <bos> <eos> <speaker1> <speaker2> <pad>, and generate() stops at <eos>; chat_template: a pad
-    token only where the tokenizer has none.
+    token only where the tokenizer has none. Returns the ids of the embedding rows it added.
     """
     if input_format == "transfertransfo":
         added = tokenizer.add_special_tokens(ATTR_TO_SPECIAL_TOKEN)
@@ -236,13 +241,14 @@ def prepare_tokenizer_(lm, tokenizer, input_format):
     else:
         added = tokenizer.add_special_tokens({"pad_token": "<pad>"}) if tokenizer.pad_token is None else 0
         ids = {"pad_token_id": tokenizer.pad_token_id}
-    if added or lm.get_input_embeddings().num_embeddings < len(tokenizer):
+    rows = lm.get_input_embeddings().num_embeddings
+    if added or rows < len(tokenizer):
         lm.resize_token_embeddings(len(tokenizer))
     for config in (lm.config, getattr(lm, "generation_config", None)):
         if config is not None:
             for name, value in ids.items():
                 setattr(config, name, value)
-    return added
+    return list(range(rows, len(tokenizer)))
 
 
 def stored_input_format(source):
@@ -255,6 +261,12 @@ def stored_input_format(source):
         return None
     with safe_open(path, framework="pt") as f:
         return (f.metadata() or {}).get("input_format", "transfertransfo")
+
+
+def stored_base_model(run_dir):
+    """The base model a LoRA run's adapter goes on, as train.py was given it ("" for the packaged default)."""
+    with safe_open(os.path.join(run_dir, HEADS_FILE), framework="pt") as f:
+        return (f.metadata() or {}).get("base_model", "")
 
 
 def choose_input_format(requested, stored, tokenizer, is_gpt, where):
@@ -289,9 +301,14 @@ def load_tokenizer_and_model(model_checkpoint=None, mc_dropout=0.1, input_format
     source, gguf_file = _split_gguf(checkpoint)
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    stored = stored_input_format(source) if os.path.isdir(source) else None
+    heads_dir = source
+    adapter = os.path.isdir(source) and is_adapter_run(source)
+    if adapter:  # a LoRA run: the LM is its base model's, the run's adapter goes on top
+        source, gguf_file = _split_gguf(stored_base_model(heads_dir) or default_model_checkpoint())
+        kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     config = AutoConfig.from_pretrained(source, **kwargs)
     is_gpt = config.model_type in GPT_DOUBLE_HEADS
-    stored = stored_input_format(source) if os.path.isdir(source) else None
     input_format = choose_input_format(input_format, stored, tokenizer, is_gpt, checkpoint)
     if is_gpt:
         lm = GPT_DOUBLE_HEADS[config.model_type].from_pretrained(source, use_kernels=False, **kwargs)
@@ -303,12 +320,15 @@ def load_tokenizer_and_model(model_checkpoint=None, mc_dropout=0.1, input_format
         lm.hf_quantizer = None
         if hasattr(lm.config, "quantization_config"):
             del lm.config.quantization_config
-    prepare_tokenizer_(lm, tokenizer, input_format)
+    new_rows = prepare_tokenizer_(lm, tokenizer, input_format)
+    if adapter:
+        lm = load_lora(lm, heads_dir)
     layout = make_layout(tokenizer, input_format)
     model = DoubleHeads(lm, [layout.bot_type, layout.user_type], mc_dropout=mc_dropout, input_format=input_format)
-    if stored is None or not model.load_heads(source):
+    model.new_token_ids = new_rows  # rows a LoRA run must train: the pretrained model has no values for them
+    if stored is None or not model.load_heads(heads_dir):
         logger.warning("No %s in %s: the multiple-choice head and speaker embeddings start untrained",
-                       HEADS_FILE, source)
+                       HEADS_FILE, heads_dir)
     return tokenizer, model, layout
 
 

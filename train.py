@@ -20,6 +20,7 @@ from ignite.handlers.tensorboard_logger import OptimizerParamsHandler, OutputHan
 from ignite.metrics import Accuracy, RunningAverage
 from torch.nn.parallel import DistributedDataParallel
 
+from adapters import add_lora, has_lora, parameter_counts
 from checkpointing import RunSaver, latest_checkpoint, load_training_state, read_training_args
 from dialogs import DialogFormatError
 from inputs import DoubleHeadDataset, LengthGroupedBatchSampler, collate
@@ -100,6 +101,13 @@ def build_parser():
     parser.add_argument("--eval_before_start", action="store_true", help="Validate once before training")
     parser.add_argument("--eval_every", type=int, default=0,
                         help="Also validate and checkpoint every N optimizer steps (default: 0, at epoch ends only)")
+    parser.add_argument("--lora_r", type=int, default=0,
+                        help="Train LoRA adapters of this rank (peft) with the heads, the LM frozen (default: 0, "
+                             "every parameter trains)")
+    parser.add_argument("--lora_alpha", type=int, default=0, help="LoRA scaling numerator (default: 0, 2 x --lora_r)")
+    parser.add_argument("--lora_dropout", type=float, default=0.05, help="Dropout on the LoRA path (default: 0.05)")
+    parser.add_argument("--lora_target_modules", nargs="*", default=[],
+                        help="Names of the layers given adapters, e.g. q_proj v_proj (default: every linear layer)")
     parser.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--fp16", type=str, default="",
@@ -156,11 +164,12 @@ def param_groups(model, lr, mc_lr):
 
     Without mc_lr one group, as runs saved before --mc_lr have (so that they resume).
     """
+    trained = [(name, p) for name, p in model.named_parameters() if p.requires_grad]  # LoRA: the LM's are frozen
     if not mc_lr:
-        return [{"params": list(model.parameters()), "lr": lr, "peak_lr": lr}]
-    head = [p for name, p in model.named_parameters() if name.startswith("mc_head.") or "multiple_choice_head" in name]
+        return [{"params": [p for _, p in trained], "lr": lr, "peak_lr": lr}]
+    head = [p for name, p in trained if name.startswith("mc_head.") or "multiple_choice_head" in name]
     ids = {id(p) for p in head}
-    rest = [p for p in model.parameters() if id(p) not in ids]
+    rest = [p for _, p in trained if id(p) not in ids]
     return [{"params": rest, "lr": lr, "peak_lr": lr}, {"params": head, "lr": mc_lr, "peak_lr": mc_lr}]
 
 
@@ -204,6 +213,13 @@ def train(argv=None):
     if total_steps < 1:
         raise ValueError(f"--n_epochs {args.n_epochs}: no optimizer step would be taken")
 
+    if args.lora_r and not has_lora(model):
+        if resume_dir:
+            raise ValueError(f"--lora_r: {resume_dir} was trained without LoRA; resume it without --lora_r")
+        add_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_target_modules,
+                 model.new_token_ids, base_model=args.model_checkpoint)
+    trainable, total = parameter_counts(model)
+    logger.info("Trainable parameters: %d of %d (%.2f%%)", trainable, total, 100 * trainable / total)
     model.to(device)
     if args.gradient_checkpointing:
         model.lm.gradient_checkpointing_enable()
@@ -255,7 +271,7 @@ def train(argv=None):
         os.makedirs(run_dir, exist_ok=True)
         write_json(os.path.join(run_dir, "training_args.json"),
                    dict(vars(args), run_dir=str(run_dir), world_size=world_size, max_seq_len_used=max_len,
-                        total_steps=total_steps))
+                        total_steps=total_steps, trainable_parameters=trainable, parameters=total))
         ProgressBar(persist=True).attach(trainer, metric_names=["loss"])
         tb_logger = TensorboardLogger(log_dir=str(run_dir))
         tb_logger.attach(trainer, OutputHandler(tag="training", output_transform=lambda o: o),
@@ -320,8 +336,9 @@ def train(argv=None):
     if main:
         tb_logger.close()
         logger.info("Trained %.1f optimizer steps in %.1f s (validation and saving excluded): %.3f steps/s, "
-                    "%.0f tokens/s", speed["steps_per_s"] * speed["train_seconds"], speed["train_seconds"],
-                    speed["steps_per_s"], speed["tokens_per_s"])
+                    "%.0f tokens/s; peak memory %s", speed["steps_per_s"] * speed["train_seconds"],
+                    speed["train_seconds"], speed["steps_per_s"], speed["tokens_per_s"],
+                    ", ".join(f"{k[5:]} {v:.0f}" for k, v in speed.items() if k.startswith("peak_")))
         logger.info("Run saved in %s (load it with --model_checkpoint %s)", run_dir, run_dir)
     if distributed:
         torch.distributed.barrier()  # leave together: a rank tearing gloo down under another one aborts

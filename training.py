@@ -4,6 +4,7 @@ Kept out of train.py so that their mechanics (autocast, loss, gradient accumulat
 non-finite-loss stop) are tested on their own.
 """
 import contextlib
+import resource
 
 import ignite.distributed as idist
 import torch
@@ -76,6 +77,14 @@ def make_update(model, optimizer, scaler, device, dtype=None, accumulation_steps
     return update
 
 
+def peak_memory():
+    """This process's peak resident memory so far, and its peak GPU memory where it has used a GPU (MiB)."""
+    peak = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        peak["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return peak
+
+
 class Throughput:
     """Optimizer steps and tokens per second of training time alone (validation and checkpoints excluded).
 
@@ -104,7 +113,8 @@ class Throughput:
         seconds = max(self.timer.value(), 1e-9)
         tokens = idist.all_reduce(float(self.tokens))
         steps = self.iterations / self.accumulation_steps
-        return {"train_seconds": seconds, "steps_per_s": steps / seconds, "tokens_per_s": tokens / seconds}
+        return {"train_seconds": seconds, "steps_per_s": steps / seconds, "tokens_per_s": tokens / seconds,
+                **peak_memory()}
 
 
 def make_inference(model, device, dtype=None):

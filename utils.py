@@ -107,9 +107,10 @@ def make_run_dir(model_checkpoint, root="runs"):
 
 
 def newest_run(runs_dir):
-    """The most recently written run directory under runs_dir (one holding a config.json), or None."""
-    runs = [p for p in Path(runs_dir).glob("*") if (p / "config.json").is_file()]
-    return str(max(runs, key=lambda p: (p / "config.json").stat().st_mtime)) if runs else None
+    """The most recently written run directory under runs_dir (one holding a model or a LoRA adapter), or None."""
+    marker = lambda p: next((p / n for n in ("config.json", "adapter_config.json") if (p / n).is_file()), None)  # noqa: E731
+    runs = [(marker(p).stat().st_mtime, str(p)) for p in Path(runs_dir).glob("*") if marker(p)]
+    return max(runs)[1] if runs else None
 
 
 def checkpoint_or_newest_run(model_checkpoint, runs_dir, script):

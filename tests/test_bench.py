@@ -1,4 +1,4 @@
-"""bench.py quality and serve end to end on a tiny chat model: the scripts they run and the figures they read back."""
+"""bench.py train, quality and serve end to end on tiny models: the scripts they run and the figures they read back."""
 import json
 
 import pytest
@@ -38,3 +38,14 @@ def test_serve_sends_the_same_requests_one_at_a_time_and_concurrently(tiny_dirs,
         assert 0 < result[f"{phase}_tokens_per_s"]  # reply tokens counted from the streamed usage
     assert result["batching_speedup"] == pytest.approx(result["concurrent_requests_per_s"]
                                                        / result["one_at_a_time_requests_per_s"])
+
+
+def test_train_reports_speedups_and_the_memory_of_full_and_lora_runs(tiny_dirs, personachat_file, tmp_path):
+    result = bench.main(["train", "--model_checkpoint", tiny_dirs["llama"], "--dataset_path", personachat_file,
+                         "--dataset_cache", str(tmp_path / "cache"), "--device", "cpu", "--examples", "4",
+                         "--batch_size", "2", "--baseline_batches", "1", "--memory_steps", "1", "--max_seq_len", "64"])
+    assert result["examples"] == 4 and result["speedup_vs_full_sequences"] > 0 and result["computed_tokens"] > 0
+    full, lora = result["memory"]["full"], result["memory"]["lora"]
+    assert full["trainable_parameters"] == full["parameters"]  # every parameter trains
+    assert 0 < lora["trainable_parameters"] < full["trainable_parameters"] < lora["parameters"]  # + the adapters
+    assert full["peak_rss_mb"] > 50 and lora["peak_rss_mb"] > 50

@@ -59,10 +59,8 @@ def test_max_steps_stops_then_validates_and_saves(tiny_dirs, personachat_file, t
     assert os.path.isdir(os.path.join(run_dir, "checkpoint-2"))
 
 
-def test_resume_after_an_interruption_equals_an_uninterrupted_run(tiny_dirs, personachat_file, tmp_path,
-                                                                  monkeypatch):
-    whole = train_script.train(tiny_args(tiny_dirs, personachat_file, tmp_path, "whole", "--n_epochs", "2"))
-
+def train_interrupted_in_epoch_2(monkeypatch, argv):
+    """train.py with argv, killed (KeyboardInterrupt) at the first batch of epoch 2."""
     real_make_update = train_script.make_update
 
     def make_update_that_dies_in_epoch_2(*args, **kwargs):
@@ -74,12 +72,18 @@ def test_resume_after_an_interruption_equals_an_uninterrupted_run(tiny_dirs, per
             return update(engine, batch)
         return dying
 
-    monkeypatch.setattr(train_script, "make_update", make_update_that_dies_in_epoch_2)
-    with pytest.raises(KeyboardInterrupt):
-        train_script.train(tiny_args(tiny_dirs, personachat_file, tmp_path, "cut", "--n_epochs", "2"))
+    with monkeypatch.context() as patch:
+        patch.setattr(train_script, "make_update", make_update_that_dies_in_epoch_2)
+        with pytest.raises(KeyboardInterrupt):
+            train_script.train(argv)
+
+
+def test_resume_after_an_interruption_equals_an_uninterrupted_run(tiny_dirs, personachat_file, tmp_path,
+                                                                  monkeypatch):
+    whole = train_script.train(tiny_args(tiny_dirs, personachat_file, tmp_path, "whole", "--n_epochs", "2"))
+    train_interrupted_in_epoch_2(monkeypatch, tiny_args(tiny_dirs, personachat_file, tmp_path, "cut", "--n_epochs", "2"))
     cut = tmp_path / "cut"
     assert sorted(p.name for p in cut.glob("checkpoint-*")) == ["checkpoint-6"]  # the last good one stays
-    monkeypatch.setattr(train_script, "make_update", real_make_update)
     resumed = train_script.train(["--resume", str(cut)])  # the saved flags come back
     assert resumed == cut
     a, b = load_file(os.path.join(whole, "model.safetensors")), load_file(os.path.join(cut, "model.safetensors"))

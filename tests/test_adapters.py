@@ -1,0 +1,114 @@
+import os
+
+import pytest
+import torch
+from ignite.engine import Engine
+from safetensors.torch import load_file
+
+import train as train_script
+from adapters import ADAPTER_CONFIG, add_lora, has_lora, parameter_counts
+from checkpointing import main as checkpointing_main
+from conftest import make_personachat
+from inputs import DoubleHeadDataset, collate
+from modeling import load_tokenizer_and_model, save_model
+from test_interact import run_interact
+from test_train import tiny_args, train_interrupted_in_epoch_2
+from tokenized import tokenize_dialogs
+from training import forward, make_update
+
+
+def lora_model(directory, r=4):
+    torch.manual_seed(0)
+    tokenizer, model, layout = load_tokenizer_and_model(directory)
+    add_lora(model, r, new_token_ids=model.new_token_ids, base_model=directory)
+    return tokenizer, model, layout
+
+
+def batches(tokenizer, layout, n=3):
+    ds = DoubleHeadDataset(tokenize_dialogs(make_personachat(), tokenizer), "train", layout, num_candidates=2)
+    return [collate([ds[2 * i], ds[2 * i + 1]], layout.pad) for i in range(n)]
+
+
+def train_steps(model, data):
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    Engine(make_update(model, optimizer, torch.amp.GradScaler("cpu", enabled=False), torch.device("cpu"))).run(data)
+
+
+def outputs(model, data):
+    model.eval()
+    with torch.no_grad():
+        return [forward(model, b) for b in data]
+
+
+def assert_same_outputs(a, b, atol=1e-5):
+    for (nll_a, count_a, mc_a), (nll_b, count_b, mc_b) in zip(a, b):
+        assert count_a == count_b
+        assert torch.allclose(nll_a, nll_b, atol=atol) and torch.allclose(mc_a, mc_b, atol=atol)
+
+
+@pytest.mark.parametrize("input_format", ["transfertransfo", "chat_template"])
+def test_lora_trains_only_the_adapters_the_heads_the_speaker_embeddings_and_new_token_rows(tiny_dirs, input_format):
+    directory = tiny_dirs["llama" if input_format == "transfertransfo" else "llama_chat"]
+    tokenizer, model, layout = lora_model(directory)
+    trainable, total = parameter_counts(model)
+    assert 0 < trainable < total / 2
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    train_steps(model, batches(tokenizer, layout))
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    allowed = ("lora_", "trainable_tokens", "mc_head.", "speaker_embeddings")
+    assert changed and all(any(a in n for a in allowed) for n in changed), sorted(changed)
+    assert {"mc_head.weight", "speaker_embeddings"} <= changed and any("lora_B" in n for n in changed)
+    assert len(model.new_token_ids) == {"transfertransfo": 5, "chat_template": 1}[input_format]  # speakers / <pad>
+    assert any("trainable_tokens" in n for n in changed)
+
+
+def test_a_saved_lora_run_loads_back_with_the_same_outputs_and_merges_into_a_plain_run(tiny_dirs, tmp_path):
+    tokenizer, model, layout = lora_model(tiny_dirs["llama"])
+    data = batches(tokenizer, layout)
+    train_steps(model, data)
+    expected = outputs(model, data)
+    save_model(model, tokenizer, tmp_path / "run")
+    names = set(os.listdir(tmp_path / "run"))
+    assert {ADAPTER_CONFIG, "adapter_model.safetensors", "double_heads.safetensors"} <= names
+    assert "model.safetensors" not in names and "README.md" not in names  # the adapter only, not the whole LM
+    _, loaded, _ = load_tokenizer_and_model(str(tmp_path / "run"))
+    assert has_lora(loaded)
+    assert_same_outputs(outputs(loaded, data), expected)
+
+    checkpointing_main([str(tmp_path / "run"), "--merge", str(tmp_path / "merged")])
+    assert "model.safetensors" in os.listdir(tmp_path / "merged") and ADAPTER_CONFIG not in os.listdir(
+        tmp_path / "merged")
+    _, merged, _ = load_tokenizer_and_model(str(tmp_path / "merged"))
+    assert not has_lora(merged)
+    assert_same_outputs(outputs(merged, data), expected, atol=1e-4)
+
+
+def test_merging_a_plain_run_is_refused(tiny_dirs, tmp_path):
+    tokenizer, model, _ = load_tokenizer_and_model(tiny_dirs["llama"])
+    save_model(model, tokenizer, tmp_path / "plain")
+    with pytest.raises(ValueError, match="no LoRA adapter"):
+        checkpointing_main([str(tmp_path / "plain"), "--merge", str(tmp_path / "out")])
+
+
+def test_an_interrupted_lora_run_resumes_to_the_weights_of_an_uninterrupted_one(tiny_dirs, personachat_file,
+                                                                               tmp_path, monkeypatch):
+    lora = ("--lora_r", "4", "--n_epochs", "2")
+    whole = train_script.train(tiny_args(tiny_dirs, personachat_file, tmp_path, "whole", *lora))
+    train_interrupted_in_epoch_2(monkeypatch, tiny_args(tiny_dirs, personachat_file, tmp_path, "cut", *lora))
+    cut = train_script.train(["--resume", str(tmp_path / "cut")])
+    for name in ("adapter_model.safetensors", "double_heads.safetensors"):
+        a, b = load_file(os.path.join(whole, name)), load_file(os.path.join(cut, name))
+        assert a.keys() == b.keys() and a
+        for key in a:
+            assert torch.allclose(a[key], b[key], atol=1e-6), key
+    _, model, _ = load_tokenizer_and_model(str(cut))
+    assert has_lora(model)
+    chat = run_interact(["--runs_dir", str(tmp_path), "--personality", "i like cats", "--max_length", "4"], "hi\n")
+    assert chat.returncode == 0 and len(chat.stdout.splitlines()) == 1, chat.stderr[-2000:]  # the newest run: cut
+
+
+def test_lora_cannot_be_added_to_a_resumed_full_run(tiny_dirs, personachat_file, tmp_path):
+    run = train_script.train(tiny_args(tiny_dirs, personachat_file, tmp_path, "full", "--max_steps", "1",
+                                       "--n_epochs", "1"))
+    with pytest.raises(ValueError, match="trained without LoRA"):
+        train_script.train(["--resume", str(run), "--lora_r", "4", "--max_steps", "2"])
