@@ -58,6 +58,7 @@ from modeling import load_tokenizer_and_model
 from ranking import score_candidates
 from tokenized import get_dataset
 from training import amp_dtype, make_update
+from utils import free_port
 
 
 def matmul_flops(size=2048, repeats=10, dtype=torch.float32, device="cpu"):
@@ -126,6 +127,8 @@ def timed_bare_hf(model, batches, device, dtype):
 
 
 def bench_train(args):
+    # first, while this process is small: on Linux a child starts with its parent's peak RSS
+    memory = memory_variants(args) if args.memory_steps else None
     device = args.device
     dtype = amp_dtype(args.fp16)
     tokenizer, model, layout = load_tokenizer_and_model(args.model_checkpoint, input_format=args.input_format)
@@ -168,16 +171,24 @@ def bench_train(args):
         "speedup_vs_dataset_padding": (t_original / n_original) / (t_ours / len(items)),
         "pipeline_vs_bare_hf": t_bare / t_ours,
     }
-    if args.memory_steps:
-        result["memory"] = memory_variants(args)
+    if memory:
+        result["memory"] = memory
     return result
 
 
-MEMORY_VARIANTS = {"full": [], "lora": ["--lora_r", "8"]}
+MEMORY_VARIANTS = {"full": [], "lora": ["--lora_r", "8"], "fsdp": ["--fsdp"]}
+
+
+def torchrun_launcher(processes=2):
+    return ["-m", "torch.distributed.run", f"--nproc_per_node={processes}", "--master_port", str(free_port())]
 
 
 def memory_variants(args):
-    """Trainable parameters and peak memory of train.py itself, each variant in its own process(es), same flags."""
+    """Trainable parameters and peak memory of train.py itself, each variant in its own process(es), same flags.
+
+    fsdp: 2 processes under torchrun, each with a batch of --batch_size (so twice the examples per step); its
+    figures are rank 0's.
+    """
     work = Path(tempfile.mkdtemp(prefix="bench_memory_"))
     found = {}
     for name, flags in MEMORY_VARIANTS.items():
@@ -186,7 +197,8 @@ def memory_variants(args):
                                 "--input_format", args.input_format, "--max_steps", str(args.memory_steps),
                                 "--train_batch_size", str(args.batch_size), "--gradient_accumulation_steps", "1",
                                 "--num_candidates", str(args.num_candidates), "--max_seq_len", str(args.max_seq_len),
-                                "--max_valid_examples", "4", "--output_dir", str(work / name), *flags])
+                                "--max_valid_examples", "4", "--output_dir", str(work / name), *flags],
+                   launcher=torchrun_launcher() if "--fsdp" in flags else ())
         run_args = json.loads((work / name / "training_args.json").read_text())
         last = [json.loads(line) for line in (work / name / "metrics.jsonl").read_text().splitlines()][-1]
         found[name] = {"trainable_parameters": run_args["trainable_parameters"], "parameters": run_args["parameters"],
@@ -308,9 +320,9 @@ def bench_rank(args):
 QUALITY_METRICS = ("mc_hits@1", "lm_hits@1", "ppl", "word_ppl", "f1")
 
 
-def run_script(script, argv):
-    """Run one of the repo's entry scripts as a user would; its output goes to this terminal."""
-    command = [sys.executable, str(Path(__file__).parent / script), *argv]
+def run_script(script, argv, launcher=()):
+    """Run one of the repo's entry scripts as a user would (under `launcher`, e.g. torchrun's); output to this terminal."""
+    command = [sys.executable, *launcher, str(Path(__file__).parent / script), *argv]
     print("$ " + " ".join(command), file=sys.stderr, flush=True)
     subprocess.run(command, check=True)
 
@@ -464,8 +476,8 @@ def main(argv=None):
     train.add_argument("--fp16", default="", help="Mixed precision: fp16 or bf16 (default: off)")
     train.add_argument("--seed", type=int, default=0, help="Which examples are drawn (default: 0)")
     train.add_argument("--memory_steps", type=int, default=3,
-                       help="Steps of train.py per memory variant (full fine-tune, LoRA r=8), each in its own "
-                            "process; 0: skip them (default: 3)")
+                       help="Steps of train.py per memory variant (full fine-tune, LoRA r=8, FSDP over 2 "
+                            "processes), each in its own process(es); 0: skip them (default: 3)")
     gen = add_command(sub, "generate", "decoding speed with the KV cache, without it, and transformers' generate")
     gen.add_argument("--context_tokens", type=int, default=100, help="Context length to look for (default: 100)")
     gen.add_argument("--reply_tokens", type=int, default=20, help="Tokens per reply (default: 20)")

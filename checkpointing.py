@@ -30,8 +30,9 @@ class RunSaver(BaseSaveHandler):
     the next one is written, so that a crash in between still leaves one.
     """
 
-    def __init__(self, run_dir, model, tokenizer, newest=True):
+    def __init__(self, run_dir, model, tokenizer, newest=True, state_dict=None):
         self.run_dir, self.model, self.tokenizer, self.newest = Path(run_dir), model, tokenizer, newest
+        self.state_dict = state_dict  # FSDP: a callable giving the model's whole state, gathered before the save
         self.stale = []
 
     def __call__(self, checkpoint, filename, metadata=None):
@@ -43,7 +44,7 @@ class RunSaver(BaseSaveHandler):
             tmp.mkdir(parents=True)
             publish(twin, tmp)
         else:
-            save_model(self.model, self.tokenizer, tmp)
+            save_model(self.model, self.tokenizer, tmp, self.state_dict() if self.state_dict else None)
         if self.newest:
             torch.save(checkpoint, tmp / TRAINING_STATE)
         if final.exists():

@@ -153,14 +153,26 @@ class DoubleHeads(nn.Module):
         return {"speaker_embeddings": self.speaker_embeddings.detach(),
                 **{f"mc_head.{k}": v.detach() for k, v in self.mc_head.state_dict().items()}}
 
-    def save_pretrained(self, directory):
-        """The LM (a LoRA run: its adapter only, in peft's layout) and the heads, with what loading needs to know."""
+    def save_pretrained(self, directory, state_dict=None):
+        """The LM (a LoRA run: its adapter only, in peft's layout) and the heads, with what loading needs to know.
+
+        `state_dict`: this model's whole state gathered elsewhere (FSDP shards it), saved instead of its own.
+        """
         metadata = {"speaker_ids": ",".join(map(str, self.speaker_ids.tolist())), "input_format": self.input_format}
-        self.lm.save_pretrained(directory)
+        heads = self.heads_state()
+        if state_dict is None:
+            self.lm.save_pretrained(directory)
+        else:
+            # tied weights (lm_head = embed_tokens) are saved once, as save_pretrained does with its own state
+            tied = ({n for n, _ in self.lm.named_parameters(remove_duplicate=False)}
+                    - {n for n, _ in self.lm.named_parameters()})
+            self.lm.save_pretrained(directory, state_dict={k[3:]: v for k, v in state_dict.items()
+                                                           if k.startswith("lm.") and k[3:] not in tied})
+            heads = {k: state_dict[k] for k in heads}
         if has_lora(self):
             metadata["base_model"] = self.lm.peft_config["default"].base_model_name_or_path or ""
             Path(directory, "README.md").unlink(missing_ok=True)  # peft's model card template, not ours
-        save_file({k: v.contiguous() for k, v in self.heads_state().items()}, os.path.join(directory, HEADS_FILE),
+        save_file({k: v.contiguous() for k, v in heads.items()}, os.path.join(directory, HEADS_FILE),
                   metadata=metadata)
 
     def load_heads(self, directory):
@@ -332,10 +344,11 @@ def load_tokenizer_and_model(model_checkpoint=None, mc_dropout=0.1, input_format
     return tokenizer, model, layout
 
 
-def save_model(model, tokenizer, directory):
+def save_model(model, tokenizer, directory, state_dict=None):
     """The save_pretrained layout of model and tokenizer; what load_tokenizer_and_model reads back."""
     os.makedirs(directory, exist_ok=True)
-    getattr(model, "module", model).save_pretrained(directory)
+    model = getattr(model, "module", model)
+    model.save_pretrained(directory, **({"state_dict": state_dict} if state_dict is not None else {}))
     tokenizer.save_pretrained(directory)
 
 

@@ -6,7 +6,6 @@ import json
 import logging
 import queue
 import random
-import socket
 import subprocess
 import sys
 import threading
@@ -26,6 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from decoding import DecodingConfig, generate
 from reply_ranker import context_text, score_pairs
+from utils import free_port
 
 logger = logging.getLogger(__name__)
 
@@ -305,9 +305,7 @@ def launch(argv, log, timeout=240):
 
     For tests and benchmarks. Its output goes to the open file `log`, whose tail is in the error if it fails.
     """
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     process = subprocess.Popen([sys.executable, str(Path(__file__).parent / "serve.py"), *argv, "--port", str(port)],
                                stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"

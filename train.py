@@ -27,6 +27,7 @@ from inputs import DoubleHeadDataset, LengthGroupedBatchSampler, collate
 from layouts import INPUT_FORMATS, InputFormatError
 from metrics import TokenNLL, perplexity
 from modeling import load_tokenizer_and_model, model_max_length
+from sharding import WholeOptimizer, shard_model, whole_model_state
 from tokenized import get_dataset
 from training import Throughput, amp_dtype, linear_lr, make_inference, make_update
 from utils import (append_jsonl, is_main_process, make_run_dir, resolve_local_rank, set_seed, setup_distributed,
@@ -112,6 +113,9 @@ def build_parser():
                         help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--fp16", type=str, default="",
                         help="Mixed precision with torch.amp: fp16 (O1/O2/O3 also mean fp16) or bf16 (default: off)")
+    parser.add_argument("--fsdp", action="store_true",
+                        help="Shard parameters, gradients and optimizer state across torchrun's processes (FSDP2); "
+                             "checkpoints are saved whole")
     parser.add_argument("--gradient_checkpointing", action="store_true",
                         help="Recompute activations in backward: less memory for long histories and many candidates")
     parser.add_argument("--seed", type=int, default=42, help="Seed of data order, dropout and splits (default: 42)")
@@ -143,12 +147,14 @@ def get_data_loaders(args, tokenizer, layout, max_len, world_size, rank):
     train_sampler = LengthGroupedBatchSampler(train_set.lengths(), args.train_batch_size, seed=args.seed,
                                               num_replicas=world_size, rank=rank,
                                               multiple_of=args.gradient_accumulation_steps)
+    # FSDP's forwards are collectives, so every process validates every batch (the metrics' means are unchanged)
+    valid_replicas, valid_rank = (1, 0) if args.fsdp else (world_size, rank)
     valid_sampler = LengthGroupedBatchSampler(valid_set.lengths(), args.valid_batch_size, shuffle=False,
-                                              num_replicas=world_size, rank=rank, even=False)
+                                              num_replicas=valid_replicas, rank=valid_rank, even=False)
     if len(train_sampler) == 0:
         raise ValueError(f"--gradient_accumulation_steps {args.gradient_accumulation_steps} is more than the "
                          f"{len(train_set)} training examples make batches of {args.train_batch_size} per process")
-    if -(-len(valid_set) // args.valid_batch_size) < world_size:
+    if -(-len(valid_set) // args.valid_batch_size) < valid_replicas:
         raise ValueError(f"{len(valid_set)} validation examples in batches of {args.valid_batch_size} leave a "
                          f"process of {world_size} without a batch: lower --valid_batch_size")
     collate_fn = partial(collate, pad_id=layout.pad)
@@ -191,6 +197,8 @@ def train(argv=None):
     setup_logging(local_rank)
     device = setup_distributed(local_rank, args.device)
     distributed = torch.distributed.is_initialized()
+    if args.fsdp and not distributed:
+        raise ValueError("--fsdp: launch with torchrun (e.g. torchrun --nproc_per_node=2 train.py --fsdp ...)")
     world_size, rank = (torch.distributed.get_world_size(), torch.distributed.get_rank()) if distributed else (1, 0)
     logger.warning("Running process %d of %d on %s", rank, world_size, device)
     logger.info("Arguments: %s", pformat(vars(args)))
@@ -223,10 +231,12 @@ def train(argv=None):
     model.to(device)
     if args.gradient_checkpointing:
         model.lm.gradient_checkpointing_enable()
+    if args.fsdp:
+        shard_model(model, dtype)
     raw_model = model
     optimizer = torch.optim.AdamW(param_groups(raw_model, args.lr, args.mc_lr))
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    if distributed:
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16 and not args.fsdp)
+    if distributed and not args.fsdp:
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     def step_of(engine):
@@ -255,13 +265,16 @@ def train(argv=None):
             if engine.state.iteration % accum == 0 and step_of(engine) >= args.max_steps:
                 engine.terminate()
 
-    best = Checkpoint({}, RunSaver(run_dir, raw_model, tokenizer, newest=False), n_saved=1,
+    gathered = {}  # --fsdp: whole states, gathered by every process before rank 0 saves
+    whole_state = (lambda: gathered["model"]) if args.fsdp else None  # noqa: E731
+    saved_optimizer = WholeOptimizer(raw_model, optimizer) if args.fsdp else optimizer
+    best = Checkpoint({}, RunSaver(run_dir, raw_model, tokenizer, newest=False, state_dict=whole_state), n_saved=1,
                       filename_pattern="best-checkpoint-{global_step}", score_name="neg_ppl",
                       score_function=lambda _: -perplexity(evaluator.state.metrics["nll"]),
                       global_step_transform=lambda engine, _: step_of(engine))
     # the best checkpoint's bookkeeping is saved with the newest, so a resumed run still replaces a worse one
-    to_save = {"trainer": trainer, "optimizer": optimizer, "scaler": scaler, "best_checkpoint": best}
-    checkpoint = Checkpoint(to_save, RunSaver(run_dir, raw_model, tokenizer), n_saved=2,
+    to_save = {"trainer": trainer, "optimizer": saved_optimizer, "scaler": scaler, "best_checkpoint": best}
+    checkpoint = Checkpoint(to_save, RunSaver(run_dir, raw_model, tokenizer, state_dict=whole_state), n_saved=2,
                             filename_pattern="checkpoint-{global_step}",
                             global_step_transform=lambda engine, _: step_of(engine))
     main = rank == 0
@@ -299,6 +312,9 @@ def train(argv=None):
         if saved["step"] == step_of(engine):  # the last epoch's end and the run's end are the same step
             return
         validate(engine)
+        if args.fsdp:  # collectives: every process gathers, rank 0 writes
+            gathered["model"] = whole_model_state(raw_model)
+            saved_optimizer.gather()
         if main:
             best(engine)  # first: the newest checkpoint then records it
             checkpoint(engine)
@@ -330,7 +346,7 @@ def train(argv=None):
             return run_dir
 
     trainer.run(train_loader, max_epochs=args.n_epochs)
-    if distributed:
+    if distributed and not args.fsdp:  # FSDP's processes hold different shards by design
         check_replicas_agree(raw_model)
     speed = throughput.compute()
     if main:

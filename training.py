@@ -47,15 +47,18 @@ def make_update(model, optimizer, scaler, device, dtype=None, accumulation_steps
     """Process function of the trainer: backward on every batch, an optimizer step every `accumulation_steps`.
 
     Each batch's loss is divided by accumulation_steps, so k batches of b examples step as one batch of k*b
-    (exactly, when the batches hold equal numbers of reply tokens). Under DDP, gradients are only all-reduced
-    on the stepping batch. A non-finite loss raises FloatingPointError naming the step, before anything is saved.
+    (exactly, when the batches hold equal numbers of reply tokens). Under DDP or FSDP, gradients are only
+    reduced on the stepping batch. A non-finite loss raises FloatingPointError naming the step, before anything is saved.
     """
     distributed = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+    sharded = hasattr(model, "set_requires_gradient_sync")  # FSDP2
 
     def update(engine, batch):
         model.train()
         batch = {k: v.to(device) for k, v in batch.items()}
         stepping = engine.state.iteration % accumulation_steps == 0
+        if sharded:
+            model.set_requires_gradient_sync(stepping)
         with contextlib.nullcontext() if stepping or not distributed else model.no_sync():
             with autocast(device, dtype):
                 outputs = forward(model, batch)

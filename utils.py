@@ -122,6 +122,13 @@ def checkpoint_or_newest_run(model_checkpoint, runs_dir, script):
     return checkpoint
 
 
+def free_port():
+    """A TCP port on 127.0.0.1 nothing listens on now (for a server or a torchrun rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def set_seed(seed):
     random.seed(seed)
     np.random.seed(seed % 2**32)

@@ -40,12 +40,12 @@ def test_serve_sends_the_same_requests_one_at_a_time_and_concurrently(tiny_dirs,
                                                        / result["one_at_a_time_requests_per_s"])
 
 
-def test_train_reports_speedups_and_the_memory_of_full_and_lora_runs(tiny_dirs, personachat_file, tmp_path):
+def test_train_reports_speedups_and_the_memory_of_full_lora_and_fsdp_runs(tiny_dirs, personachat_file, tmp_path):
     result = bench.main(["train", "--model_checkpoint", tiny_dirs["llama"], "--dataset_path", personachat_file,
                          "--dataset_cache", str(tmp_path / "cache"), "--device", "cpu", "--examples", "4",
                          "--batch_size", "2", "--baseline_batches", "1", "--memory_steps", "1", "--max_seq_len", "64"])
     assert result["examples"] == 4 and result["speedup_vs_full_sequences"] > 0 and result["computed_tokens"] > 0
-    full, lora = result["memory"]["full"], result["memory"]["lora"]
-    assert full["trainable_parameters"] == full["parameters"]  # every parameter trains
+    full, lora, fsdp = (result["memory"][k] for k in ("full", "lora", "fsdp"))
+    assert full["trainable_parameters"] == full["parameters"] == fsdp["parameters"]  # every parameter trains
     assert 0 < lora["trainable_parameters"] < full["trainable_parameters"] < lora["parameters"]  # + the adapters
-    assert full["peak_rss_mb"] > 50 and lora["peak_rss_mb"] > 50
+    assert all(v["peak_rss_mb"] > 50 for v in (full, lora, fsdp))

@@ -1,7 +1,6 @@
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 
@@ -13,6 +12,7 @@ import train as train_script
 from conftest import ROOT
 from modeling import load_tokenizer_and_model
 from test_dialogs import CONVAI2_NO_CANDS, CONVAI2_WITH_CANDS
+from utils import free_port
 
 
 def tiny_args(tiny_dirs, data, tmp_path, out="run", *extra):
@@ -142,9 +142,7 @@ def test_gpt2_double_heads_train_and_reload(tiny_dirs, personachat_file, tmp_pat
 @pytest.mark.parametrize("launcher", [["torch.distributed.run"], ["torch.distributed.launch"]],
                          ids=["torchrun", "legacy_launch"])
 def test_two_process_cpu_training_ends_with_identical_weights(tiny_dirs, personachat_file, tmp_path, launcher):
-    with socket.socket() as s:  # a free port for the rendezvous
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
+    port = str(free_port())  # for the rendezvous
     cmd = [sys.executable, "-m", *launcher, "--nproc_per_node=2", "--master_port", port,
            os.path.join(ROOT, "train.py"), *tiny_args(tiny_dirs, personachat_file, tmp_path, "run", "--max_steps", "2")]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
