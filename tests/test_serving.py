@@ -229,3 +229,31 @@ def test_a_failing_batch_fails_its_requests_and_the_thread_goes_on():
         time.sleep(0.1)
     events = [job.loop.run_until_complete(asyncio.wait_for(job.events.get(), 5)) for job in jobs]
     assert events[0] == ("error", "RuntimeError: boom") and events[1] == ("done", [[]])
+
+
+def test_rerank_answers_with_the_sample_the_ranker_scores_best(tiny_dirs, tiny_bert_dir):
+    from transformers import AutoModel, AutoTokenizer
+
+    from classifier import BertClassifier
+    from reply_ranker import context_text, score_pairs
+
+    torch.manual_seed(0)
+    ranker_options = {"pair_encoding": "siamese"}
+    ranker_model = BertClassifier(AutoModel.from_pretrained(tiny_bert_dir), 2, "mean", pair_encoding="siamese").eval()
+    ranker_tokenizer = AutoTokenizer.from_pretrained(tiny_bert_dir)
+    plain = make_chat_model(tiny_dirs["llama_chat"])
+    reranking = make_chat_model(tiny_dirs["llama_chat"], rerank=4)
+    reranking.ranker = (ranker_model, ranker_tokenizer, None, ranker_options)
+    messages = [PERSONA, {"role": "user", "content": "hi how are you"}]
+    picked_a_later_sample = False
+    with TestClient(create_app(plain)) as plain_client, TestClient(create_app(reranking)) as rerank_client:
+        for seed in range(6):
+            # the 4 samples a rerank request draws are the n=4 choices of the same seed
+            samples = [c["message"]["content"] for c in ask(plain_client, *messages, n=4, seed=seed,
+                                                            max_tokens=6).json()["choices"]]
+            scores = score_pairs(ranker_model, ranker_tokenizer, ranker_options,
+                                 context_text(["i love cats.", "i like music"], ["hi how are you"]), samples, "cpu")
+            reply = ask(rerank_client, *messages, seed=seed, max_tokens=6).json()["choices"][0]["message"]["content"]
+            assert reply == samples[int(scores.argmax())]
+            picked_a_later_sample |= int(scores.argmax()) > 0
+    assert picked_a_later_sample  # not just the first sample every time
