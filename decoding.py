@@ -41,6 +41,18 @@ def add_decoding_args(parser):
     parser.add_argument("--num_beams", type=int, default=1, help="Beam search with this many beams (default: 1, off)")
     parser.add_argument("--no_repeat_ngram_size", type=int, default=0,
                         help="Never repeat an n-gram of this size within a reply (default: 0, off)")
+    parser.add_argument("--rerank", type=int, default=0,
+                        help="Sample this many replies and answer with the one --ranker_checkpoint scores best "
+                             "(serve.py: such replies stream at their end)")
+    parser.add_argument("--ranker_checkpoint", default="", help="A ranker trained by `bert_classifier.py train --ranker`")
+
+
+def check_decoding_args(parser, args):
+    """parser.error for decoding flags that cannot work together."""
+    if args.rerank > 1 and not args.ranker_checkpoint:
+        parser.error("--rerank needs --ranker_checkpoint")
+    if args.temperature <= 0:
+        parser.error("--temperature: must be above 0 (use --no_sample for greedy decoding)")
 
 
 def top_filtering(logits, top_k=0, top_p=0.0, filter_value=-float("inf")):

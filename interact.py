@@ -15,10 +15,10 @@ from argparse import ArgumentParser
 import torch
 
 from classifier import load_classifier
-from decoding import DecodingConfig, add_decoding_args, generate
+from decoding import DecodingConfig, add_decoding_args, check_decoding_args, generate
 from dialogs import DialogFormatError, read_personas
-from layouts import INPUT_FORMATS, InputFormatError
-from modeling import load_tokenizer_and_model, model_max_length
+from layouts import InputFormatError
+from modeling import add_run_args, load_tokenizer_and_model, model_max_length
 from reply_ranker import context_text, score_pairs
 from utils import checkpoint_or_newest_run, resolve_dataset_path, set_seed
 
@@ -34,12 +34,7 @@ def get_args(argv=None):
                         help="Where downloaded data is kept (default: ./dataset_cache)")
     parser.add_argument("--model", type=str, default="",
                         help="Model type to expect (openai-gpt, gpt2, llama, ...): an error if the checkpoint is another")
-    parser.add_argument("--model_checkpoint", type=str, default="",
-                        help="Run directory, hub id or .gguf file (default: the newest run under --runs_dir)")
-    parser.add_argument("--input_format", type=str, default="", choices=("",) + INPUT_FORMATS,
-                        help="Layout of a pretrained model's inputs (default: a run's own; else chat_template where "
-                             "the tokenizer has one)")
-    parser.add_argument("--runs_dir", type=str, default="runs", help="Where to look for the newest run (default: runs)")
+    add_run_args(parser)
     parser.add_argument("--personality", action="append", default=[],
                         help="A persona sentence; repeat for several. With it no dataset is read")
     parser.add_argument("--personality_file", type=str, default="", help="Persona sentences, one per line")
@@ -48,14 +43,8 @@ def get_args(argv=None):
                         help="cuda or cpu (default: cuda when available)")
     add_decoding_args(parser)
     parser.add_argument("--seed", type=int, default=0, help="Seed of the persona draw and of sampling (default: 0)")
-    parser.add_argument("--rerank", type=int, default=0,
-                        help="Sample this many replies and answer with the one --ranker_checkpoint scores best")
-    parser.add_argument("--ranker_checkpoint", default="", help="A ranker trained by `bert_classifier.py train --ranker`")
     args = parser.parse_args(argv)
-    if args.rerank > 1 and not args.ranker_checkpoint:
-        parser.error("--rerank needs --ranker_checkpoint")
-    if args.temperature <= 0:
-        parser.error("--temperature: must be above 0 (use --no_sample for greedy decoding)")
+    check_decoding_args(parser, args)
     return args
 
 

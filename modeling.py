@@ -302,6 +302,16 @@ def _split_gguf(checkpoint):
     return checkpoint, None
 
 
+def add_run_args(parser):
+    """The flags naming the model of interact.py and serve.py: a run (default: the newest) or a pretrained model."""
+    parser.add_argument("--model_checkpoint", type=str, default="",
+                        help="Run directory, hub id or .gguf file (default: the newest run under --runs_dir)")
+    parser.add_argument("--input_format", type=str, default="", choices=("",) + INPUT_FORMATS,
+                        help="Layout of a pretrained model's inputs (default: a run's own; else chat_template where "
+                             "the tokenizer has one)")
+    parser.add_argument("--runs_dir", type=str, default="runs", help="Where to look for the newest run (default: runs)")
+
+
 def load_tokenizer_and_model(model_checkpoint=None, mc_dropout=0.1, input_format=""):
     """Tokenizer, double-heads model and input layout from a hub id, a local directory (e.g. a run) or a GGUF file.
 

@@ -18,9 +18,9 @@ import torch
 import uvicorn
 
 from classifier import load_classifier
-from decoding import DecodingConfig, add_decoding_args
-from layouts import INPUT_FORMATS, InputFormatError
-from modeling import load_tokenizer_and_model, model_max_length
+from decoding import DecodingConfig, add_decoding_args, check_decoding_args
+from layouts import InputFormatError
+from modeling import add_run_args, load_tokenizer_and_model, model_max_length
 from serving import ChatModel, ServerSettings, create_app
 from utils import checkpoint_or_newest_run
 
@@ -29,12 +29,7 @@ logger = logging.getLogger(__file__)
 
 def get_args(argv=None):
     parser = ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model_checkpoint", type=str, default="",
-                        help="Run directory, hub id or .gguf file (default: the newest run under --runs_dir)")
-    parser.add_argument("--input_format", type=str, default="", choices=("",) + INPUT_FORMATS,
-                        help="Layout of a pretrained model's inputs (default: a run's own; else chat_template where "
-                             "the tokenizer has one)")
-    parser.add_argument("--runs_dir", type=str, default="runs", help="Where to look for the newest run (default: runs)")
+    add_run_args(parser)
     parser.add_argument("--host", type=str, default="127.0.0.1", help="Address to listen on (default: 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="Port to listen on (default: 8000)")
     parser.add_argument("--served_model_name", type=str, default="",
@@ -47,10 +42,6 @@ def get_args(argv=None):
     add_decoding_args(parser)
     parser.add_argument("--seed", type=int, default=None,
                         help="Seed of the sampling of requests that give none (default: none, a fresh draw)")
-    parser.add_argument("--rerank", type=int, default=0,
-                        help="Sample this many replies per choice and answer with the one --ranker_checkpoint scores "
-                             "best (replies then stream at their end)")
-    parser.add_argument("--ranker_checkpoint", default="", help="A ranker trained by `bert_classifier.py train --ranker`")
     parser.add_argument("--max_concurrency", type=int, default=32,
                         help="Requests queued or decoding at once; more get HTTP 429 (default: 32)")
     parser.add_argument("--max_batch_size", type=int, default=8,
@@ -59,10 +50,7 @@ def get_args(argv=None):
                         help="Largest max_tokens a request may ask for (default: 512)")
     parser.add_argument("--log_level", type=str, default="info", help="uvicorn's log level (default: info)")
     args = parser.parse_args(argv)
-    if args.rerank > 1 and not args.ranker_checkpoint:
-        parser.error("--rerank needs --ranker_checkpoint")
-    if args.temperature <= 0:
-        parser.error("--temperature: must be above 0 (use --no_sample for greedy decoding)")
+    check_decoding_args(parser, args)
     if args.max_batch_size < 1 or args.max_concurrency < 1:
         parser.error("--max_batch_size and --max_concurrency: at least 1")
     if args.max_length > args.max_tokens_limit:
