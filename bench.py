@@ -203,15 +203,18 @@ def memory_variants(args):
         last = [json.loads(line) for line in (work / name / "metrics.jsonl").read_text().splitlines()][-1]
         found[name] = {"trainable_parameters": run_args["trainable_parameters"], "parameters": run_args["parameters"],
                        "steps_per_s": last["steps_per_s"],
-                       **{k: v for k, v in last.items() if k.startswith("peak_")}}
+                       **{k: v for k, v in last.items() if "peak_" in k}}
     return found
 
 
 def print_memory(memory):
-    print(f"{'':>10}{'trainable':>14}{'parameters':>14}{'peak RSS MiB':>14}{'peak GPU MiB':>14}{'steps/s':>10}")
+    """Peak RSS: the whole process (loading included), then training's alone (where Linux could reset it)."""
+    print(f"{'':>10}{'trainable':>14}{'parameters':>14}{'peak RSS MiB':>14}{'training MiB':>14}{'peak GPU MiB':>14}"
+          f"{'steps/s':>10}")
     for name, row in memory.items():
         print(f"{name:>10}{row['trainable_parameters']:>14,}{row['parameters']:>14,}{row['peak_rss_mb']:>14.0f}"
-              f"{row.get('peak_gpu_mb', float('nan')):>14.0f}{row['steps_per_s']:>10.3f}")
+              f"{row.get('train_peak_rss_mb', float('nan')):>14.0f}{row.get('peak_gpu_mb', float('nan')):>14.0f}"
+              f"{row['steps_per_s']:>10.3f}")
 
 
 def pick_context(data, layout, target, max_history=2):

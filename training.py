@@ -5,6 +5,7 @@ non-finite-loss stop) are tested on their own.
 """
 import contextlib
 import resource
+from pathlib import Path
 
 import ignite.distributed as idist
 import torch
@@ -80,9 +81,27 @@ def make_update(model, optimizer, scaler, device, dtype=None, accumulation_steps
     return update
 
 
-def peak_memory():
-    """This process's peak resident memory so far, and its peak GPU memory where it has used a GPU (MiB)."""
-    peak = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+def reset_peak_memory():
+    """Start this process's peaks afresh, so that they are training's and not loading's (GGUF dequantization peaks
+    higher than a step of a small model). Returns the RSS peak so far (MiB) where it could be reset (Linux's
+    clear_refs, which resets getrusage's maxrss too), else None."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.reset_peak_memory_stats()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return before
+    except OSError:
+        return None
+
+
+def peak_memory(peak_before_reset=None):
+    """Peak resident memory of the whole process (MiB), `train_peak_rss_mb` since reset_peak_memory() where it
+    worked (pass what it returned), and peak GPU memory since that reset where a GPU is used."""
+    now = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = {"peak_rss_mb": max(now, peak_before_reset or 0.0)}
+    if peak_before_reset is not None:
+        peak["train_peak_rss_mb"] = now
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         peak["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return peak
@@ -100,12 +119,17 @@ class Throughput:
         self.timer = Timer(average=False)
         self.tokens = 0
         self.iterations = 0
+        self.peak_before = None  # the process's RSS peak when training started
 
     def attach(self, engine):
         self.timer.attach(engine, start=Events.STARTED, resume=Events.ITERATION_STARTED,
                           pause=Events.ITERATION_COMPLETED, step=Events.ITERATION_COMPLETED)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self.count)
+        engine.add_event_handler(Events.STARTED, self.reset_peaks)
         return self
+
+    def reset_peaks(self, engine):
+        self.peak_before = reset_peak_memory()
 
     def count(self, engine):
         self.tokens += engine.state.output["tokens"]
@@ -117,7 +141,7 @@ class Throughput:
         tokens = idist.all_reduce(float(self.tokens))
         steps = self.iterations / self.accumulation_steps
         return {"train_seconds": seconds, "steps_per_s": steps / seconds, "tokens_per_s": tokens / seconds,
-                **peak_memory()}
+                **peak_memory(self.peak_before)}
 
 
 def make_inference(model, device, dtype=None):

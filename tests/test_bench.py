@@ -48,4 +48,4 @@ def test_train_reports_speedups_and_the_memory_of_full_lora_and_fsdp_runs(tiny_d
     full, lora, fsdp = (result["memory"][k] for k in ("full", "lora", "fsdp"))
     assert full["trainable_parameters"] == full["parameters"] == fsdp["parameters"]  # every parameter trains
     assert 0 < lora["trainable_parameters"] < full["trainable_parameters"] < lora["parameters"]  # + the adapters
-    assert all(v["peak_rss_mb"] > 50 for v in (full, lora, fsdp))
+    assert all(0 < v["train_peak_rss_mb"] <= v["peak_rss_mb"] for v in (full, lora, fsdp))  # training: no loading

@@ -1,4 +1,5 @@
 import copy
+import os
 import time
 
 import pytest
@@ -10,7 +11,8 @@ from inputs import DoubleHeadDataset, collate
 from layouts import TransferTransfoLayout
 from modeling import DoubleHeads, load_tokenizer_and_model
 from tokenized import tokenize_dialogs
-from training import Throughput, amp_dtype, linear_lr, make_inference, make_update
+from training import (Throughput, amp_dtype, linear_lr, make_inference, make_update, peak_memory,
+                      reset_peak_memory)
 
 CPU = torch.device("cpu")
 
@@ -130,3 +132,16 @@ def test_inference_returns_token_nll_and_mc_logits(setup):
     assert count.item() == 4 * 5  # 4 gold replies of 4 words plus <eos>
     assert nll_sum.item() > 0 and out["mc"][0].shape == (4, 2)
     assert out["mc"][1].tolist() == [1, 1, 1, 1]
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="Linux's peak RSS reset only")
+def test_the_training_peak_leaves_out_what_came_before_the_reset():
+    big = torch.ones(64 * 2**20)  # 256 MiB, then freed: a peak of loading, say
+    del big
+    peak_before = reset_peak_memory()
+    before = peak_memory(peak_before)
+    assert before["train_peak_rss_mb"] <= before["peak_rss_mb"] - 200 and before["peak_rss_mb"] == peak_before
+    grown = torch.ones(32 * 2**20)  # 128 MiB held during "training"
+    after = peak_memory(peak_before)
+    assert after["train_peak_rss_mb"] >= before["train_peak_rss_mb"] + 100
+    del grown
