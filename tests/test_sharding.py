@@ -56,8 +56,9 @@ def test_fsdp_takes_the_steps_of_ddp_and_saves_whole_checkpoints_that_resume(tin
     assert_same_tensors(weights(tmp_path / "fsdp", *files), weights(tmp_path / "ddp", *files))
 
 
-def test_fsdp_with_lora_and_gradient_checkpointing_saves_an_adapter_run(tiny_dirs, personachat_file, tmp_path):
-    torchrun(tiny_args(tiny_dirs, personachat_file, tmp_path, "run", "--fsdp", "--lora_r", "4",
+def test_fsdp_with_lora_gradient_checkpointing_and_bf16_saves_an_fp32_adapter_run(tiny_dirs, personachat_file,
+                                                                                    tmp_path):
+    torchrun(tiny_args(tiny_dirs, personachat_file, tmp_path, "run", "--fsdp", "--lora_r", "4", "--fp16", "bf16",
                        "--gradient_checkpointing", "--max_steps", "2", "--n_epochs", "1"), tmp_path)
     names = os.listdir(tmp_path / "run")
     assert "adapter_model.safetensors" in names and "model.safetensors" not in names
@@ -68,6 +69,8 @@ def test_fsdp_with_lora_and_gradient_checkpointing_saves_an_adapter_run(tiny_dir
     assert has_lora(model)
     adapter = load_file(tmp_path / "run" / "adapter_model.safetensors")
     assert any("lora_B" in k and v.abs().sum() > 0 for k, v in adapter.items())  # trained away from zero
+    assert {v.dtype for v in adapter.values()} == {torch.float32}  # bf16 computes; the fp32 master weights are saved
+    assert read_metrics(tmp_path / "run")[-1]["ppl"] < float("inf")
 
 
 def test_fsdp_needs_torchrun(tiny_dirs, personachat_file, tmp_path):
