@@ -235,7 +235,7 @@ def train(argv=None):
         shard_model(model, dtype)
     raw_model = model
     optimizer = torch.optim.AdamW(param_groups(raw_model, args.lr, args.mc_lr))
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16 and not args.fsdp)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # FSDP2 too: its grads are DTensors
     if distributed and not args.fsdp:
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
