@@ -158,6 +158,8 @@ def bench_train(args):
     t_original = timed_training(model, original, device, dtype, shared_context=False)  # equal batches: a few suffice
     n_original = sum(len(b[0]) for b in original)
     t_bare = timed_bare_hf(model, ours, device, dtype)
+    # what --fp16 bf16 gains on this machine (CPUs with AVX512-BF16 or AMX have bf16 matmuls too)
+    t_bf16 = timed_training(model, ours, device, torch.bfloat16) if dtype is None else None
     result = {
         "device": str(device), "dtype": str(dtype or torch.float32).replace("torch.", ""), "input_format": layout.name,
         "examples": len(items), "candidates": full.num_candidates, "batch_size": args.batch_size,
@@ -171,12 +173,15 @@ def bench_train(args):
         "speedup_vs_dataset_padding": (t_original / n_original) / (t_ours / len(items)),
         "pipeline_vs_bare_hf": t_bare / t_ours,
     }
+    if t_bf16:
+        result["bf16_speedup"] = t_ours / t_bf16
     if memory:
         result["memory"] = memory
     return result
 
 
-MEMORY_VARIANTS = {"full": [], "lora": ["--lora_r", "8"], "fsdp": ["--fsdp"]}
+MEMORY_VARIANTS = {"full": [], "full_ckpt": ["--gradient_checkpointing"], "lora": ["--lora_r", "8"],
+                   "lora_ckpt": ["--lora_r", "8", "--gradient_checkpointing"], "fsdp": ["--fsdp"]}
 
 
 def torchrun_launcher(processes=2):
@@ -479,8 +484,9 @@ def main(argv=None):
     train.add_argument("--fp16", default="", help="Mixed precision: fp16 or bf16 (default: off)")
     train.add_argument("--seed", type=int, default=0, help="Which examples are drawn (default: 0)")
     train.add_argument("--memory_steps", type=int, default=3,
-                       help="Steps of train.py per memory variant (full fine-tune, LoRA r=8, FSDP over 2 "
-                            "processes), each in its own process(es); 0: skip them (default: 3)")
+                       help="Steps of train.py per memory variant (full fine-tune, LoRA r=8, each with and "
+                            "without --gradient_checkpointing, FSDP over 2 processes), each in its own "
+                            "process(es), on the same batches; 0: skip them (default: 3)")
     gen = add_command(sub, "generate", "decoding speed with the KV cache, without it, and transformers' generate")
     gen.add_argument("--context_tokens", type=int, default=100, help="Context length to look for (default: 100)")
     gen.add_argument("--reply_tokens", type=int, default=20, help="Tokens per reply (default: 20)")

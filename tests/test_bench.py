@@ -45,7 +45,9 @@ def test_train_reports_speedups_and_the_memory_of_full_lora_and_fsdp_runs(tiny_d
                          "--dataset_cache", str(tmp_path / "cache"), "--device", "cpu", "--examples", "4",
                          "--batch_size", "2", "--baseline_batches", "1", "--memory_steps", "1", "--max_seq_len", "64"])
     assert result["examples"] == 4 and result["speedup_vs_full_sequences"] > 0 and result["computed_tokens"] > 0
+    assert result["dtype"] == "float32" and result["bf16_speedup"] > 0
     full, lora, fsdp = (result["memory"][k] for k in ("full", "lora", "fsdp"))
+    assert result["memory"]["full_ckpt"]["trainable_parameters"] == full["trainable_parameters"]
     assert full["trainable_parameters"] == full["parameters"] == fsdp["parameters"]  # every parameter trains
     assert 0 < lora["trainable_parameters"] < full["trainable_parameters"] < lora["parameters"]  # + the adapters
     assert all(0 < v["train_peak_rss_mb"] <= v["peak_rss_mb"] for v in (full, lora, fsdp))  # training: no loading
