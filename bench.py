@@ -58,7 +58,7 @@ from modeling import load_tokenizer_and_model
 from ranking import score_candidates
 from tokenized import get_dataset
 from training import amp_dtype, make_update
-from utils import free_port
+from utils import torchrun_launcher
 
 
 def matmul_flops(size=2048, repeats=10, dtype=torch.float32, device="cpu"):
@@ -182,10 +182,6 @@ def bench_train(args):
 
 MEMORY_VARIANTS = {"full": [], "full_ckpt": ["--gradient_checkpointing"], "lora": ["--lora_r", "8"],
                    "lora_ckpt": ["--lora_r", "8", "--gradient_checkpointing"], "fsdp": ["--fsdp"]}
-
-
-def torchrun_launcher(processes=2):
-    return ["-m", "torch.distributed.run", f"--nproc_per_node={processes}", "--master_port", str(free_port())]
 
 
 def memory_variants(args):

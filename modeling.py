@@ -357,8 +357,7 @@ def load_tokenizer_and_model(model_checkpoint=None, mc_dropout=0.1, input_format
 def save_model(model, tokenizer, directory, state_dict=None):
     """The save_pretrained layout of model and tokenizer; what load_tokenizer_and_model reads back."""
     os.makedirs(directory, exist_ok=True)
-    model = getattr(model, "module", model)
-    model.save_pretrained(directory, **({"state_dict": state_dict} if state_dict is not None else {}))
+    getattr(model, "module", model).save_pretrained(directory, state_dict=state_dict)
     tokenizer.save_pretrained(directory)
 
 

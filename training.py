@@ -82,8 +82,8 @@ def make_update(model, optimizer, scaler, device, dtype=None, accumulation_steps
 
 
 def reset_peak_memory():
-    """Start this process's peaks afresh, so that they are training's and not loading's (GGUF dequantization peaks
-    higher than a step of a small model). Returns the RSS peak so far (MiB) where it could be reset (Linux's
+    """Start this process's peaks afresh, so that they are training's and not loading's (a GGUF file is
+    dequantized on load). Returns the RSS peak so far (MiB) where it could be reset (Linux's
     clear_refs, which resets getrusage's maxrss too), else None."""
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.reset_peak_memory_stats()

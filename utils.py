@@ -129,6 +129,11 @@ def free_port():
         return s.getsockname()[1]
 
 
+def torchrun_launcher(processes=2):
+    """`python` arguments that run a script under torchrun on this machine, with a free rendezvous port."""
+    return ["-m", "torch.distributed.run", f"--nproc_per_node={processes}", "--master_port", str(free_port())]
+
+
 def set_seed(seed):
     random.seed(seed)
     np.random.seed(seed % 2**32)

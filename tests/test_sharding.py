@@ -10,13 +10,11 @@ from safetensors.torch import load_file
 import train as train_script
 from conftest import ROOT
 from test_train import read_metrics, tiny_args
-from utils import free_port
+from utils import torchrun_launcher
 
 
 def torchrun(args, tmp_path, processes=2):
-    port = str(free_port())  # for the rendezvous
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}", "--master_port", port,
-           os.path.join(ROOT, "train.py"), *args]
+    cmd = [sys.executable, *torchrun_launcher(processes), os.path.join(ROOT, "train.py"), *args]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
                           env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT))
     if done.returncode:
