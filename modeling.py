@@ -228,8 +228,8 @@ class GPTDoubleHeads(nn.Module):
         hidden, cache = self.hidden_states(input_ids, token_type_ids, attention_mask, position_ids, cache)
         return self.lm_logits(hidden[:, -1]), cache
 
-    def save_pretrained(self, directory):
-        self.lm.save_pretrained(directory)
+    def save_pretrained(self, directory, state_dict=None):
+        self.lm.save_pretrained(directory, state_dict=state_dict)
 
 
 def double_head_loss(outputs, mc_labels, lm_coef=1.0, mc_coef=1.0):
