@@ -4,6 +4,7 @@ Kept out of train.py so that their mechanics (autocast, loss, gradient accumulat
 non-finite-loss stop) are tested on their own.
 """
 import contextlib
+import re
 import resource
 from pathlib import Path
 
@@ -83,8 +84,8 @@ def make_update(model, optimizer, scaler, device, dtype=None, accumulation_steps
 
 def reset_peak_memory():
     """Start this process's peaks afresh, so that they are training's and not loading's (a GGUF file is
-    dequantized on load). Returns the RSS peak so far (MiB) where it could be reset (Linux's
-    clear_refs, which resets getrusage's maxrss too), else None."""
+    dequantized on load). Returns the RSS peak so far (MiB) where it could be reset (Linux's clear_refs resets
+    the VmHWM of /proc/self/status), else None."""
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.reset_peak_memory_stats()
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -97,11 +98,13 @@ def reset_peak_memory():
 
 def peak_memory(peak_before_reset=None):
     """Peak resident memory of the whole process (MiB), `train_peak_rss_mb` since reset_peak_memory() where it
-    worked (pass what it returned), and peak GPU memory since that reset where a GPU is used."""
-    now = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    peak = {"peak_rss_mb": max(now, peak_before_reset or 0.0)}
+    worked (pass what it returned), and peak GPU memory since that reset where a GPU is used.
+
+    The training peak is VmHWM, not getrusage's maxrss: that one also keeps a peak inherited across exec."""
+    peak = {"peak_rss_mb": max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, peak_before_reset or 0.0)}
     if peak_before_reset is not None:
-        peak["train_peak_rss_mb"] = now
+        status = Path("/proc/self/status").read_text()
+        peak["train_peak_rss_mb"] = int(re.search(r"^VmHWM:\s+(\d+) kB", status, re.M).group(1)) / 1024
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         peak["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return peak
