@@ -105,6 +105,7 @@ def peak_memory(peak_before_reset=None):
     if peak_before_reset is not None:
         status = Path("/proc/self/status").read_text()
         peak["train_peak_rss_mb"] = int(re.search(r"^VmHWM:\s+(\d+) kB", status, re.M).group(1)) / 1024
+        peak["peak_rss_mb"] = max(peak["peak_rss_mb"], peak["train_peak_rss_mb"])  # maxrss can lag VmHWM
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         peak["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return peak
