@@ -160,6 +160,13 @@ def bench_train(args):
     t_bare = timed_bare_hf(model, ours, device, dtype)
     # what --fp16 bf16 gains on this machine (CPUs with AVX512-BF16 or AMX have bf16 matmuls too)
     t_bf16 = timed_training(model, ours, device, torch.bfloat16) if dtype is None else None
+    # what train.py --max_reply_len gains: the same examples with every candidate cut there, grouped anew
+    capped = DoubleHeadDataset(data, "train", layout, num_candidates=args.num_candidates, max_len=args.max_seq_len,
+                               max_reply_len=args.max_reply_len)
+    capped_items = [capped[int(i)] for i in picked]
+    capped_batches = [([capped_items[i] for i in b], layout.pad)
+                      for b in LengthGroupedBatchSampler(capped.lengths()[picked], args.batch_size, seed=args.seed)]
+    t_capped = timed_training(model, capped_batches, device, dtype)
     result = {
         "device": str(device), "dtype": str(dtype or torch.float32).replace("torch.", ""), "input_format": layout.name,
         "examples": len(items), "candidates": full.num_candidates, "batch_size": args.batch_size,
@@ -172,6 +179,10 @@ def bench_train(args):
         "speedup_vs_full_sequences": t_full / t_ours,
         "speedup_vs_dataset_padding": (t_original / n_original) / (t_ours / len(items)),
         "pipeline_vs_bare_hf": t_bare / t_ours,
+        "max_reply_len": args.max_reply_len,
+        "max_reply_len_speedup": t_ours / t_capped,
+        "candidates_cut_by_max_reply_len": sum(len(inst["input_ids"]) - inst["reply_start"] - len(layout.reply_end)
+                                               > args.max_reply_len for item in items for inst in item["instances"]),
     }
     if t_bf16:
         result["bf16_speedup"] = t_ours / t_bf16
@@ -475,6 +486,8 @@ def main(argv=None):
     train.add_argument("--num_candidates", type=int, default=2, help="Candidates per example (default: 2)")
     train.add_argument("--max_seq_len", type=int, default=512,
                        help="Longest input in tokens, longer ones cut as in training (default: 512, GPT's context)")
+    train.add_argument("--max_reply_len", type=int, default=64,
+                       help="Candidate cut timed against whole candidates, as train.py --max_reply_len (default: 64)")
     train.add_argument("--baseline_batches", type=int, default=2,
                        help="Batches timed for the dataset-padding baseline, all of equal cost (default: 2)")
     train.add_argument("--fp16", default="", help="Mixed precision: fp16 or bf16 (default: off)")

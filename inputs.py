@@ -13,9 +13,9 @@ class DoubleHeadDataset(torch.utils.data.Dataset):
     """Examples of one split for the double-head model: each item is `num_candidates` laid-out candidates."""
 
     def __init__(self, tokenized, split, layout, num_candidates=2, max_history=2, max_len=1024,
-                 personality_permutations=1, max_examples=None):
+                 personality_permutations=1, max_examples=None, max_reply_len=0):
         self.tokenized, self.split, self.layout = tokenized, split, layout
-        self.max_history, self.max_len = max_history, max_len
+        self.max_history, self.max_len, self.max_reply_len = max_history, max_len, max_reply_len
         self.personality_permutations = max(1, personality_permutations)
         n_utts = tokenized.num_utterances(split)
         if max_examples:
@@ -42,11 +42,17 @@ class DoubleHeadDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         persona, history, candidates = self.context(index)
-        longest = max(len(c) for c in candidates)
+        longest = max(self.reply_len(len(c)) for c in candidates)
         persona, history, reply_len = self.layout.fit(persona, history, longest, self.max_len)
-        instances = [self.layout.build(persona, history, c[:reply_len], lm_labels=(j == len(candidates) - 1))
+        # a reply cut by max_reply_len ends where it was cut: no end-of-turn token to learn mid-sentence
+        instances = [self.layout.build(persona, history, c[:reply_len], lm_labels=(j == len(candidates) - 1),
+                                       with_end=not self.max_reply_len or len(c) <= self.max_reply_len)
                      for j, c in enumerate(candidates)]
         return {"instances": instances, "mc_labels": len(candidates) - 1}
+
+    def reply_len(self, n):
+        """Tokens a candidate of n tokens keeps: all of them, or max_reply_len (ParlAI's label_truncate)."""
+        return min(n, self.max_reply_len) if self.max_reply_len else n
 
     def lengths(self):
         """Longest candidate's input length per item, without building the inputs (for length grouping)."""
@@ -56,7 +62,7 @@ class DoubleHeadDataset(torch.utils.data.Dataset):
             persona, history, candidates = self.context_ids(index)
             texts = int(text_lengths[persona].sum()) + int(text_lengths[history].sum())
             out[index] = min(self.layout.overhead(len(persona), len(history)) + texts
-                             + int(text_lengths[candidates].max()), self.max_len)
+                             + self.reply_len(int(text_lengths[candidates].max())), self.max_len)
         return out
 
 

@@ -53,6 +53,8 @@ def get_args(argv=None):
         args = parser.parse_args(argv)
     if args.num_candidates < 2:
         parser.error("--num_candidates: the multiple-choice head needs at least 2 (the gold reply and a distractor)")
+    if args.max_reply_len < 0:
+        parser.error("--max_reply_len: 0 (whole replies) or a number of tokens")
     if args.max_seq_len and args.max_seq_len < 32:
         parser.error("--max_seq_len: at least 32 tokens (or 0 for the model's own limit)")
     if args.gradient_accumulation_steps < 1:
@@ -99,6 +101,9 @@ def build_parser():
                         help="Longest input in tokens; longer ones lose their oldest history. Batches group similar "
                              "lengths, so the rare long dialogs (chit-chat's longest: 7,310 tokens) would otherwise "
                              "fill one batch that needs >120 GiB (default: 512, the original GPT's; 0: the model's)")
+    parser.add_argument("--max_reply_len", type=int, default=0,
+                        help="Cut every training candidate after this many tokens (ParlAI's label_truncate; a cut reply "
+                             "gets no end-of-turn token); validation keeps whole replies (default: 0, whole replies)")
     parser.add_argument("--eval_before_start", action="store_true", help="Validate once before training")
     parser.add_argument("--eval_every", type=int, default=0,
                         help="Also validate and checkpoint every N optimizer steps (default: 0, at epoch ends only)")
@@ -140,7 +145,7 @@ def get_data_loaders(args, tokenizer, layout, max_len, world_size, rank):
             torch.distributed.barrier()
     common = dict(max_history=args.max_history, max_len=max_len, num_candidates=args.num_candidates)
     train_set = DoubleHeadDataset(data, "train", layout, personality_permutations=args.personality_permutations,
-                                  **common)
+                                  max_reply_len=args.max_reply_len, **common)
     valid_set = DoubleHeadDataset(data, "valid", layout, max_examples=args.max_valid_examples or None, **common)
     if train_set.num_candidates < 2:
         raise ValueError(f"--dataset_path {args.dataset_path}: some utterances have a single candidate")

@@ -43,7 +43,9 @@ def test_serve_sends_the_same_requests_one_at_a_time_and_concurrently(tiny_dirs,
 def test_train_reports_speedups_and_the_memory_of_full_lora_and_fsdp_runs(tiny_dirs, personachat_file, tmp_path):
     result = bench.main(["train", "--model_checkpoint", tiny_dirs["llama"], "--dataset_path", personachat_file,
                          "--dataset_cache", str(tmp_path / "cache"), "--device", "cpu", "--examples", "4",
-                         "--batch_size", "2", "--baseline_batches", "1", "--memory_steps", "1", "--max_seq_len", "64"])
+                         "--batch_size", "2", "--baseline_batches", "1", "--memory_steps", "1", "--max_seq_len", "64",
+                         "--max_reply_len", "3"])
+    assert result["max_reply_len_speedup"] > 0 and 0 < result["candidates_cut_by_max_reply_len"] < 8
     assert result["examples"] == 4 and result["speedup_vs_full_sequences"] > 0 and result["computed_tokens"] > 0
     assert result["dtype"] == "float32" and result["bf16_speedup"] > 0
     full, lora, fsdp = (result["memory"][k] for k in ("full", "lora", "fsdp"))

@@ -109,3 +109,25 @@ def test_dataset_respects_max_len(tokenized_and_layout):
     assert all(len(inst["input_ids"]) <= 12 for i in range(len(ds)) for inst in ds[i]["instances"])
     assert ds.lengths().max() <= 12
     assert torch.is_tensor(collate([ds[0], ds[1]], layout.pad)["input_ids"])
+
+
+def test_max_reply_len_cuts_long_candidates_without_an_end_and_keeps_short_ones_whole(tokenized_and_layout):
+    data, layout = tokenized_and_layout
+    whole = DoubleHeadDataset(data, "train", layout, num_candidates=3, max_history=1)
+    cap = 3
+    cut = DoubleHeadDataset(data, "train", layout, num_candidates=3, max_history=1, max_reply_len=cap)
+    _, _, candidates = data.utterance("train", 1)  # replies of 2, 3 and 6 tokens, the gold one cut
+    assert any(len(c) > cap for c in candidates) and any(len(c) <= cap for c in candidates)
+    for inst_whole, inst_cut, candidate in zip(whole[1]["instances"], cut[1]["instances"], candidates):
+        start = inst_cut["reply_start"]
+        assert inst_cut["input_ids"][:start] == inst_whole["input_ids"][:start]  # same context
+        if len(candidate) <= cap:
+            assert inst_cut["input_ids"] == inst_whole["input_ids"]
+        else:
+            assert inst_cut["input_ids"][start:] == list(candidate[:cap])  # cut, and no <eos> after it
+            assert inst_cut["mc_token_ids"] == start + cap - 1
+    assert len(candidates[-1]) > cap
+    gold = cut[1]["instances"][-1]
+    assert [t for t in gold["lm_labels"] if t != IGNORE_INDEX] == list(candidates[-1][:cap])
+    assert cut.lengths()[1] == max(len(i["input_ids"]) for i in cut[1]["instances"])  # the whole 3-token one
+    assert whole.lengths()[1] == cut.lengths()[1] + len(candidates[-1]) - cap
