@@ -238,3 +238,13 @@ def test_resume_takes_the_learning_rate_given_now_and_reads_checkpoints_from_bef
     assert [g["peak_lr"] for g in groups] == [0.02]
     with pytest.raises(ValueError, match="--mc_lr"):
         train_script.train(["--resume", str(run_dir), "--max_steps", "6", "--mc_lr", "0.1"])
+
+
+@pytest.mark.parametrize("flags, named", [(["--num_candidates", "1"], "--num_candidates"),
+                                          (["--max_reply_len", "-1"], "--max_reply_len"),
+                                          (["--max_seq_len", "16"], "--max_seq_len"),
+                                          (["--eval_every", "-2"], "--eval_every")])
+def test_bad_flags_are_refused_naming_the_flag(flags, named, capsys):
+    with pytest.raises(SystemExit):
+        train_script.get_args(flags)
+    assert named in capsys.readouterr().err
