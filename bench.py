@@ -23,7 +23,7 @@ against transformers' own `generate` on the same prompt.
 `quality`: is the trained agent better than where it started? On held-out dialogs (train.py's split), the
 zero-shot model in both input formats, then a run of --max_steps optimizer steps from it, each scored by
 convai_evaluation.py on the same --max_examples examples (20 candidates): hits@1 by the multiple-choice head and
-by LM likelihood, token and word perplexity, and F1 of greedy replies; plus the untrained MiniLM bi-encoder's
+by LM likelihood, token and word perplexity (and the reply's own tokens' perplexity apart from the NLL of its end token), and F1 of greedy replies; plus the untrained MiniLM bi-encoder's
 hits@1. Prints every row and the trained-minus-zero-shot deltas. Training and evaluation run as the scripts
 themselves, in subprocesses.
 
@@ -332,7 +332,7 @@ def bench_rank(args):
             "speedup_vs_full_sequences": t_full / t_shared}
 
 
-QUALITY_METRICS = ("mc_hits@1", "lm_hits@1", "ppl", "word_ppl", "f1")
+QUALITY_METRICS = ("mc_hits@1", "lm_hits@1", "ppl", "word_ppl", "reply_ppl", "end_nll", "f1")
 
 
 def run_script(script, argv, launcher=()):
@@ -352,7 +352,7 @@ def evaluate(model_checkpoint, args, results_file, *extra):
         results = json.load(f)
     by_ranker = results.get("by_ranker", {results["ranker"]: results})
     row = {f"{name}_hits@1": metrics["hits@1"] for name, metrics in by_ranker.items()}
-    row.update({k: results[k] for k in ("ppl", "word_ppl", "f1") if k in results})
+    row.update({k: results[k] for k in ("ppl", "word_ppl", "reply_ppl", "end_nll", "f1") if k in results})
     return row
 
 
@@ -386,6 +386,8 @@ def bench_quality(args):
                 zero_shot["lm_hits@1"], rows["biencoder (untrained MiniLM)"]["biencoder_hits@1"]),
             "zero_shot_ppl_ratio_transfertransfo_over_chat_template":
                 rows["zero-shot transfertransfo"]["ppl"] / rows["zero-shot chat_template"]["ppl"],
+            "zero_shot_reply_ppl_ratio_transfertransfo_over_chat_template":
+                rows["zero-shot transfertransfo"]["reply_ppl"] / rows["zero-shot chat_template"]["reply_ppl"],
             "work_dir": str(work)}
 
 

@@ -121,6 +121,7 @@ def main(argv=None):
     want = {"hits@1", "ppl", "f1"} if args.eval_type == "all" else {args.eval_type}
 
     ranks, nll, n_tokens, n_words, f1s, records, n_candidates = {r: [] for r in rankers}, 0.0, 0, 0, [], [], []
+    end_nll = 0.0  # of the reply end's tokens alone
     contexts = []
     for example_id, persona, history, candidates in tqdm(examples, desc="Scoring", disable=not want & {"hits@1", "ppl"}):
         history = history[-(2 * args.max_history + 1):]
@@ -135,7 +136,7 @@ def main(argv=None):
             gold = len(candidates) - 1
             lm_rows = None if "hits@1" in want and "lm" in rankers else [gold]
             if own_scores:  # the chat model's own scores: not needed to rank with another model alone
-                mc, logp, lengths = score_candidates(model, context, cand_ids, layout, lm_rows=lm_rows)
+                mc, logp, lengths, end_logp = score_candidates(model, context, cand_ids, layout, lm_rows=lm_rows)
             if "hits@1" in want:
                 n_candidates.append(len(candidates))
                 for name in rankers:
@@ -154,6 +155,7 @@ def main(argv=None):
                         record["top_candidate"] = candidates[int(scores.argmax())]
             if "ppl" in want:
                 nll -= float(logp[gold])
+                end_nll -= float(end_logp[gold])
                 n_tokens += int(lengths[gold])
                 n_words += max(len(candidates[-1].split()), 1)
         records.append(record)
@@ -182,8 +184,12 @@ def main(argv=None):
         if len(rankers) > 1:
             results["by_ranker"] = by_ranker
     if "ppl" in want:
+        n_end = len(layout.reply_end) * len(examples)
         results.update({"ppl": perplexity(nll / n_tokens), "word_ppl": perplexity(nll / n_words),
-                        "nll": nll / n_tokens, "split_seed": split_seed})
+                        "nll": nll / n_tokens, "split_seed": split_seed,
+                        # the reply's own tokens apart from its end (<eos> or end of turn), which layouts differ in
+                        "reply_ppl": perplexity((nll - end_nll) / max(n_tokens - n_end, 1)),
+                        "end_nll": end_nll / n_end})
     if "f1" in want:
         results["f1"] = sum(f1s) / len(f1s)
     results_file = args.results_file or (os.path.join(checkpoint, "convai_evaluation.json")

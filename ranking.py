@@ -11,11 +11,12 @@ import torch.nn.functional as F
 
 @torch.no_grad()
 def score_candidates(model, context, candidates, layout, lm_rows=None, chunk_size=5):
-    """(mc_logits, lm_logprob_sum, lm_token_count) per candidate, each a (candidates,) tensor.
+    """(mc_logits, lm_logprob_sum, lm_token_count, end_logprob_sum) per candidate, each a (candidates,) tensor.
 
     `context` is (input_ids, token_type_ids) of `layout`, ending where the reply starts; each candidate is scored
     as `candidate + reply end` (<eos>, or the template's end of turn): the LM sums the log-probabilities of
-    those tokens, the MC head reads the last one.
+    those tokens (and, apart, of the reply end's alone: a layout's new, untrained end token costs there), the MC
+    head reads the last one.
     LM sums are computed for the candidates in `lm_rows` only (default: all; NaN elsewhere): the vocabulary
     projection is the costly part, and ranking by the MC head needs it for none. Candidates run in chunks of
     similar length, each on its own copy of the context's cache.
@@ -30,18 +31,20 @@ def score_candidates(model, context, candidates, layout, lm_rows=None, chunk_siz
     want_lm = set(range(len(conts))) if lm_rows is None else set(lm_rows)
     mc_logits = torch.empty(len(conts), device=device)
     logp = torch.full((len(conts),), float("nan"), device=device)
+    end_logp = logp.clone()
     order = sorted(range(len(conts)), key=lambda i: len(conts[i]))  # similar lengths together: little padding
     for start in range(0, len(order), chunk_size):
         rows = order[start:start + chunk_size]
-        mc, lp = _score_chunk(model, cache, n_ctx, first_logp, [conts[i] for i in rows],
-                              [j for j, i in enumerate(rows) if i in want_lm], layout, device)
-        mc_logits[rows], logp[rows] = mc, lp
+        mc_logits[rows], logp[rows], end_logp[rows] = _score_chunk(
+            model, cache, n_ctx, first_logp, [conts[i] for i in rows], [j for j, i in enumerate(rows) if i in want_lm],
+            layout, device)
     lengths = torch.tensor([len(c) for c in conts], device=device)
-    return mc_logits, logp, lengths
+    return mc_logits, logp, lengths, end_logp
 
 
 def _score_chunk(model, context_cache, n_ctx, first_logp, conts, lm_rows, layout, device):
-    """MC logits and (for lm_rows) LM log-probability sums of some candidates, on a copy of the context cache."""
+    """MC logits and (for lm_rows) LM log-probability sums, whole and of the reply end, of some candidates, on a
+    copy of the context cache."""
     n, length = len(conts), max(len(c) for c in conts)
     ids = torch.tensor([c + [layout.pad] * (length - len(c)) for c in conts], device=device)
     real = torch.tensor([[1] * len(c) + [0] * (length - len(c)) for c in conts], device=device)
@@ -53,14 +56,18 @@ def _score_chunk(model, context_cache, n_ctx, first_logp, conts, lm_rows, layout
     hidden, _ = model.hidden_states(ids, types, mask, positions, cache)
     mc_logits = model.mc_logits_at(hidden, real.sum(dim=1) - 1)
     logp = torch.full((n,), float("nan"), device=device)
+    end_logp = logp.clone()
     rows = torch.tensor(lm_rows, dtype=torch.long, device=device)
     if len(rows):
-        total = first_logp[ids[rows, 0]]  # a candidate's first token is predicted by the context's last position
+        per_token = first_logp[ids[rows, :1]]  # a candidate's first token is predicted by the context's last position
         if length > 1:
             rest = F.log_softmax(model.lm_logits(hidden[rows, :-1]), dim=-1).gather(-1, ids[rows, 1:, None])
-            total = total + (rest.squeeze(-1) * real[rows, 1:]).sum(dim=1)
-        logp[rows] = total
-    return mc_logits, logp
+            per_token = torch.cat([per_token, rest.squeeze(-1) * real[rows, 1:]], dim=1)
+        logp[rows] = per_token.sum(dim=1)
+        steps = torch.arange(length, device=device)
+        n_real = real[rows].sum(dim=1, keepdim=True)
+        end_logp[rows] = (per_token * (steps >= n_real - len(layout.reply_end)) * (steps < n_real)).sum(dim=1)
+    return mc_logits, logp, end_logp
 
 
 def rank_of_gold(scores, gold):

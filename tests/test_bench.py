@@ -16,7 +16,7 @@ def test_quality_scores_zero_shot_and_trained_models_on_the_same_examples(tiny_d
     assert list(rows) == ["biencoder (untrained MiniLM)", "zero-shot transfertransfo", "zero-shot chat_template",
                           "trained chat_template (2 steps)"]
     trained, zero_shot = rows["trained chat_template (2 steps)"], rows["zero-shot chat_template"]
-    for name in ("mc_hits@1", "lm_hits@1", "ppl", "word_ppl", "f1"):
+    for name in ("mc_hits@1", "lm_hits@1", "ppl", "word_ppl", "reply_ppl", "end_nll", "f1"):
         assert result["deltas"][name] == pytest.approx(trained[name] - zero_shot[name])
     saved = json.load(open(tmp_path / "work" / "trained.json"))
     assert saved["examples"] == 4 and saved["input_format"] == "chat_template"
@@ -24,6 +24,8 @@ def test_quality_scores_zero_shot_and_trained_models_on_the_same_examples(tiny_d
     assert json.load(open(tmp_path / "work" / "zero_shot_transfertransfo.json"))["input_format"] == "transfertransfo"
     assert result["zero_shot_ppl_ratio_transfertransfo_over_chat_template"] == pytest.approx(
         rows["zero-shot transfertransfo"]["ppl"] / zero_shot["ppl"])
+    assert result["zero_shot_reply_ppl_ratio_transfertransfo_over_chat_template"] == pytest.approx(
+        rows["zero-shot transfertransfo"]["reply_ppl"] / zero_shot["reply_ppl"])
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"] == json.loads(json.dumps(rows))
 
 

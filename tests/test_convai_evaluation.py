@@ -7,6 +7,7 @@ import torch
 import convai_evaluation
 from decoding import DecodingConfig, generate
 from inputs import collate
+from layouts import IGNORE_INDEX
 from modeling import load_tokenizer_and_model
 
 DISTRACTORS = ["cats dogs pizza music", "school work family", "yes no maybe sure", "running cooking today",
@@ -63,7 +64,7 @@ def test_ppl_is_exp_of_the_mean_nll_of_gold_tokens(chatty, convai_file, tmp_path
     tokenizer, model, layout = load_tokenizer_and_model(chatty)
     model.eval()
     encode = lambda t: tokenizer(t, add_special_tokens=False)["input_ids"]  # noqa: E731
-    nll, tokens, words = 0.0, 0, 0
+    nll, tokens, words, end_nll, n_end = 0.0, 0, 0, 0.0, 0
     for line in open(convai_file).read().splitlines()[1::2]:
         text, gold = line.split(" ", 1)[1].split("\t")[:2]
         batch = collate([{"instances": [layout.build([encode("i like cats")], [encode(text)],
@@ -73,8 +74,16 @@ def test_ppl_is_exp_of_the_mean_nll_of_gold_tokens(chatty, convai_file, tmp_path
             nll_sum, count, _ = model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"], None,
                                       batch["lm_labels"])
         nll, tokens, words = nll + nll_sum.item(), tokens + count.item(), words + len(gold.split())
+        end_labels = batch["lm_labels"].clone()
+        end_labels[..., :-len(layout.reply_end)] = IGNORE_INDEX  # the reply's end of turn alone
+        with torch.no_grad():
+            end_sum, end_count, _ = model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"], None,
+                                          end_labels)
+        end_nll, n_end = end_nll + end_sum.item(), n_end + end_count.item()
     assert results["ppl"] == pytest.approx(math.exp(nll / tokens), rel=1e-3)
     assert results["word_ppl"] == pytest.approx(math.exp(nll / words), rel=1e-3)
+    assert results["end_nll"] == pytest.approx(end_nll / n_end, rel=1e-3)
+    assert results["reply_ppl"] == pytest.approx(math.exp((nll - end_nll) / (tokens - n_end)), rel=1e-3)
 
 
 def test_f1_and_saved_predictions(chatty, convai_file, tmp_path):

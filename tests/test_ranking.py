@@ -3,6 +3,7 @@ import torch
 
 from conftest import make_personachat
 from inputs import collate
+from layouts import IGNORE_INDEX
 from modeling import load_tokenizer_and_model
 from ranking import rank_of_gold, score_candidates
 from tokenized import tokenize_dialogs
@@ -18,8 +19,8 @@ def test_shared_context_scores_equal_full_sequence_scores(tiny_dirs, name, chunk
     data = tokenize_dialogs(make_personachat(n_cands=5), tokenizer)
     persona, history, candidates = data.utterance("train", 4)
     longest = max(len(c) for c in candidates) + 1
-    mc, logp, lengths = score_candidates(model, layout.context_inputs(persona, history, 256, longest),
-                                         candidates, layout, chunk_size=chunk_size)
+    mc, logp, lengths, end_logp = score_candidates(model, layout.context_inputs(persona, history, 256, longest),
+                                                   candidates, layout, chunk_size=chunk_size)
     persona, history, _ = layout.fit(persona, history, longest, 256)
     full_mc = model(**{k: v for k, v in collate([{"instances": [
         layout.build(persona, history, c) for c in candidates], "mc_labels": 0}],
@@ -32,15 +33,21 @@ def test_shared_context_scores_equal_full_sequence_scores(tiny_dirs, name, chunk
                                   batch["lm_labels"])
         assert -logp[j].item() == pytest.approx(nll_sum.item(), rel=1e-4)
         assert lengths[j].item() == count.item() == len(c) + len(layout.reply_end)
+        end_labels = batch["lm_labels"].clone()
+        end_labels[..., :-len(layout.reply_end)] = IGNORE_INDEX  # the reply end's tokens are the sequence's last
+        end_nll, _, _ = model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"], None, end_labels)
+        assert -end_logp[j].item() == pytest.approx(end_nll.item(), rel=1e-4)
+        assert 0 < -end_logp[j].item() < -logp[j].item()
 
 
 def test_lm_sums_only_where_asked(tiny_dirs):
     tokenizer, model, layout = load_tokenizer_and_model(tiny_dirs["llama"])
     data = tokenize_dialogs(make_personachat(n_cands=5), tokenizer)
     persona, history, candidates = data.utterance("train", 0)
-    _, logp, _ = score_candidates(model.eval(), layout.context_inputs(persona, history, 256, 20), candidates,
-                                  layout, lm_rows=[4])
+    _, logp, _, end_logp = score_candidates(model.eval(), layout.context_inputs(persona, history, 256, 20), candidates,
+                                            layout, lm_rows=[4])
     assert torch.isnan(logp[:4]).all() and torch.isfinite(logp[4])
+    assert torch.isnan(end_logp[:4]).all() and torch.isfinite(end_logp[4])
 
 
 def test_rank_of_gold_counts_better_and_tied_candidates():
