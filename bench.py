@@ -23,8 +23,8 @@ against transformers' own `generate` on the same prompt.
 `quality`: is the trained agent better than where it started? On held-out dialogs (train.py's split), the
 zero-shot model in both input formats, then a run of --max_steps optimizer steps from it, each scored by
 convai_evaluation.py on the same --max_examples examples (20 candidates): hits@1 by the multiple-choice head and
-by LM likelihood, token and word perplexity (and the reply's own tokens' perplexity apart from the NLL of its end token), and F1 of greedy replies; plus the untrained MiniLM bi-encoder's
-hits@1. Prints every row and the trained-minus-zero-shot deltas. Training and evaluation run as the scripts
+by LM likelihood, token and word perplexity (and, apart, the reply's own tokens' perplexity and its end token's
+NLL), and F1 of greedy replies; plus the untrained MiniLM bi-encoder's hits@1. Prints every row and the trained-minus-zero-shot deltas. Training and evaluation run as the scripts
 themselves, in subprocesses.
 
 `serve`: serve.py started as a user starts it, then the same --requests chat completions (the first turns of

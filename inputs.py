@@ -46,7 +46,7 @@ class DoubleHeadDataset(torch.utils.data.Dataset):
         persona, history, reply_len = self.layout.fit(persona, history, longest, self.max_len)
         # a reply cut by max_reply_len ends where it was cut: no end-of-turn token to learn mid-sentence
         instances = [self.layout.build(persona, history, c[:reply_len], lm_labels=(j == len(candidates) - 1),
-                                       with_end=not self.max_reply_len or len(c) <= self.max_reply_len)
+                                       with_end=self.reply_len(len(c)) == len(c))
                      for j, c in enumerate(candidates)]
         return {"instances": instances, "mc_labels": len(candidates) - 1}
 
