@@ -13,7 +13,9 @@ batching (full sequences in random batches, every example padded to the dataset'
 --max_seq_len) on the same examples (per example: its batches all cost the same, so a few are timed), and against a bare transformers
 forward/backward of the same model on the same batches. MFU counts useful FLOPs, 6 x parameters x the non-pad
 tokens a run computes (ours: each context once plus the candidates' own tokens; bare transformers: every full
-sequence), against an fp32 matmul measured in the same run.
+sequence), against an fp32 matmul measured in the same run. Then (unless --no-profile) the same batches once
+more under torch.profiler, each way: where a step's host time goes, the calls it dispatches, the top ops, and on a
+GPU how busy the device was.
 
 `generate`: greedy replies of exactly --reply_tokens tokens after a ConvAI2-sized context (~100 tokens) with
 our KV-cache decoding, against re-running the whole sequence for every token (the original's loop, which also
@@ -57,7 +59,7 @@ from layouts import INPUT_FORMATS
 from modeling import load_tokenizer_and_model
 from ranking import score_candidates
 from tokenized import get_dataset
-from training import amp_dtype, make_update
+from training import PHASES, amp_dtype, make_update
 from utils import torchrun_launcher
 
 
@@ -78,27 +80,77 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def timed_training(model, batches, device, dtype, shared_context=True):
-    """Seconds for one optimizer step per batch through the ignite trainer (collation included), after a warm-up.
+def warm_trainer(model, batches, device, dtype, shared_context=True):
+    """A copy of the model on `device` and a run(batches) of one optimizer step per batch through the ignite
+    trainer (collation included), after a warm-up step (allocator, kernels).
 
     `shared_context=False`: every candidate a full sequence, context included (as the original computed them).
     """
     def make_batch(items):
-        batch = collate(*items)
-        if not shared_context:
-            batch.pop("context_lens", None)
-        return batch
+        return collate(*items, shared_context=shared_context)
 
     model = copy.deepcopy(model).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
     scaler = torch.amp.GradScaler(torch.device(device).type, enabled=dtype == torch.float16)
     update = make_update(model, optimizer, scaler, torch.device(device), dtype)
-    Engine(update).run([make_batch(batches[0])], max_epochs=1)  # warm-up: allocator, kernels
+    Engine(update).run([make_batch(batches[0])], max_epochs=1)
     sync(device)
+    return lambda: Engine(lambda engine, items: update(engine, make_batch(items))).run(batches, max_epochs=1)
+
+
+def timed_training(model, batches, device, dtype, shared_context=True):
+    """Seconds for one optimizer step per batch (see warm_trainer)."""
+    run = warm_trainer(model, batches, device, dtype, shared_context)
     start = time.perf_counter()
-    Engine(lambda engine, items: update(engine, make_batch(items))).run(batches, max_epochs=1)
+    run()
     sync(device)
     return time.perf_counter() - start
+
+
+def profile_training(model, batches, device, dtype, seconds_unprofiled, top=8, shared_context=True):
+    """Where a training step's time goes, from torch.profiler over the batches timed in `seconds_unprofiled`.
+
+    The host's time in each phase of training.make_update (forward with the loss, backward, clipping and the
+    optimizer; `other`: the rest, data and the waits for the device included) and the calls it dispatched; on a
+    GPU, the device's busy time and kernels. `device_busy_fraction` (kernel time over the unprofiled step time)
+    far under 1 means the host, not the GPU, sets the pace: launches and Python, not FLOPs. The profiler slows
+    the host, so phases are comparable to each other, not to the unprofiled time.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    on_gpu = torch.device(device).type == "cuda"
+    run = warm_trainer(model, batches, device, dtype, shared_context)
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])) as prof:
+        start = time.perf_counter()
+        run()
+        sync(device)
+        wall = time.perf_counter() - start
+    steps = len(batches)
+    averages = prof.key_averages()
+    by_name = {e.key: e for e in averages}
+    phases = {name.split("/")[-1]: by_name[name].cpu_time_total / 1e3 / steps for name in PHASES if name in by_name}
+    phases["other"] = max(wall * 1e3 / steps - sum(phases.values()), 0.0)
+    ops = [e for e in averages if e.key.startswith("aten::")]
+    result = {"steps": steps, "host_ms_per_step": phases,
+              "aten_calls_per_step": sum(e.count for e in ops) / steps}
+    rows = lambda events, key: [[e.key, getattr(e, key) / 1e3 / steps, e.count / steps]  # noqa: E731
+                                for e in sorted(events, key=lambda e: getattr(e, key), reverse=True)[:top]]
+    result["top_host_ops"] = rows(averages, "self_cpu_time_total")
+    if on_gpu:  # kernels: the device's own events (the labels of PHASES appear there too, as annotations)
+        kernels = [e for e in averages if e.device_type == torch.autograd.DeviceType.CUDA and not e.is_user_annotation]
+        busy = sum(e.self_device_time_total for e in kernels) / 1e6
+        result.update(kernels_per_step=sum(e.count for e in kernels) / steps, device_ms_per_step=busy * 1e3 / steps,
+                      device_busy_fraction=busy / seconds_unprofiled,
+                      top_kernels=rows(kernels, "self_device_time_total"))
+    return result
+
+
+def print_profile(title, profile):
+    print(f"{title}, per step ({profile['steps']} steps, {profile['aten_calls_per_step']:.0f} aten calls): host ms "
+          + ", ".join(f"{k} {v:.1f}" for k, v in profile["host_ms_per_step"].items()))
+    for table in ("top_host_ops", "top_kernels"):
+        for name, ms, calls in profile.get(table, []):
+            print(f"{table:>12} {ms:10.2f} ms {calls:8.1f} calls  {name[:80]}")
 
 
 def timed_bare_hf(model, batches, device, dtype):
@@ -186,6 +238,9 @@ def bench_train(args):
     }
     if t_bf16:
         result["bf16_speedup"] = t_ours / t_bf16
+    if args.profile:  # on a host-bound device, calls set the pace: the shared path runs the decoder twice
+        result["profile"] = profile_training(model, ours, device, dtype, t_ours)
+        result["profile_full_sequences"] = profile_training(model, ours, device, dtype, t_full, shared_context=False)
     if memory:
         result["memory"] = memory
     return result
@@ -498,6 +553,9 @@ def main(argv=None):
                        help="Steps of train.py per memory variant (full fine-tune, LoRA r=8, each with and "
                             "without --gradient_checkpointing, FSDP over 2 processes), each in its own "
                             "process(es), on the same batches; 0: skip them (default: 3)")
+    train.add_argument("--profile", action=argparse.BooleanOptionalAction, default=True,
+                       help="Profile our steps once more (torch.profiler): host time per phase, calls, top ops, "
+                            "and on a GPU the device's busy fraction (default: on)")
     gen = add_command(sub, "generate", "decoding speed with the KV cache, without it, and transformers' generate")
     gen.add_argument("--context_tokens", type=int, default=100, help="Context length to look for (default: 100)")
     gen.add_argument("--reply_tokens", type=int, default=20, help="Tokens per reply (default: 20)")
@@ -531,6 +589,9 @@ def main(argv=None):
         print_quality(result)
     if result.get("memory"):
         print_memory(result["memory"])
+    for name in ("profile", "profile_full_sequences"):
+        if result.get(name):
+            print_profile(name, result[name])
     for name, value in result.items():
         if isinstance(value, dict):
             continue

@@ -66,10 +66,11 @@ class DoubleHeadDataset(torch.utils.data.Dataset):
         return out
 
 
-def collate(items, pad_id, pad_to=None):
+def collate(items, pad_id, pad_to=None, shared_context=True):
     """Stack items into (batch, candidates, length) tensors padded to the batch's longest (or pad_to) sequence.
 
-    Items are one context's candidates each; `context_lens` holds each context's length (laid out by layouts.py).
+    Items are one context's candidates each; `context_lens` holds each context's length (laid out by layouts.py),
+    which lets the model run each context once; `shared_context=False` leaves it out (full sequences).
     """
     length = max(len(inst["input_ids"]) for item in items for inst in item["instances"])
     length = max(length, pad_to or 0)
@@ -85,7 +86,7 @@ def collate(items, pad_id, pad_to=None):
                                          dtype=torch.long)
     batch["mc_labels"] = torch.tensor([item["mc_labels"] for item in items], dtype=torch.long)
     starts = [{inst.get("reply_start") for inst in item["instances"]} for item in items]
-    if all(len(s) == 1 and None not in s for s in starts):  # one shared context per item: the model may run it once
+    if shared_context and all(len(s) == 1 and None not in s for s in starts):  # the model may run each context once
         batch["context_lens"] = torch.tensor([s.pop() for s in starts], dtype=torch.long)
     return batch
 

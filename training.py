@@ -12,8 +12,12 @@ import ignite.distributed as idist
 import torch
 from ignite.engine import Events
 from ignite.handlers import Timer
+from torch.profiler import record_function
 
 from modeling import double_head_loss
+
+# record_function labels of a training step's phases, which a profiler (bench.py train) reads back
+PHASES = ("train/forward", "train/backward", "train/optimizer")
 
 
 def amp_dtype(fp16):
@@ -62,20 +66,23 @@ def make_update(model, optimizer, scaler, device, dtype=None, accumulation_steps
         if sharded:
             model.set_requires_gradient_sync(stepping)
         with contextlib.nullcontext() if stepping or not distributed else model.no_sync():
-            with autocast(device, dtype):
-                outputs = forward(model, batch)
-            loss, lm_loss, mc_loss = double_head_loss(outputs, batch["mc_labels"], lm_coef, mc_coef)
+            with record_function(PHASES[0]):
+                with autocast(device, dtype):
+                    outputs = forward(model, batch)
+                loss, lm_loss, mc_loss = double_head_loss(outputs, batch["mc_labels"], lm_coef, mc_coef)
             if not torch.isfinite(loss):
                 raise FloatingPointError(
                     f"loss is {loss.item()} at iteration {engine.state.iteration} (optimizer step "
                     f"{engine.state.iteration // accumulation_steps}); stopping. {where}")
-            scaler.scale(loss / accumulation_steps).backward()
+            with record_function(PHASES[1]):
+                scaler.scale(loss / accumulation_steps).backward()
         if stepping:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            with record_function(PHASES[2]):
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
         return {"loss": loss.item(), "lm_loss": lm_loss.item(), "mc_loss": mc_loss.item(),
                 "tokens": int(batch["attention_mask"].sum())}
 

@@ -4,6 +4,7 @@ import json
 import pytest
 
 import bench
+from modeling import load_tokenizer_and_model
 
 
 def test_quality_scores_zero_shot_and_trained_models_on_the_same_examples(tiny_dirs, personachat_file, tmp_path,
@@ -55,3 +56,26 @@ def test_train_reports_speedups_and_the_memory_of_full_lora_and_fsdp_runs(tiny_d
     assert full["trainable_parameters"] == full["parameters"] == fsdp["parameters"]  # every parameter trains
     assert 0 < lora["trainable_parameters"] < full["trainable_parameters"] < lora["parameters"]  # + the adapters
     assert all(0 < v["train_peak_rss_mb"] <= v["peak_rss_mb"] for v in (full, lora, fsdp))  # training: no loading
+    profile = result["profile"]  # the same 2 batches once more, under torch.profiler
+    assert profile["steps"] == 2 and set(profile["host_ms_per_step"]) == {"forward", "backward", "optimizer", "other"}
+    assert all(ms > 0 for phase, ms in profile["host_ms_per_step"].items() if phase != "other")
+    names = [name for name, ms, calls in profile["top_host_ops"]]
+    assert len(names) == 8 and any(name.startswith("aten::") for name in names)
+    assert profile["aten_calls_per_step"] > 100  # a forward, backward and AdamW step of a Llama dispatch many
+    assert "device_busy_fraction" not in profile  # a GPU figure
+    # each context once and its candidates on its cache: two decoder passes, so more calls than full sequences
+    assert result["profile_full_sequences"]["aten_calls_per_step"] < profile["aten_calls_per_step"]
+
+
+def test_profile_counts_the_calls_of_one_step_and_orders_ops_by_time(tiny_dirs):
+    _, model, layout = load_tokenizer_and_model(tiny_dirs["llama"])
+    item = {"instances": [{"input_ids": [5, 6, 7, 8], "token_type_ids": [-1, -1, -2, -2], "mc_token_ids": 3,
+                           "lm_labels": [-100, -100, 7, 8], "reply_start": 2},
+                          {"input_ids": [5, 6, 9], "token_type_ids": [-1, -1, -2], "mc_token_ids": 2,
+                           "lm_labels": [-100, -100, 9], "reply_start": 2}], "mc_labels": 0}
+    one = bench.profile_training(model, [([item], layout.pad)], "cpu", None, seconds_unprofiled=1.0)
+    two = bench.profile_training(model, [([item], layout.pad)] * 2, "cpu", None, seconds_unprofiled=1.0)
+    assert one["steps"] == 1 and two["steps"] == 2
+    assert two["aten_calls_per_step"] == pytest.approx(one["aten_calls_per_step"], rel=0.05)  # per step, not total
+    times = [ms for name, ms, calls in two["top_host_ops"]]
+    assert times == sorted(times, reverse=True)
