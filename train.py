@@ -377,3 +377,11 @@ if __name__ == "__main__":
         train()
     except (DialogFormatError, FileNotFoundError, IsADirectoryError, InputFormatError) as e:  # bad input: the message names the file and line
         sys.exit(f"train.py: error: {e}")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Everything is saved and closed, and the process group destroyed. A finished worker could still abort in
+        # the interpreter's teardown ("terminate called without an active exception", SIGABRT, no Python frame),
+        # failing a good run under torchrun: leave without that teardown.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
