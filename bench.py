@@ -125,23 +125,31 @@ def profile_training(model, batches, device, dtype, seconds_unprofiled, top=8, s
         run()
         sync(device)
         wall = time.perf_counter() - start
-    steps = len(batches)
-    averages = prof.key_averages()
-    by_name = {e.key: e for e in averages}
+    return summarize_profile(prof.key_averages(), len(batches), wall, seconds_unprofiled, on_gpu, top)
+
+
+def summarize_profile(averages, steps, wall, seconds_unprofiled, on_gpu, top=8):
+    """profile_training's figures from the profiler's key_averages() (times there are in microseconds).
+
+    A record_function label appears twice on a GPU: the host's range and the device's annotation; the phases are
+    the host's, and the device's busy time counts its own events (kernels, copies, memsets), not the annotations.
+    """
+    annotation = lambda e: getattr(e, "is_user_annotation", False)  # noqa: E731
+    on_host = [e for e in averages if e.device_type == torch.autograd.DeviceType.CPU]
+    by_name = {e.key: e for e in on_host}
     phases = {name.split("/")[-1]: by_name[name].cpu_time_total / 1e3 / steps for name in PHASES if name in by_name}
     phases["other"] = max(wall * 1e3 / steps - sum(phases.values()), 0.0)
-    ops = [e for e in averages if e.key.startswith("aten::")]
-    result = {"steps": steps, "host_ms_per_step": phases,
-              "aten_calls_per_step": sum(e.count for e in ops) / steps}
     rows = lambda events, key: [[e.key, getattr(e, key) / 1e3 / steps, e.count / steps]  # noqa: E731
                                 for e in sorted(events, key=lambda e: getattr(e, key), reverse=True)[:top]]
-    result["top_host_ops"] = rows(averages, "self_cpu_time_total")
-    if on_gpu:  # kernels: the device's own events (the labels of PHASES appear there too, as annotations)
-        kernels = [e for e in averages if e.device_type == torch.autograd.DeviceType.CUDA and not e.is_user_annotation]
-        busy = sum(e.self_device_time_total for e in kernels) / 1e6
-        result.update(kernels_per_step=sum(e.count for e in kernels) / steps, device_ms_per_step=busy * 1e3 / steps,
-                      device_busy_fraction=busy / seconds_unprofiled,
-                      top_kernels=rows(kernels, "self_device_time_total"))
+    result = {"steps": steps, "host_ms_per_step": phases,
+              "aten_calls_per_step": sum(e.count for e in on_host if e.key.startswith("aten::")) / steps,
+              "top_host_ops": rows([e for e in on_host if not annotation(e)], "self_cpu_time_total")}
+    if on_gpu:
+        device_ops = [e for e in averages if e.device_type == torch.autograd.DeviceType.CUDA and not annotation(e)]
+        busy = sum(e.self_device_time_total for e in device_ops) / 1e6
+        result.update(device_ops_per_step=sum(e.count for e in device_ops) / steps,
+                      device_ms_per_step=busy * 1e3 / steps, device_busy_fraction=busy / seconds_unprofiled,
+                      top_kernels=rows(device_ops, "self_device_time_total"))
     return result
 
 

@@ -8,7 +8,7 @@ import hashlib
 import logging
 import os
 import sys
-from argparse import ArgumentParser
+from argparse import ArgumentParser, BooleanOptionalAction
 from functools import partial
 from pathlib import Path
 from pprint import pformat
@@ -121,7 +121,7 @@ def build_parser():
     parser.add_argument("--fsdp", action="store_true",
                         help="Shard parameters, gradients and optimizer state across torchrun's processes (FSDP2); "
                              "checkpoints are saved whole")
-    parser.add_argument("--full_sequences", action="store_true",
+    parser.add_argument("--full_sequences", action=BooleanOptionalAction, default=False,
                         help="Train every candidate as a whole sequence, context included, rather than each context "
                              "once with its candidates on its KV cache; the same losses, and faster where the host, "
                              "not the device, sets the pace (bench.py train: speedup_vs_full_sequences under 1)")

@@ -77,5 +77,31 @@ def test_profile_counts_the_calls_of_one_step_and_orders_ops_by_time(tiny_dirs):
     two = bench.profile_training(model, [([item], layout.pad)] * 2, "cpu", None, seconds_unprofiled=1.0)
     assert one["steps"] == 1 and two["steps"] == 2
     assert two["aten_calls_per_step"] == pytest.approx(one["aten_calls_per_step"], rel=0.05)  # per step, not total
-    times = [ms for name, ms, calls in two["top_host_ops"]]
-    assert times == sorted(times, reverse=True)
+    assert not any(name.startswith("train/") for name, ms, calls in two["top_host_ops"])  # ops, not the phases
+
+
+def test_a_gpu_profile_takes_the_phases_from_the_host_and_the_busy_time_from_the_device():
+    """A GPU profile (built by hand: no GPU here) holds each phase label twice, the host's range and the device's
+    annotation; the phases must come from the host, the busy time from kernels and copies only."""
+    from torch.autograd import DeviceType
+    from torch.autograd.profiler_util import EventList, FunctionEvent
+
+    def event(i, name, start, end, device_type, annotation=False):
+        return FunctionEvent(id=i, name=name, thread=0, start_us=start, end_us=end, device_type=device_type,
+                             is_user_annotation=annotation, use_device="cuda", stack=[], input_shapes=[])
+
+    events = [event(1, "train/forward", 0, 1000, DeviceType.CPU, True),  # 1 ms on the host
+              event(2, "aten::mm", 10, 50, DeviceType.CPU),
+              event(3, "train/forward", 400, 1400, DeviceType.CUDA, True),  # the device's copy of the label
+              event(4, "gemm_kernel", 420, 900, DeviceType.CUDA),  # 0.48 ms
+              event(5, "Memcpy HtoD", 950, 970, DeviceType.CUDA)]  # 0.02 ms
+    events = EventList(sorted(events, key=lambda e: (e.time_range.start, -e.time_range.end)), use_device="cuda")
+    events._build_tree()
+    result = bench.summarize_profile(events.key_averages(), steps=1, wall=0.002, seconds_unprofiled=0.001,
+                                     on_gpu=True)
+    assert result["host_ms_per_step"]["forward"] == pytest.approx(1.0)
+    assert result["host_ms_per_step"]["other"] == pytest.approx(1.0)  # 2 ms of wall time in all
+    assert result["device_ms_per_step"] == pytest.approx(0.5) and result["device_ops_per_step"] == 2
+    assert result["device_busy_fraction"] == pytest.approx(0.5)
+    assert [row[0] for row in result["top_kernels"]] == ["gemm_kernel", "Memcpy HtoD"]
+    assert [row[0] for row in result["top_host_ops"]] == ["aten::mm"] and result["aten_calls_per_step"] == 1
