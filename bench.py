@@ -246,7 +246,7 @@ def bench_train(args):
     }
     if t_bf16:
         result["bf16_speedup"] = t_ours / t_bf16
-    if args.profile:  # on a host-bound device, calls set the pace: the shared path runs the decoder twice
+    if args.profile:  # on a host-bound device, calls (not tokens) set the pace
         result["profile"] = profile_training(model, ours, device, dtype, t_ours)
         result["profile_full_sequences"] = profile_training(model, ours, device, dtype, t_full, shared_context=False)
     if memory:

@@ -69,10 +69,10 @@ class DoubleHeads(nn.Module):
         """(lm_nll_sum, lm_token_count, mc_logits) for inputs shaped (batch, candidates, length).
 
         With `context_lens` (batch,), the length of the context all candidates of an example share, the context
-        runs once and the candidates' own tokens on its KV cache (`shared_context_forward`): the same outputs.
-        Gradient checkpointing keeps no cache, so it takes full sequences.
+        runs once for all of them (`shared_context_forward`): the same outputs. Attention implementations that take
+        no 4D mask (flash attention) get full sequences.
         """
-        if context_lens is not None and not (self.training and self.lm.is_activation_checkpointing):
+        if context_lens is not None and self.lm.config._attn_implementation in ("sdpa", "eager"):
             return self.shared_context_forward(input_ids, token_type_ids, attention_mask, mc_token_ids, lm_labels,
                                                context_lens)
         batch, n_cand, length = input_ids.shape
@@ -87,42 +87,50 @@ class DoubleHeads(nn.Module):
         return nll_sum, count, mc_logits
 
     def shared_context_forward(self, input_ids, token_type_ids, attention_mask, mc_token_ids, lm_labels, context_lens):
-        """forward() with each example's context computed once, gradients included, and its candidates on its cache.
+        """forward() with each example's context computed once for all its candidates, in one decoder pass.
 
         ConvAI2's candidates share persona and history (most of the tokens), so full sequences repeat the context
-        once per candidate; here a distractor costs its own tokens only. Contexts are right-padded, candidates
-        continue each at its own context's length (the padding between is masked). Context tokens carry no labels.
+        once per candidate; here a distractor costs its own tokens only. Each example is packed as [context |
+        candidate 1 | candidate 2 | ...]: a 4D mask lets every candidate attend to the context and to itself, at
+        the positions it has in its full sequence. Context tokens carry no labels. One pass, not the context's and
+        then the candidates' on its KV cache: half the calls a step, which is what a GPU waits on at this size.
         """
         batch, n_cand, length = input_ids.shape
         device = input_ids.device
-        n_ctx = int(context_lens.max())
-        steps = torch.arange(n_ctx, device=device)
-        ctx_mask = (steps < context_lens[:, None]).long()
-        ctx_types = token_type_ids[:, 0, :n_ctx] if token_type_ids is not None else None
-        hidden_ctx, cache = self.hidden_states(input_ids[:, 0, :n_ctx], ctx_types, ctx_mask, steps.expand(batch, n_ctx))
-        tail_lens = (attention_mask.sum(-1) - context_lens[:, None]).view(-1)  # (sequences,)
-        n_tail = int(tail_lens.max())
-        index = (context_lens[:, None, None] + torch.arange(n_tail, device=device)).expand(batch, n_cand, n_tail)
-        index = index.clamp(max=length - 1)
-        tail_mask = (torch.arange(n_tail, device=device) < tail_lens[:, None]).long()  # (sequences, n_tail)
-        take = lambda x: x.gather(2, index).view(-1, n_tail) if x is not None else None  # noqa: E731  own tokens
-        rows = torch.arange(batch, device=device).repeat_interleave(n_cand)
-        cache.reorder_cache(rows)  # each context once per candidate (differentiable: an index_select)
-        positions = context_lens[rows, None] + torch.arange(n_tail, device=device)
-        positions = positions.masked_fill(tail_mask == 0, 0)  # padding never goes past the model's positions
-        hidden, _ = self.hidden_states(take(input_ids), take(token_type_ids),
-                                       torch.cat([ctx_mask[rows], tail_mask], dim=1), positions, cache)
+        tail_lens = attention_mask.sum(-1) - context_lens[:, None]  # (batch, candidates)
+        ends = context_lens[:, None] + tail_lens.cumsum(1)  # where each candidate's tokens end in the packed row
+        starts = ends - tail_lens
+        n_packed = int(ends[:, -1].max())
+        p = torch.arange(n_packed, device=device).expand(batch, n_packed)
+        in_context = p < context_lens[:, None]
+        valid = p < ends[:, -1:]
+        cand = torch.searchsorted(ends, p.contiguous(), right=True).clamp(max=n_cand - 1)  # which candidate a token is
+        start = starts.gather(1, cand)
+        token = torch.where(in_context, p, context_lens[:, None] + p - start)  # its index in its full sequence
+        cand = torch.where(in_context, 0, cand)
+        source = torch.where(valid, cand * length + token, 0)  # into (batch, candidates x length)
+        pick = lambda x: x.reshape(batch, -1).gather(1, source)  # noqa: E731
+        segment = torch.where(in_context, 0, cand + 1).masked_fill(~valid, -1)
+        seen = (p[:, None, :] <= p[:, :, None]) & (segment[:, None, :] >= 0) \
+            & ((segment[:, None, :] == 0) | (segment[:, None, :] == segment[:, :, None]))
+        if self.lm.config._attn_implementation != "sdpa":  # eager attention adds its mask
+            seen = torch.zeros(seen.shape, device=device).masked_fill(~seen, torch.finfo(torch.float32).min)
+        positions = torch.where(valid, token, 0)
+        types = pick(token_type_ids) if token_type_ids is not None else None
+        hidden, _ = self.hidden_states(pick(input_ids), types, seen[:, None], positions, use_cache=False)
         mc_logits = None
         if mc_token_ids is not None:
-            mc_logits = self.mc_logits_at(hidden, (mc_token_ids - context_lens[:, None]).view(-1)).view(batch, n_cand)
+            at = starts + mc_token_ids - context_lens[:, None]
+            mc_logits = self.mc_head(self.mc_dropout(hidden.gather(1, at[..., None].expand(-1, -1, hidden.shape[-1]))))
+            mc_logits = mc_logits.squeeze(-1).float()
         nll_sum = count = None
         if lm_labels is not None:  # a candidate's first token is predicted by its context's last position
-            last_ctx = hidden_ctx[torch.arange(batch, device=device), context_lens - 1][rows, None]
-            labels = take(lm_labels).masked_fill(tail_mask == 0, IGNORE_INDEX)
-            predicting = torch.cat([last_ctx, hidden[:, :-1]], dim=1)
+            labels = pick(lm_labels).masked_fill(~valid | in_context, IGNORE_INDEX)
+            predictor = torch.where(p == start, context_lens[:, None] - 1, p - 1)
             mask = labels != IGNORE_INDEX
-            nll_sum = F.cross_entropy(self.lm.get_output_embeddings()(predicting[mask]).float(), labels[mask],
-                                      reduction="sum")
+            rows = torch.arange(batch, device=device)[:, None].expand_as(p)
+            nll_sum = F.cross_entropy(self.lm.get_output_embeddings()(hidden[rows[mask], predictor[mask]]).float(),
+                                      labels[mask], reduction="sum")
             count = mask.sum()
         return nll_sum, count, mc_logits
 

@@ -8,7 +8,7 @@ import hashlib
 import logging
 import os
 import sys
-from argparse import ArgumentParser, BooleanOptionalAction
+from argparse import ArgumentParser
 from functools import partial
 from pathlib import Path
 from pprint import pformat
@@ -121,10 +121,6 @@ def build_parser():
     parser.add_argument("--fsdp", action="store_true",
                         help="Shard parameters, gradients and optimizer state across torchrun's processes (FSDP2); "
                              "checkpoints are saved whole")
-    parser.add_argument("--full_sequences", action=BooleanOptionalAction, default=False,
-                        help="Train every candidate as a whole sequence, context included, rather than each context "
-                             "once with its candidates on its KV cache; the same losses, and faster where the host, "
-                             "not the device, sets the pace (bench.py train: speedup_vs_full_sequences under 1)")
     parser.add_argument("--gradient_checkpointing", action="store_true",
                         help="Recompute activations in backward: less memory for long histories and many candidates")
     parser.add_argument("--seed", type=int, default=42, help="Seed of data order, dropout and splits (default: 42)")
@@ -167,8 +163,7 @@ def get_data_loaders(args, tokenizer, layout, max_len, world_size, rank):
         raise ValueError(f"{len(valid_set)} validation examples in batches of {args.valid_batch_size} leave a "
                          f"process of {world_size} without a batch: lower --valid_batch_size")
     collate_fn = partial(collate, pad_id=layout.pad)
-    train_loader = torch.utils.data.DataLoader(train_set, batch_sampler=train_sampler,
-                                               collate_fn=partial(collate_fn, shared_context=not args.full_sequences))
+    train_loader = torch.utils.data.DataLoader(train_set, batch_sampler=train_sampler, collate_fn=collate_fn)
     valid_loader = torch.utils.data.DataLoader(valid_set, batch_sampler=valid_sampler, collate_fn=collate_fn)
     logger.info("Train: %d examples of %d candidates; valid: %d examples of %d candidates; input format %s",
                 len(train_set), train_set.num_candidates, len(valid_set), valid_set.num_candidates, layout.name)

@@ -138,10 +138,11 @@ def test_input_format_defaults_to_the_chat_template_and_gpt_models_keep_transfer
         load_tokenizer_and_model(tiny_dirs["llama"], input_format="chat_template")
 
 
-@pytest.mark.parametrize("name", ["llama", "llama_chat"])
-def test_shared_context_forward_gives_the_losses_and_gradients_of_full_sequences(tiny_dirs, name):
+@pytest.mark.parametrize("name, attention", [("llama", "sdpa"), ("llama_chat", "sdpa"), ("llama_chat", "eager")])
+def test_shared_context_forward_gives_the_losses_and_gradients_of_full_sequences(tiny_dirs, name, attention):
     torch.manual_seed(0)
     tokenizer, model, layout = load_tokenizer_and_model(tiny_dirs[name], mc_dropout=0.0)
+    model.lm.config._attn_implementation = attention  # sdpa takes the packed mask as booleans, eager adds it
     torch.nn.init.normal_(model.speaker_embeddings)
     data = tokenize_dialogs(make_personachat(n_cands=4), tokenizer)
     ds = DoubleHeadDataset(data, "train", layout, num_candidates=4, max_history=2)

@@ -169,33 +169,6 @@ def test_bad_data_file_ends_the_script_with_file_and_line(tiny_dirs, tmp_path):
     assert done.stderr.strip().endswith(f"train.py: error: {bad}:3: line id 4 follows 2")
 
 
-def test_full_sequences_train_without_the_shared_context_and_end_with_the_same_weights(tiny_dirs, personachat_file,
-                                                                                       tmp_path, monkeypatch):
-    import modeling
-
-    shared_training_calls = []
-    shared_forward = modeling.DoubleHeads.shared_context_forward
-
-    def counted(self, *args, **kwargs):
-        if torch.is_grad_enabled():  # a training step (validation runs without gradients)
-            shared_training_calls.append(1)
-        return shared_forward(self, *args, **kwargs)
-
-    monkeypatch.setattr(modeling.DoubleHeads, "shared_context_forward", counted)
-    runs = {}
-    for name, extra in (("shared", []), ("full", ["--full_sequences"])):
-        shared_training_calls.clear()
-        runs[name] = train_script.train(tiny_args(tiny_dirs, personachat_file, tmp_path, name, "--max_steps", "2",
-                                                  "--lr", "1e-3", "--max_valid_examples", "3", *extra))
-        assert len(shared_training_calls) == (4 if name == "shared" else 0)  # 2 steps x 2 accumulated batches
-    assert json.load(open(runs["full"] / "training_args.json"))["full_sequences"] is True
-    shared, full = (load_file(runs[name] / "model.safetensors") for name in ("shared", "full"))
-    assert shared.keys() == full.keys()
-    for key in shared:
-        torch.testing.assert_close(full[key], shared[key], atol=1e-5, rtol=1e-4, msg=key)
-    assert read_metrics(runs["full"])[0]["ppl"] == pytest.approx(read_metrics(runs["shared"])[0]["ppl"], rel=1e-4)
-
-
 def test_a_chat_template_run_is_read_back_in_its_format(tiny_dirs, personachat_file, tmp_path):
     from layouts import InputFormatError
     from modeling import stored_input_format
