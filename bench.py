@@ -415,7 +415,7 @@ def evaluate(model_checkpoint, args, results_file, *extra):
         results = json.load(f)
     by_ranker = results.get("by_ranker", {results["ranker"]: results})
     row = {f"{name}_hits@1": metrics["hits@1"] for name, metrics in by_ranker.items()}
-    row.update({k: results[k] for k in ("ppl", "word_ppl", "reply_ppl", "end_nll", "f1") if k in results})
+    row.update({k: results[k] for k in QUALITY_METRICS if k in results})  # the hits@1 keys are the rankers' own
     return row
 
 

@@ -107,7 +107,6 @@ class DoubleHeads(nn.Module):
         cand = torch.searchsorted(ends, p.contiguous(), right=True).clamp(max=n_cand - 1)  # which candidate a token is
         start = starts.gather(1, cand)
         token = torch.where(in_context, p, context_lens[:, None] + p - start)  # its index in its full sequence
-        cand = torch.where(in_context, 0, cand)
         source = torch.where(valid, cand * length + token, 0)  # into (batch, candidates x length)
         pick = lambda x: x.reshape(batch, -1).gather(1, source)  # noqa: E731
         segment = torch.where(in_context, 0, cand + 1).masked_fill(~valid, -1)
@@ -120,9 +119,7 @@ class DoubleHeads(nn.Module):
         hidden, _ = self.hidden_states(pick(input_ids), types, seen[:, None], positions, use_cache=False)
         mc_logits = None
         if mc_token_ids is not None:
-            at = starts + mc_token_ids - context_lens[:, None]
-            mc_logits = self.mc_head(self.mc_dropout(hidden.gather(1, at[..., None].expand(-1, -1, hidden.shape[-1]))))
-            mc_logits = mc_logits.squeeze(-1).float()
+            mc_logits = self.mc_logits_at(hidden, starts + mc_token_ids - context_lens[:, None])
         nll_sum = count = None
         if lm_labels is not None:  # a candidate's first token is predicted by its context's last position
             labels = pick(lm_labels).masked_fill(~valid | in_context, IGNORE_INDEX)
@@ -148,8 +145,10 @@ class DoubleHeads(nn.Module):
         return self.lm.get_output_embeddings()(hidden).float()
 
     def mc_logits_at(self, hidden, index):
-        """Multiple-choice logit of each sequence from its hidden state at `index`."""
-        last = hidden[torch.arange(hidden.shape[0], device=hidden.device), index]
+        """Multiple-choice logits from the hidden states (rows, length, width) at `index`: (rows,), one position
+        per row, or (rows, k), k positions per row (a packed row's candidates)."""
+        at = index.reshape(hidden.shape[0], -1, 1).expand(-1, -1, hidden.shape[-1])
+        last = hidden.gather(1, at).view(*index.shape, hidden.shape[-1])
         return self.mc_head(self.mc_dropout(last)).squeeze(-1).float()
 
     def step(self, input_ids, token_type_ids, attention_mask, position_ids, cache=None):
