@@ -13,9 +13,10 @@ batching (full sequences in random batches, every example padded to the dataset'
 --max_seq_len) on the same examples (per example: its batches all cost the same, so a few are timed), and against a bare transformers
 forward/backward of the same model on the same batches. MFU counts useful FLOPs, 6 x parameters x the non-pad
 tokens a run computes (ours: each context once plus the candidates' own tokens; bare transformers: every full
-sequence), against an fp32 matmul measured in the same run. Then (unless --no-profile) the same batches once
-more under torch.profiler, each way: where a step's host time goes, the calls it dispatches, the top ops, and on a
-GPU how busy the device was.
+sequence), against an fp32 matmul measured in the same run. With --compile, the same batches through
+train.py --compile's compiled stack too (its compilation timed apart). Then (unless --no-profile) the same
+batches once more under torch.profiler, each way: where a step's host time goes, the calls it dispatches, the
+top ops, and on a GPU how busy the device was.
 
 `generate`: greedy replies of exactly --reply_tokens tokens after a ConvAI2-sized context (~100 tokens) with
 our KV-cache decoding, against re-running the whole sequence for every token (the original's loop, which also
@@ -56,7 +57,7 @@ from ignite.engine import Engine
 from decoding import DecodingConfig, generate
 from inputs import DoubleHeadDataset, LengthGroupedBatchSampler, collate
 from layouts import INPUT_FORMATS
-from modeling import load_tokenizer_and_model
+from modeling import compile_decoder, load_tokenizer_and_model
 from ranking import score_candidates
 from tokenized import get_dataset
 from training import PHASES, amp_dtype, make_update
@@ -80,9 +81,9 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def warm_trainer(model, batches, device, dtype, shared_context=True):
+def warm_trainer(model, batches, device, dtype, shared_context=True, compile=False):
     """A copy of the model on `device` and a run(batches) of one optimizer step per batch through the ignite
-    trainer (collation included), after a warm-up step (allocator, kernels).
+    trainer (collation included), after a warm-up step (allocator, kernels; with `compile`, compilation).
 
     `shared_context=False`: every candidate a full sequence, context included (as the original computed them).
     """
@@ -90,7 +91,9 @@ def warm_trainer(model, batches, device, dtype, shared_context=True):
         return collate(*items, shared_context=shared_context)
 
     model = copy.deepcopy(model).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    if compile:
+        compile_decoder(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)  # as train.py's
     scaler = torch.amp.GradScaler(torch.device(device).type, enabled=dtype == torch.float16)
     update = make_update(model, optimizer, scaler, torch.device(device), dtype)
     Engine(update).run([make_batch(batches[0])], max_epochs=1)
@@ -98,16 +101,16 @@ def warm_trainer(model, batches, device, dtype, shared_context=True):
     return lambda: Engine(lambda engine, items: update(engine, make_batch(items))).run(batches, max_epochs=1)
 
 
-def timed_training(model, batches, device, dtype, shared_context=True):
+def timed_training(model, batches, device, dtype, shared_context=True, compile=False):
     """Seconds for one optimizer step per batch (see warm_trainer)."""
-    run = warm_trainer(model, batches, device, dtype, shared_context)
+    run = warm_trainer(model, batches, device, dtype, shared_context, compile)
     start = time.perf_counter()
     run()
     sync(device)
     return time.perf_counter() - start
 
 
-def profile_training(model, batches, device, dtype, seconds_unprofiled, top=8, shared_context=True):
+def profile_training(model, batches, device, dtype, seconds_unprofiled, top=8, shared_context=True, compile=False):
     """Where a training step's time goes, from torch.profiler over the batches timed in `seconds_unprofiled`.
 
     The host's time in each phase of training.make_update (forward with the loss, backward, clipping and the
@@ -119,7 +122,7 @@ def profile_training(model, batches, device, dtype, seconds_unprofiled, top=8, s
     from torch.profiler import ProfilerActivity, profile
 
     on_gpu = torch.device(device).type == "cuda"
-    run = warm_trainer(model, batches, device, dtype, shared_context)
+    run = warm_trainer(model, batches, device, dtype, shared_context, compile)
     with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])) as prof:
         start = time.perf_counter()
         run()
@@ -246,9 +249,20 @@ def bench_train(args):
     }
     if t_bf16:
         result["bf16_speedup"] = t_ours / t_bf16
+    if args.compile:  # train.py --compile: the same batches through the compiled stack, compilation timed apart
+        start = time.perf_counter()
+        run = warm_trainer(model, ours, device, dtype, compile=True)
+        result["compile_warmup_seconds"] = time.perf_counter() - start
+        start = time.perf_counter()
+        run()
+        sync(device)
+        t_compiled = time.perf_counter() - start
+        result["compile_speedup"] = t_ours / t_compiled
     if args.profile:  # on a host-bound device, calls (not tokens) set the pace
         result["profile"] = profile_training(model, ours, device, dtype, t_ours)
         result["profile_full_sequences"] = profile_training(model, ours, device, dtype, t_full, shared_context=False)
+        if args.compile:
+            result["profile_compiled"] = profile_training(model, ours, device, dtype, t_compiled, compile=True)
     if memory:
         result["memory"] = memory
     return result
@@ -264,21 +278,23 @@ def memory_variants(args):
     fsdp: 2 processes under torchrun, each with a batch of --batch_size (so twice the examples per step); its
     figures are rank 0's.
     """
-    work = Path(tempfile.mkdtemp(prefix="bench_memory_"))
     found = {}
-    for name, flags in MEMORY_VARIANTS.items():
-        run_script("train.py", ["--model_checkpoint", args.model_checkpoint, "--dataset_path", args.dataset_path,
-                                "--dataset_cache", args.dataset_cache, "--device", args.device, "--fp16", args.fp16,
-                                "--input_format", args.input_format, "--max_steps", str(args.memory_steps),
-                                "--train_batch_size", str(args.batch_size), "--gradient_accumulation_steps", "1",
-                                "--num_candidates", str(args.num_candidates), "--max_seq_len", str(args.max_seq_len),
-                                "--max_valid_examples", "4", "--output_dir", str(work / name), *flags],
-                   launcher=torchrun_launcher() if "--fsdp" in flags else ())
-        run_args = json.loads((work / name / "training_args.json").read_text())
-        last = [json.loads(line) for line in (work / name / "metrics.jsonl").read_text().splitlines()][-1]
-        found[name] = {"trainable_parameters": run_args["trainable_parameters"], "parameters": run_args["parameters"],
-                       "steps_per_s": last["steps_per_s"],
-                       **{k: v for k, v in last.items() if "peak_" in k}}
+    with tempfile.TemporaryDirectory(prefix="bench_memory_") as work:  # five runs of the model: gigabytes
+        work = Path(work)
+        for name, flags in MEMORY_VARIANTS.items():
+            run_script("train.py", [
+                "--model_checkpoint", args.model_checkpoint, "--dataset_path", args.dataset_path,
+                "--dataset_cache", args.dataset_cache, "--device", args.device, "--fp16", args.fp16,
+                "--input_format", args.input_format, "--max_steps", str(args.memory_steps),
+                "--train_batch_size", str(args.batch_size), "--gradient_accumulation_steps", "1",
+                "--num_candidates", str(args.num_candidates), "--max_seq_len", str(args.max_seq_len),
+                "--max_valid_examples", "4", "--output_dir", str(work / name), *flags],
+                launcher=torchrun_launcher() if "--fsdp" in flags else ())
+            run_args = json.loads((work / name / "training_args.json").read_text())
+            last = [json.loads(line) for line in (work / name / "metrics.jsonl").read_text().splitlines()][-1]
+            found[name] = {"trainable_parameters": run_args["trainable_parameters"],
+                           "parameters": run_args["parameters"], "steps_per_s": last["steps_per_s"],
+                           **{k: v for k, v in last.items() if "peak_" in k}}
     return found
 
 
@@ -561,6 +577,8 @@ def main(argv=None):
                        help="Steps of train.py per memory variant (full fine-tune, LoRA r=8, each with and "
                             "without --gradient_checkpointing, FSDP over 2 processes), each in its own "
                             "process(es), on the same batches; 0: skip them (default: 3)")
+    train.add_argument("--compile", action="store_true",
+                       help="Also time train.py --compile's path: compile_warmup_seconds, compile_speedup")
     train.add_argument("--profile", action=argparse.BooleanOptionalAction, default=True,
                        help="Profile our steps once more (torch.profiler): host time per phase, calls, top ops, "
                             "and on a GPU the device's busy fraction (default: on)")
@@ -597,7 +615,7 @@ def main(argv=None):
         print_quality(result)
     if result.get("memory"):
         print_memory(result["memory"])
-    for name in ("profile", "profile_full_sequences"):
+    for name in ("profile", "profile_full_sequences", "profile_compiled"):
         if result.get(name):
             print_profile(name, result[name])
     for name, value in result.items():

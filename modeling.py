@@ -239,6 +239,19 @@ class GPTDoubleHeads(nn.Module):
         self.lm.save_pretrained(directory, state_dict=state_dict)
 
 
+def compile_decoder(model):
+    """torch.compile the transformer stack of a DoubleHeads or GPTDoubleHeads in place, shapes dynamic.
+
+    A step of a model this size is tens of thousands of small kernels, which a GPU waits on the host to launch;
+    inductor fuses the elementwise ones (norms, rotary embeddings, activations, residual adds). The stack alone:
+    the packing around it reads sizes on the host, which would break the graph. Weights and their names stay as
+    they are (checkpoints do not change); the first training step and the first validation compile.
+    """
+    decoder = model.lm.get_decoder()
+    decoder.compile(dynamic=True)  # lengths and rows change from batch to batch: one graph for all of them
+    return decoder
+
+
 def double_head_loss(outputs, mc_labels, lm_coef=1.0, mc_coef=1.0):
     """(loss, lm_loss, mc_loss): LM loss is the mean NLL per labelled token, MC loss the mean cross-entropy."""
     nll_sum, count, mc_logits = outputs

@@ -1,5 +1,6 @@
 """bench.py train, quality and serve end to end on tiny models: the scripts they run and the figures they read back."""
 import json
+import tempfile
 
 import pytest
 
@@ -43,11 +44,15 @@ def test_serve_sends_the_same_requests_one_at_a_time_and_concurrently(tiny_dirs,
                                                        / result["one_at_a_time_requests_per_s"])
 
 
-def test_train_reports_speedups_and_the_memory_of_full_lora_and_fsdp_runs(tiny_dirs, personachat_file, tmp_path):
+def test_train_reports_speedups_and_the_memory_of_full_lora_and_fsdp_runs(tiny_dirs, personachat_file, tmp_path,
+                                                                         monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
     result = bench.main(["train", "--model_checkpoint", tiny_dirs["llama"], "--dataset_path", personachat_file,
                          "--dataset_cache", str(tmp_path / "cache"), "--device", "cpu", "--examples", "4",
                          "--batch_size", "2", "--baseline_batches", "1", "--memory_steps", "1", "--max_seq_len", "64",
-                         "--max_reply_len", "3"])
+                         "--max_reply_len", "3", "--compile"])
+    assert list((tmp_path / "tmp").glob("bench_memory_*")) == []  # the memory runs' checkpoints are gone
     assert result["max_reply_len_speedup"] > 0 and 0 < result["candidates_cut_by_max_reply_len"] < 8
     assert result["examples"] == 4 and result["speedup_vs_full_sequences"] > 0 and result["computed_tokens"] > 0
     assert result["dtype"] == "float32" and result["bf16_speedup"] > 0
@@ -63,8 +68,11 @@ def test_train_reports_speedups_and_the_memory_of_full_lora_and_fsdp_runs(tiny_d
     assert len(names) == 8 and any(name.startswith("aten::") for name in names)
     assert profile["aten_calls_per_step"] > 100  # a forward, backward and AdamW step of a Llama dispatch many
     assert "device_busy_fraction" not in profile  # a GPU figure
-    # each context once and its candidates on its cache: two decoder passes, so more calls than full sequences
+    # one decoder pass either way; packing adds its own few calls (indices, the 4D mask)
     assert result["profile_full_sequences"]["aten_calls_per_step"] < profile["aten_calls_per_step"]
+    # train.py --compile: inductor's fused kernels stand for most of the elementwise aten calls
+    assert result["compile_warmup_seconds"] > 0 and result["compile_speedup"] > 0
+    assert result["profile_compiled"]["aten_calls_per_step"] < 0.7 * profile["aten_calls_per_step"]
 
 
 def test_profile_counts_the_calls_of_one_step_and_orders_ops_by_time(tiny_dirs):

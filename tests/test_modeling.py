@@ -5,7 +5,8 @@ import torch.nn.functional as F
 from conftest import make_personachat
 from inputs import DoubleHeadDataset, collate
 from layouts import SPECIAL_TOKENS, TransferTransfoLayout
-from modeling import DoubleHeads, GPTDoubleHeads, double_head_loss, load_tokenizer_and_model, save_model
+from modeling import (DoubleHeads, GPTDoubleHeads, compile_decoder, double_head_loss, load_tokenizer_and_model,
+                      save_model)
 from tokenized import tokenize_dialogs
 from training import forward
 
@@ -162,3 +163,32 @@ def test_shared_context_forward_gives_the_losses_and_gradients_of_full_sequences
     assert full_grads.keys() == shared_grads.keys()
     for n in full_grads:
         assert torch.allclose(shared_grads[n], full_grads[n], atol=1e-5), n
+
+
+def test_compiled_decoder_gives_eager_losses_and_gradients_for_every_batch_shape_from_one_compilation(tiny_dirs):
+    import copy
+
+    torch.manual_seed(0)
+    tokenizer, model, layout = load_tokenizer_and_model(tiny_dirs["llama_chat"], mc_dropout=0.0)
+    torch.nn.init.normal_(model.speaker_embeddings)
+    compiled = copy.deepcopy(model)
+    compile_decoder(compiled)
+    assert compiled.state_dict().keys() == model.state_dict().keys()  # weights keep their names
+    data = tokenize_dialogs(make_personachat(n_cands=4), tokenizer)
+    ds = DoubleHeadDataset(data, "train", layout, num_candidates=4, max_history=2)
+    batches = [collate([ds[i] for i in (0, 4, 7)], layout.pad), collate([ds[i] for i in (2, 5)], layout.pad)]
+    assert batches[0]["input_ids"].shape[-1] != batches[1]["input_ids"].shape[-1]
+    for k, batch in enumerate(batches):
+        results = []
+        for m in (model, compiled):
+            m.zero_grad()
+            with torch._dynamo.config.patch(error_on_recompile=k > 0):  # shapes are dynamic: one graph for all
+                outputs = forward(m, batch)
+                double_head_loss(outputs, batch["mc_labels"])[0].backward()
+            results.append((outputs, {n: p.grad for n, p in m.named_parameters() if p.grad is not None}))
+        (eager_out, eager_grads), (compiled_out, compiled_grads) = results
+        assert compiled_out[0].item() == pytest.approx(eager_out[0].item(), rel=1e-5)
+        assert torch.allclose(compiled_out[2], eager_out[2], atol=1e-5)
+        assert eager_grads.keys() == compiled_grads.keys()
+        for n in eager_grads:
+            assert torch.allclose(compiled_grads[n], eager_grads[n], atol=1e-5), n

@@ -243,8 +243,25 @@ def test_resume_takes_the_learning_rate_given_now_and_reads_checkpoints_from_bef
 @pytest.mark.parametrize("flags, named", [(["--num_candidates", "1"], "--num_candidates"),
                                           (["--max_reply_len", "-1"], "--max_reply_len"),
                                           (["--max_seq_len", "16"], "--max_seq_len"),
-                                          (["--eval_every", "-2"], "--eval_every")])
+                                          (["--eval_every", "-2"], "--eval_every"),
+                                          (["--compile", "--fsdp"], "--compile")])
 def test_bad_flags_are_refused_naming_the_flag(flags, named, capsys):
     with pytest.raises(SystemExit):
         train_script.get_args(flags)
     assert named in capsys.readouterr().err
+
+
+def test_compiled_training_steps_as_eager_training_and_saves_loadable_weights(tiny_dirs, personachat_file, tmp_path):
+    """--compile changes how kernels run, not what is learned nor how the run is saved."""
+    runs = {name: train_script.train(tiny_args(tiny_dirs, personachat_file, tmp_path, name, "--max_steps", "2",
+                                               "--max_valid_examples", "3", *flags))
+            for name, flags in (("eager", []), ("compiled", ["--compile"]))}
+    eager, compiled = (load_file(os.path.join(runs[n], "model.safetensors")) for n in ("eager", "compiled"))
+    assert eager.keys() == compiled.keys()  # no _orig_mod. prefixes: the run loads as any other
+    start = load_file(os.path.join(tiny_dirs["llama"], "model.safetensors"))
+    for name in eager:
+        assert torch.allclose(compiled[name], eager[name], atol=1e-5), name
+    assert any(not torch.equal(eager[n], start[n]) for n in start)  # the steps did change the weights
+    assert read_metrics(runs["compiled"])[-1]["nll"] == pytest.approx(read_metrics(runs["eager"])[-1]["nll"], rel=1e-4)
+    assert json.load(open(os.path.join(runs["compiled"], "training_args.json")))["compile"] is True
+    load_tokenizer_and_model(str(runs["compiled"]))
