@@ -1,5 +1,6 @@
 FROM python:3.11-slim
-RUN apt-get update && apt-get install -y --no-install-recommends make && rm -rf /var/lib/apt/lists/*
+# g++: train.py --compile (torch.compile builds its kernels with it)
+RUN apt-get update && apt-get install -y --no-install-recommends make g++ && rm -rf /var/lib/apt/lists/*
 WORKDIR /app
 COPY requirements.txt requirements-packaged.txt Makefile ./
 # CPU build of torch; pass --build-arg TORCH=torch==2.13.0 --index-url ... for another build.

@@ -164,6 +164,21 @@ def print_profile(title, profile):
             print(f"{table:>12} {ms:10.2f} ms {calls:8.1f} calls  {name[:80]}")
 
 
+def timed_optimizer_step(model, device, fused, repeats=5):
+    """Seconds for one clipping + AdamW step over the model's parameters, random gradients (train.py's optimizer
+    phase alone)."""
+    params = [torch.nn.Parameter(p.detach().to(device, copy=True)) for p in model.parameters()]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    optimizer = torch.optim.AdamW(params, lr=1e-5, fused=fused)
+
+    def step():
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+
+    return best_time(lambda: (step(), sync(device)), repeats)
+
+
 def timed_bare_hf(model, batches, device, dtype):
     """Seconds for transformers' own forward/backward + AdamW step of the bare LM on the same padded batches."""
     lm = copy.deepcopy(model.lm).to(device)
@@ -249,6 +264,9 @@ def bench_train(args):
     }
     if t_bf16:
         result["bf16_speedup"] = t_ours / t_bf16
+    # train.py's fused AdamW against torch's default for these parameters (a loop over them on a CPU, foreach on a GPU)
+    result["fused_adamw_speedup"] = (timed_optimizer_step(model, device, fused=None)
+                                     / timed_optimizer_step(model, device, fused=True))
     if args.compile:  # train.py --compile: the same batches through the compiled stack, compilation timed apart
         start = time.perf_counter()
         run = warm_trainer(model, ours, device, dtype, compile=True)

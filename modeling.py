@@ -12,6 +12,7 @@ format, which every script loading the run then uses).
 """
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -239,6 +240,10 @@ class GPTDoubleHeads(nn.Module):
         self.lm.save_pretrained(directory, state_dict=state_dict)
 
 
+def has_cxx_compiler():
+    return any(shutil.which(name) for name in (os.environ.get("CXX", ""), "g++", "c++", "clang++") if name)
+
+
 def compile_decoder(model):
     """torch.compile the transformer stack of a DoubleHeads or GPTDoubleHeads in place, shapes dynamic.
 
@@ -247,6 +252,9 @@ def compile_decoder(model):
     the packing around it reads sizes on the host, which would break the graph. Weights and their names stay as
     they are (checkpoints do not change); the first training step and the first validation compile.
     """
+    if not has_cxx_compiler():  # inductor builds its kernels (and, on a GPU, Triton its launchers) with one
+        raise RuntimeError("--compile: torch.compile needs a C++ compiler (g++, c++ or clang++ on PATH, or $CXX); "
+                           "install one (e.g. apt-get install g++) or train without --compile")
     decoder = model.lm.get_decoder()
     decoder.compile(dynamic=True)  # lengths and rows change from batch to batch: one graph for all of them
     return decoder

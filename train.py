@@ -26,7 +26,7 @@ from dialogs import DialogFormatError
 from inputs import DoubleHeadDataset, LengthGroupedBatchSampler, collate
 from layouts import INPUT_FORMATS, InputFormatError
 from metrics import TokenNLL, perplexity
-from modeling import compile_decoder, load_tokenizer_and_model, model_max_length
+from modeling import compile_decoder, has_cxx_compiler, load_tokenizer_and_model, model_max_length
 from sharding import WholeOptimizer, shard_model, whole_model_state
 from tokenized import get_dataset
 from training import Throughput, amp_dtype, linear_lr, make_inference, make_update
@@ -63,6 +63,8 @@ def get_args(argv=None):
         parser.error("--eval_every: 0 (off) or a number of optimizer steps")
     if args.compile and args.fsdp:
         parser.error("--compile: not with --fsdp (FSDP2's hooks sit between the layers of the compiled stack)")
+    if args.compile and not has_cxx_compiler():
+        parser.error("--compile: torch.compile needs a C++ compiler (g++, c++ or clang++ on PATH, or $CXX)")
     return args
 
 

@@ -5,8 +5,8 @@ import torch.nn.functional as F
 from conftest import make_personachat
 from inputs import DoubleHeadDataset, collate
 from layouts import SPECIAL_TOKENS, TransferTransfoLayout
-from modeling import (DoubleHeads, GPTDoubleHeads, compile_decoder, double_head_loss, load_tokenizer_and_model,
-                      save_model)
+from modeling import (DoubleHeads, GPTDoubleHeads, compile_decoder, double_head_loss, has_cxx_compiler,
+                      load_tokenizer_and_model, save_model)
 from tokenized import tokenize_dialogs
 from training import forward
 
@@ -165,6 +165,18 @@ def test_shared_context_forward_gives_the_losses_and_gradients_of_full_sequences
         assert torch.allclose(shared_grads[n], full_grads[n], atol=1e-5), n
 
 
+needs_cxx = pytest.mark.skipif(not has_cxx_compiler(), reason="torch.compile needs a C++ compiler")
+
+
+def test_compile_without_a_cxx_compiler_says_so(tiny_dirs, monkeypatch):
+    _, model, _ = load_tokenizer_and_model(tiny_dirs["llama"])
+    monkeypatch.setenv("PATH", "")
+    monkeypatch.delenv("CXX", raising=False)
+    with pytest.raises(RuntimeError, match="--compile: torch.compile needs a C\\+\\+ compiler"):
+        compile_decoder(model)
+
+
+@needs_cxx
 def test_compiled_decoder_gives_eager_losses_and_gradients_for_every_batch_shape_from_one_compilation(tiny_dirs):
     import copy
 

@@ -12,6 +12,7 @@ import train as train_script
 from conftest import ROOT
 from modeling import load_tokenizer_and_model
 from test_dialogs import CONVAI2_NO_CANDS, CONVAI2_WITH_CANDS
+from test_modeling import needs_cxx
 from utils import free_port
 
 
@@ -251,6 +252,7 @@ def test_bad_flags_are_refused_naming_the_flag(flags, named, capsys):
     assert named in capsys.readouterr().err
 
 
+@needs_cxx
 def test_compiled_training_steps_as_eager_training_and_saves_loadable_weights(tiny_dirs, personachat_file, tmp_path):
     """--compile changes how kernels run, not what is learned nor how the run is saved."""
     runs = {name: train_script.train(tiny_args(tiny_dirs, personachat_file, tmp_path, name, "--max_steps", "2",
