@@ -8,7 +8,7 @@ import hashlib
 import logging
 import os
 import sys
-from argparse import ArgumentParser
+from argparse import ArgumentParser, BooleanOptionalAction
 from functools import partial
 from pathlib import Path
 from pprint import pformat
@@ -125,9 +125,10 @@ def build_parser():
     parser.add_argument("--fsdp", action="store_true",
                         help="Shard parameters, gradients and optimizer state across torchrun's processes (FSDP2); "
                              "checkpoints are saved whole")
-    parser.add_argument("--compile", action="store_true",
+    parser.add_argument("--compile", action=BooleanOptionalAction, default=False,
                         help="torch.compile the transformer stack (inductor, shapes dynamic): fused kernels for a "
-                             "GPU that waits on the host; the first step and the first validation compile")
+                             "GPU that waits on the host; the first step and the first validation compile "
+                             "(--no-compile: resume a compiled run without it)")
     parser.add_argument("--gradient_checkpointing", action="store_true",
                         help="Recompute activations in backward: less memory for long histories and many candidates")
     parser.add_argument("--seed", type=int, default=42, help="Seed of data order, dropout and splits (default: 42)")

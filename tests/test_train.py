@@ -267,3 +267,6 @@ def test_compiled_training_steps_as_eager_training_and_saves_loadable_weights(ti
     assert read_metrics(runs["compiled"])[-1]["nll"] == pytest.approx(read_metrics(runs["eager"])[-1]["nll"], rel=1e-4)
     assert json.load(open(os.path.join(runs["compiled"], "training_args.json")))["compile"] is True
     load_tokenizer_and_model(str(runs["compiled"]))
+    # a resumed run takes its saved flags; --no-compile turns this one off (e.g. on a machine without a compiler)
+    assert train_script.get_args(["--resume", str(runs["compiled"])]).compile is True
+    assert train_script.get_args(["--resume", str(runs["compiled"]), "--no-compile"]).compile is False
