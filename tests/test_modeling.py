@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -178,8 +180,6 @@ def test_compile_without_a_cxx_compiler_says_so(tiny_dirs, monkeypatch):
 
 @needs_cxx
 def test_compiled_decoder_gives_eager_losses_and_gradients_for_every_batch_shape_from_one_compilation(tiny_dirs):
-    import copy
-
     torch.manual_seed(0)
     tokenizer, model, layout = load_tokenizer_and_model(tiny_dirs["llama_chat"], mc_dropout=0.0)
     torch.nn.init.normal_(model.speaker_embeddings)
