@@ -26,7 +26,7 @@ from metrics import f1_score, perplexity
 from modeling import load_tokenizer_and_model, model_max_length
 from ranking import HITS_AT, rank_metrics, rank_of_gold, score_candidates
 from reply_ranker import biencoder_scores, context_text, score_pairs
-from utils import newest_run, package_dir, resolve_dataset_path, set_seed, write_json
+from utils import newest_run, package_dir, resolve_dataset_path, set_seed, spread_indices, write_json
 
 logger = logging.getLogger(__file__)
 
@@ -50,7 +50,8 @@ def get_args(argv=None):
     parser.add_argument("--ranker_checkpoint", default="", help="--ranker bert: a ranker trained by bert_classifier.py")
     parser.add_argument("--num_candidates", type=int, default=20, help="Candidates per example (default: 20)")
     parser.add_argument("--max_history", type=int, default=2, help="Previous exchanges kept (default: 2)")
-    parser.add_argument("--max_examples", type=int, default=0, help="Evaluate the first N examples (default: all)")
+    parser.add_argument("--max_examples", type=int, default=0, help="Evaluate N examples spread evenly over the split, every (examples / N)-th "
+                             "from the first, so that they sample every dialog (default: all)")
     parser.add_argument("--batch_size", type=int, default=8, help="Contexts decoded at once for F1 (default: 8)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--sample", action="store_true", help="Sample replies for F1 (default: greedy)")
@@ -80,14 +81,10 @@ def evaluation_dialogs(path, seed):
 
 
 def examples_of(dialogs, max_examples):
-    """(id, persona, history, candidates) texts, in order."""
-    out = []
-    for d, dialog in enumerate(dialogs):
-        for u, utterance in enumerate(dialog["utterances"]):
-            out.append((f"{d}:{u}", dialog["personality"], utterance["history"], utterance["candidates"]))
-            if max_examples and len(out) >= max_examples:
-                return out
-    return out
+    """(id, persona, history, candidates) texts, in order: all, or max_examples spread evenly over the split."""
+    out = [(f"{d}:{u}", dialog["personality"], utterance["history"], utterance["candidates"])
+           for d, dialog in enumerate(dialogs) for u, utterance in enumerate(dialog["utterances"])]
+    return [out[i] for i in spread_indices(len(out), max_examples)]
 
 
 def main(argv=None):

@@ -7,11 +7,14 @@ The gold reply is always the last candidate, as in the original repo. Formats: P
 text files (with or without candidates) and the packaged chit-chat corpus (no persona). Where a file has no
 candidates, distractors are drawn from other dialogs of the same split with a fixed seed.
 """
+import argparse
 import json
 import re
 from pathlib import Path
 
 import numpy as np
+
+from utils import default_dataset_path, write_json
 
 NUM_DISTRACTORS = 19  # ConvAI2 has 20 candidates per utterance: 19 distractors + gold
 VALID_FRACTION = 0.05
@@ -21,27 +24,37 @@ class DialogFormatError(ValueError):
     """Malformed dialog data; the message names the file and the line or JSON path."""
 
 
-def read_dialogs(path, seed=42, num_distractors=NUM_DISTRACTORS, valid_fraction=VALID_FRACTION):
-    """Read any supported file into {"train", "valid"} dialogs, splitting or pairing files where needed."""
+def read_dialogs(path, seed=42, num_distractors=NUM_DISTRACTORS, valid_fraction=VALID_FRACTION,
+                 prompt_as_persona=False):
+    """Read any supported file into {"train", "valid"} dialogs, splitting or pairing files where needed.
+
+    `prompt_as_persona`: the chit-chat corpus only; each conversation's opening prompt becomes its one-line persona.
+    """
     path = str(path)
-    if path.endswith(".txt"):
+    obj = None if path.endswith(".txt") else _load_json(path)
+    if prompt_as_persona and not _is_chitchat(obj):
+        raise DialogFormatError(f"{path}: prompt_as_persona applies to the chit-chat corpus only (its "
+                                f"conversations have a 'prompt'); this file's dialogs have their own personas")
+    if obj is None:
         splits = read_parlai_splits(path, seed, valid_fraction)
+    elif isinstance(obj, dict) and ("train" in obj or "valid" in obj):
+        splits = read_personachat(obj, path)
+    elif _is_chitchat(obj):
+        splits = split_dialogs(read_chitchat(obj, path, prompt_as_persona), seed, valid_fraction)
     else:
-        obj = _load_json(path)
-        if isinstance(obj, dict) and ("train" in obj or "valid" in obj):
-            splits = read_personachat(obj, path)
-        elif isinstance(obj, dict) and obj and all(isinstance(v, dict) and "messages" in v for v in obj.values()):
-            splits = split_dialogs(read_chitchat(obj, path), seed, valid_fraction)
-        else:
-            raise DialogFormatError(
-                f"{path}: unknown JSON layout: expected PersonaChat ({{'train': [...], 'valid': [...]}}) "
-                f"or the chit-chat corpus ({{id: {{'messages': [...]}}}})")
+        raise DialogFormatError(
+            f"{path}: unknown JSON layout: expected PersonaChat ({{'train': [...], 'valid': [...]}}) "
+            f"or the chit-chat corpus ({{id: {{'messages': [...]}}}})")
     for name, dialogs in splits.items():
         if not dialogs:
             raise DialogFormatError(f"{path}: the {name} split has no dialog with a reply (valid is held out "
                                     f"from the dialogs of train when the file has no valid part: give more dialogs)")
     add_distractors([d for name in sorted(splits) for d in splits[name]], num_distractors, seed, where=path)
     return splits
+
+
+def _is_chitchat(obj):
+    return isinstance(obj, dict) and bool(obj) and all(isinstance(v, dict) and "messages" in v for v in obj.values())
 
 
 def read_personas(path):
@@ -104,8 +117,12 @@ def read_personachat(obj, path):
     return splits
 
 
-def read_chitchat(obj, path):
-    """The chit-chat corpus: consecutive messages of one sender form a turn; every turn after the first is a reply."""
+def read_chitchat(obj, path, prompt_as_persona=False):
+    """The chit-chat corpus: consecutive messages of one sender form a turn; every turn after the first is a reply.
+
+    Both speakers were shown an opening prompt ("What's your favorite smell?"); `prompt_as_persona` keeps it as
+    the dialog's one-line persona, where the corpus has one.
+    """
     dialogs = []
     for conv_id, conv in obj.items():
         messages = conv["messages"]
@@ -121,8 +138,12 @@ def read_chitchat(obj, path):
             if text:
                 turns.append(text)
         utterances = [{"history": turns[:i], "candidates": [turns[i]]} for i in range(1, len(turns))]
+        prompt = conv.get("prompt") if prompt_as_persona else None
+        if prompt is not None and not isinstance(prompt, str):
+            raise DialogFormatError(f"{path}: {conv_id}.prompt: expected a string, got {type(prompt).__name__}")
         if utterances:
-            dialogs.append({"personality": [], "utterances": utterances})
+            dialogs.append({"personality": [prompt.strip()] if prompt and prompt.strip() else [],
+                            "utterances": utterances})
     return dialogs
 
 
@@ -247,3 +268,30 @@ def add_distractors(dialogs, num_distractors, seed, where=""):
                                             f"replies, so no distractor can be drawn; give more dialogs")
                 drawn[bad] = rng.choice(allowed, size=int(bad.sum()))
             utterance["candidates"] = [pool[k] for k in drawn] + utterance["candidates"]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        description="Write a dialog file as PersonaChat JSON, as every script reads it: the train/valid split and the "
+                    "drawn distractors fixed in the file (gold reply last).")
+    parser.add_argument("output", help="The PersonaChat JSON file to write")
+    parser.add_argument("--dataset_path", default="", help="A local dialog file (default: the packaged corpus)")
+    parser.add_argument("--seed", type=int, default=42, help="Seed of the split and the distractors (train.py's)")
+    parser.add_argument("--num_distractors", type=int, default=NUM_DISTRACTORS,
+                        help="Distractors drawn where a file has none")
+    parser.add_argument("--prompt_as_persona", action="store_true",
+                        help="Chit-chat corpus: each conversation's opening prompt becomes its one-line persona")
+    args = parser.parse_args(argv)
+    path = args.dataset_path or default_dataset_path()
+    try:
+        splits = read_dialogs(path, args.seed, args.num_distractors, prompt_as_persona=args.prompt_as_persona)
+    except (DialogFormatError, OSError) as e:
+        parser.error(str(e))
+    write_json(args.output, splits)
+    counts = {name: sum(len(d["utterances"]) for d in dialogs) for name, dialogs in splits.items()}
+    print(f"Wrote {args.output}: " + ", ".join(f"{name} {len(splits[name])} dialogs, {counts[name]} replies"
+                                               for name in sorted(splits)))
+
+
+if __name__ == "__main__":
+    main()

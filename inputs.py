@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 from layouts import IGNORE_INDEX
+from utils import spread_indices
 
 
 class DoubleHeadDataset(torch.utils.data.Dataset):
@@ -17,12 +18,10 @@ class DoubleHeadDataset(torch.utils.data.Dataset):
         self.tokenized, self.split, self.layout = tokenized, split, layout
         self.max_history, self.max_len, self.max_reply_len = max_history, max_len, max_reply_len
         self.personality_permutations = max(1, personality_permutations)
-        n_utts = tokenized.num_utterances(split)
-        if max_examples:
-            n_utts = min(n_utts, max_examples)
-        self.n_utts = n_utts
-        cand_counts = np.diff(tokenized.arrays[f"{split}.cand_offsets"])[:n_utts]
-        available = int(cand_counts.min()) if n_utts else 1
+        self.utterances = spread_indices(tokenized.num_utterances(split), max_examples or 0)  # a subset samples all dialogs
+        self.n_utts = len(self.utterances)
+        cand_counts = np.diff(tokenized.arrays[f"{split}.cand_offsets"])[self.utterances]
+        available = int(cand_counts.min()) if self.n_utts else 1
         self.num_candidates = max(1, min(num_candidates, available) if num_candidates > 0 else available)
 
     def __len__(self):
@@ -31,7 +30,7 @@ class DoubleHeadDataset(torch.utils.data.Dataset):
     def context_ids(self, index):
         """Text-table ids of an item's persona (rotated for its permutation), kept history and candidates."""
         u, permutation = index % self.n_utts, index // self.n_utts
-        persona, history, candidates = self.tokenized.utterance_ids(self.split, u)
+        persona, history, candidates = self.tokenized.utterance_ids(self.split, int(self.utterances[u]))
         if permutation and len(persona):
             persona = np.roll(persona, permutation % len(persona))
         return persona, history[-(2 * self.max_history + 1):], candidates[-self.num_candidates:]

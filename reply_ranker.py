@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from classifier import mean_pool, model_inputs
+from utils import spread_indices
 
 RANKER_CLASSES = ["distractor", "reply"]  # binary: a candidate's score is the logit gap of "reply" over "distractor"
 
@@ -21,16 +22,17 @@ def context_text(persona, history, max_history=2):
 
 
 def ranker_examples(dialogs, negatives=1, max_history=2, max_examples=0):
-    """(context, [gold, distractor, ...]) per utterance, in order; `negatives` < 0 keeps every distractor."""
+    """(context, [gold, distractor, ...]) per utterance, in order; `negatives` < 0 keeps every distractor.
+
+    `max_examples` takes that many utterances spread evenly over the dialogs (all where 0).
+    """
+    utterances = [(dialog["personality"], utterance) for dialog in dialogs for utterance in dialog["utterances"]]
     examples = []
-    for dialog in dialogs:
-        for utterance in dialog["utterances"]:
-            candidates = utterance["candidates"]
-            distractors = candidates[:-1] if negatives < 0 else candidates[:-1][:negatives]
-            examples.append((context_text(dialog["personality"], utterance["history"], max_history),
-                             [candidates[-1]] + list(distractors)))
-            if max_examples and len(examples) >= max_examples:
-                return examples
+    for i in spread_indices(len(utterances), max_examples):
+        persona, utterance = utterances[i]
+        candidates = utterance["candidates"]
+        distractors = candidates[:-1] if negatives < 0 else candidates[:-1][:negatives]
+        examples.append((context_text(persona, utterance["history"], max_history), [candidates[-1]] + list(distractors)))
     return examples
 
 

@@ -100,7 +100,7 @@ def build_parser():
     parser.add_argument("--personality_permutations", type=int, default=1,
                         help="Rotations of the persona sentences per example (default: 1)")
     parser.add_argument("--max_valid_examples", type=int, default=0,
-                        help="Validate on at most this many examples (default: 0, all)")
+                        help="Validate on this many examples, spread evenly over the valid split (default: 0, all)")
     parser.add_argument("--max_seq_len", type=int, default=512,
                         help="Longest input in tokens; longer ones lose their oldest history. Batches group similar "
                              "lengths, so the rare long dialogs (chit-chat's longest: 7,310 tokens) would otherwise "

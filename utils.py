@@ -97,6 +97,17 @@ def append_jsonl(path, obj):
         f.write(json.dumps(obj, sort_keys=True) + "\n")
 
 
+def spread_indices(total, n):
+    """Indices of n of `total` items spread evenly (every total/n-th from the first), or all where n is 0 or more.
+
+    A split's consecutive examples are turns of one dialog (a chit-chat conversation has dozens), so its first n
+    would be a few dialogs; an evenly spread subset samples all of them, and is the same on every run.
+    """
+    if not n or n >= total:
+        return np.arange(total)
+    return np.arange(n) * total // n
+
+
 def make_run_dir(model_checkpoint, root="runs"):
     """runs/<date>_<host>_<model>/, the directory later scripts load with --model_checkpoint."""
     model_name = Path(str(model_checkpoint).rstrip("/")).name

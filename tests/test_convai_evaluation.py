@@ -120,3 +120,12 @@ def test_held_out_dialogs_are_those_training_held_out(chatty, tmp_path):
     held_out = read_dialogs(str(data), seed=7)["valid"]
     assert results["examples"] == sum(len(d["utterances"]) for d in held_out)
     assert held_out != read_dialogs(str(data), seed=0)["valid"]
+
+
+def test_max_examples_sample_every_held_out_dialog_not_the_first_ones():
+    dialogs = [{"personality": [f"p{d}"], "utterances": [{"history": [f"h{d}.{u}"], "candidates": [f"r{d}.{u}"]}
+                                                         for u in range(10)]} for d in range(5)]
+    picked = convai_evaluation.examples_of(dialogs, 5)
+    assert [e[0] for e in picked] == ["0:0", "1:0", "2:0", "3:0", "4:0"]
+    assert picked[3] == ("3:0", ["p3"], ["h3.0"], ["r3.0"])
+    assert len(convai_evaluation.examples_of(dialogs, 0)) == 50

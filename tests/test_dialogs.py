@@ -3,7 +3,7 @@ import json
 import pytest
 
 from conftest import make_personachat
-from dialogs import DialogFormatError, read_dialogs, source_files
+from dialogs import DialogFormatError, main, read_dialogs, source_files
 
 CONVAI2_WITH_CANDS = (
     "1 your persona: i like cats.\n"
@@ -70,6 +70,38 @@ def test_chitchat_corpus_joins_messages_of_a_turn_and_splits_whole_dialogs(tmp_p
     assert dialog["utterances"][0]["history"] == [f"hi {k} there"]
     assert dialog["utterances"][1] == {"history": [f"hi {k} there", f"yo {k}"],
                                        "candidates": dialog["utterances"][1]["candidates"][:3] + [f"bye {k}"]}
+
+
+def test_chitchat_prompt_becomes_the_persona_only_when_asked(tmp_path):
+    convs = {f"c{k}": {"prompt": f" What is your favorite smell {k}? " if k % 2 else "",
+                       "messages": [[{"text": f"hi {k}"}], [{"text": f"yo {k}"}]]} for k in range(10)}
+    path = write(tmp_path, "chat.json", json.dumps(convs))
+    plain = read_dialogs(path, num_distractors=2, valid_fraction=0.2)
+    prompted = read_dialogs(path, num_distractors=2, valid_fraction=0.2, prompt_as_persona=True)
+    for split in ("train", "valid"):
+        for without, dialog in zip(plain[split], prompted[split]):
+            k = int(dialog["utterances"][0]["history"][0].split()[1])
+            assert without["personality"] == []
+            assert dialog["personality"] == ([f"What is your favorite smell {k}?"] if k % 2 else [])
+            assert dialog["utterances"] == without["utterances"]  # same split, same distractors
+
+
+def test_prompt_as_persona_is_refused_for_files_with_their_own_personas(personachat_file):
+    with pytest.raises(DialogFormatError, match="prompt_as_persona applies to the chit-chat corpus only"):
+        read_dialogs(personachat_file, prompt_as_persona=True)
+
+
+def test_cli_writes_personachat_json_that_reads_back_unchanged(tmp_path, capsys):
+    convs = {f"c{k}": {"prompt": f"prompt {k}", "messages": [[{"text": f"hi {k}"}], [{"text": f"yo {k}"}],
+                                                             [{"text": f"bye {k}"}]]} for k in range(10)}
+    path, out = write(tmp_path, "chat.json", json.dumps(convs)), str(tmp_path / "personachat.json")
+    main([out, "--dataset_path", path, "--prompt_as_persona", "--num_distractors", "3", "--seed", "7"])
+    assert "train 9 dialogs, 18 replies, valid 1 dialogs, 2 replies" in capsys.readouterr().out
+    expected = read_dialogs(path, seed=7, num_distractors=3, prompt_as_persona=True)
+    assert read_dialogs(out) == expected and expected["valid"][0]["personality"][0].startswith("prompt ")
+    with pytest.raises(SystemExit):
+        main([out, "--dataset_path", str(tmp_path / "missing.json")])
+    assert "missing.json" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("text, message", [

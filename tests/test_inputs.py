@@ -103,6 +103,14 @@ def test_dataset_caps_candidates_at_what_the_data_has_and_rotates_persona(tokeni
     assert [list(p) for p in rotated] == [list(p) for p in persona[-1:] + persona[:-1]]
 
 
+def test_max_examples_are_spread_over_the_split_not_its_first_dialogs(tokenized_and_layout):
+    data, layout = tokenized_and_layout  # 8 training dialogs of 3 utterances
+    ds = DoubleHeadDataset(data, "train", layout, num_candidates=2, max_examples=4)
+    assert len(ds) == 4 and ds.utterances.tolist() == [0, 6, 12, 18]
+    assert [list(t) for t in ds.context(1)[1]] == [list(t) for t in data.utterance("train", 6)[1][-5:]]
+    assert len({data.arrays["train.utt_dialog"][u] for u in ds.utterances}) == 4
+
+
 def test_dataset_respects_max_len(tokenized_and_layout):
     data, layout = tokenized_and_layout
     ds = DoubleHeadDataset(data, "train", layout, num_candidates=2, max_history=5, max_len=12)

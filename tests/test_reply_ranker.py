@@ -33,7 +33,9 @@ def test_ranker_examples_put_the_gold_reply_first_then_its_distractors():
     assert context == "\n".join(dialogs[0]["personality"] + utterance["history"][-3:])
     assert candidates == [utterance["candidates"][-1]] + utterance["candidates"][:2]
     assert [len(c) for _, c in ranker_examples(dialogs, negatives=-1)] == [4] * 4
-    assert len(ranker_examples(dialogs, max_examples=3)) == 3
+    spread = ranker_examples(make_personachat(n_train=3, n_utts=4)["train"], max_history=0, max_examples=3)
+    assert [c[0] for _, c in spread] == [d["utterances"][0]["candidates"][-1]
+                                         for d in make_personachat(n_train=3, n_utts=4)["train"]]  # one per dialog
 
 
 def test_biencoder_scores_are_cosines_of_mean_pooled_embeddings(encoder_and_tokenizer):

@@ -1,0 +1,20 @@
+import pytest
+
+from utils import spread_indices
+
+
+@pytest.mark.parametrize("total, n, expected", [
+    (10, 3, [0, 3, 6]),
+    (10, 5, [0, 2, 4, 6, 8]),
+    (7, 7, list(range(7))),
+    (7, 0, list(range(7))),   # 0: all
+    (3, 10, [0, 1, 2]),       # more than there are: all
+    (0, 4, []),
+])
+def test_spread_indices_are_evenly_spaced_distinct_and_start_at_the_first(total, n, expected):
+    assert spread_indices(total, n).tolist() == expected
+
+
+def test_spread_indices_reach_the_end_of_a_long_split():
+    picked = spread_indices(6587, 100)
+    assert len(set(picked.tolist())) == 100 and picked[-1] >= 6587 - 6587 // 100 - 1
