@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from ignite.handlers.checkpoint import BaseSaveHandler
 
-from adapters import ADAPTER_CONFIG, has_lora, merge_lora
+from adapters import ADAPTER_CONFIG, has_lora, is_adapter_run, merge_lora
 from modeling import load_tokenizer_and_model, save_model
 
 TRAINING_STATE = "training_state.pt"
@@ -76,6 +76,19 @@ def publish(checkpoint_dir, run_dir):
         os.replace(tmp, Path(run_dir) / src.name)
 
 
+def restore_rotation(checkpoint, saver, step):
+    """On resume, hand ignite's Checkpoint the run's checkpoint-<step> directories up to `step` to go on rotating.
+
+    It only knows what its own process saved, so a resumed run would otherwise keep every older checkpoint
+    forever. Directories beyond its `n_saved` go, as a dropped one does, once the next checkpoint is written.
+    """
+    found = sorted(int(m.group(1)) for p in saver.run_dir.glob("checkpoint-*")
+                   if (m := _CHECKPOINT_DIR.match(p.name)) and int(m.group(1)) <= step)
+    keep = found[-checkpoint.n_saved:]
+    checkpoint.load_state_dict({"_saved": [(s, f"checkpoint-{s}") for s in keep]})
+    saver.stale += [f"checkpoint-{s}" for s in found[:-checkpoint.n_saved]]
+
+
 def latest_checkpoint(path):
     """The checkpoint directory to resume from: `path` itself when it is one, else its newest checkpoint-<step>."""
     path = Path(path)
@@ -86,6 +99,13 @@ def latest_checkpoint(path):
     if not found:
         raise FileNotFoundError(f"--resume {path}: no checkpoint-<step>/ with {TRAINING_STATE} in it")
     return found[-1][1]
+
+
+def holds_run(path):
+    """Whether a directory holds a run's files already (its flags, metrics or checkpoints)."""
+    path = Path(path)
+    return (any((path / name).exists() for name in ("training_args.json", "metrics.jsonl"))
+            or any(path.glob("checkpoint-*")) or any(path.glob("best-checkpoint-*")))
 
 
 def read_training_args(run_dir):
@@ -131,11 +151,16 @@ def main(argv=None):
     parser.add_argument("--merge", default="", metavar="OUT",
                         help="Write the run with its LoRA adapter merged into the LM's weights to OUT")
     args = parser.parse_args(argv)
-    if args.merge:
-        merge_run(args.run_dir, args.merge)
-        print(f"Merged {args.run_dir} into {args.merge} (load it with --model_checkpoint {args.merge})")
-        return
-    model, history = summarize_run(args.run_dir)
+    if args.merge and not is_adapter_run(args.run_dir):
+        parser.error(f"--merge: {args.run_dir} has no LoRA adapter ({ADAPTER_CONFIG}); it is a plain run already")
+    try:
+        if args.merge:
+            merge_run(args.run_dir, args.merge)
+            print(f"Merged {args.run_dir} into {args.merge} (load it with --model_checkpoint {args.merge})")
+            return
+        model, history = summarize_run(args.run_dir)
+    except FileNotFoundError as e:  # not a run: the message names the path
+        parser.error(str(e))
     print(f"Loaded {args.run_dir}: {type(model.lm).__name__}, {model.lm.num_parameters():,} parameters")
     for record in history:
         print(f"  step {record['step']:>5}: ppl {record['ppl']:9.2f}  nll {record['nll']:.4f}  "

@@ -71,9 +71,14 @@ def get_args(argv=None):
     return parser.parse_args(argv)
 
 
-def evaluation_dialogs(path, seed):
-    """Dialogs to evaluate: all of a ParlAI text file, else the valid split; every utterance with candidates."""
-    if str(path).endswith(".txt"):
+def evaluation_dialogs(path, seed, trained_on=""):
+    """Dialogs to evaluate, every utterance with candidates: the valid split of a file, or all of a ParlAI text file.
+
+    A ParlAI file that is the run's training data (`trained_on`), or a `train_*` one, is read as train.py read
+    it: its `valid_*` sibling, else the dialogs held out with `seed`; never the dialogs the run trained on.
+    """
+    own = bool(trained_on) and os.path.exists(trained_on) and os.path.samefile(path, trained_on)
+    if str(path).endswith(".txt") and not own and not os.path.basename(path).startswith("train"):
         dialogs = read_parlai(path)
         add_distractors(dialogs, NUM_DISTRACTORS, seed, where=path)
         return dialogs
@@ -114,7 +119,7 @@ def main(argv=None):
     max_len = model_max_length(model)
     path = resolve_dataset_path(dataset_path, args.dataset_cache)
     # the split seed of training: held-out dialogs of a file without a valid part are those train.py held out
-    examples = examples_of(evaluation_dialogs(path, split_seed), args.max_examples)
+    examples = examples_of(evaluation_dialogs(path, split_seed, trained.get("dataset_path") or ""), args.max_examples)
     want = {"hits@1", "ppl", "f1"} if args.eval_type == "all" else {args.eval_type}
 
     ranks, nll, n_tokens, n_words, f1s, records, n_candidates = {r: [] for r in rankers}, 0.0, 0, 0, [], [], []

@@ -321,12 +321,27 @@ def choose_input_format(requested, stored, tokenizer, is_gpt, where):
     return stored or requested or ("transfertransfo" if is_gpt else default_input_format(tokenizer))
 
 
+class CheckpointError(FileNotFoundError):
+    """--model_checkpoint names no model: reported in one line, not transformers' page of traceback."""
+
+
 def _split_gguf(checkpoint):
+    """(directory or hub id, GGUF file name or None); a local path that holds no model is refused here."""
     path = Path(checkpoint)
     if path.suffix == ".gguf":
         if not path.is_file():
-            raise FileNotFoundError(f"--model_checkpoint {checkpoint}: no such GGUF file")
+            raise CheckpointError(f"--model_checkpoint {checkpoint}: no such GGUF file")
+        if path.stat().st_size == 0:
+            raise CheckpointError(f"--model_checkpoint {checkpoint}: an empty file, not a GGUF model")
         return str(path.parent), path.name
+    if path.is_file():
+        raise CheckpointError(f"--model_checkpoint {checkpoint}: a file, but not a .gguf one (give a run "
+                              f"directory, a hub id or a .gguf file)")
+    if path.is_dir() and not (path / "config.json").is_file() and not is_adapter_run(path):
+        raise CheckpointError(f"--model_checkpoint {checkpoint}: a directory without a model (no config.json); "
+                              f"a run directory of train.py, or a checkpoint-<step> inside one, has it")
+    if not path.exists() and checkpoint.startswith((".", "/", "~")):  # a path, not a hub id
+        raise CheckpointError(f"--model_checkpoint {checkpoint}: no such directory or file")
     return checkpoint, None
 
 
@@ -350,7 +365,10 @@ def load_tokenizer_and_model(model_checkpoint=None, mc_dropout=0.1, input_format
     checkpoint = model_checkpoint or default_model_checkpoint()
     source, gguf_file = _split_gguf(checkpoint)
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    except OSError as e:  # a hub id that is not there, or no network: transformers' message says which
+        raise CheckpointError(f"--model_checkpoint {checkpoint}: {e}") from None
     stored = stored_input_format(source) if os.path.isdir(source) else None
     heads_dir = source
     adapter = os.path.isdir(source) and is_adapter_run(source)

@@ -74,6 +74,7 @@ class ChatRequest(BaseModel):
     seed: Optional[int] = None
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
+    stop: Optional[Union[str, list[str]]] = None  # refused unless empty: ignoring it would break a client's replies
 
 
 def persona_and_turns(messages):
@@ -345,7 +346,9 @@ def create_app(chat_model, max_concurrency=32, max_batch_size=8):
         error = exc.errors()[0]
         loc = [str(p) for p in error["loc"] if p != "body"]
         param = "".join(f"[{p}]" if p.isdigit() else f".{p}" for p in loc).lstrip(".") or "body"
-        message = error["msg"] if error["type"] != "json_invalid" else "the body is not valid JSON"
+        message = error["msg"]
+        if error["type"] == "json_invalid":  # its loc is the character where parsing failed, not a field
+            param, message = "body", f"not valid JSON (at character {loc[0] if loc else 0})"
         return APIError(400, f"{param}: {message}", param).response()
 
     @app.exception_handler(StarletteHTTPException)
@@ -375,6 +378,9 @@ def create_app(chat_model, max_concurrency=32, max_batch_size=8):
         if body.model and body.model != name:
             raise APIError(404, f"model: {body.model!r} is not served here; this server serves {name!r} "
                                 f"(GET /v1/models)", "model", code="model_not_found")
+        if body.stop:
+            raise APIError(400, "stop: stop sequences are not supported here; a reply ends at the model's end of "
+                                "turn or at max_tokens", "stop")
         job = chat_model.job_for(body, asyncio.get_running_loop())
         batcher.submit(job)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": name}

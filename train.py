@@ -21,7 +21,8 @@ from ignite.metrics import Accuracy, RunningAverage
 from torch.nn.parallel import DistributedDataParallel
 
 from adapters import add_lora, has_lora, parameter_counts
-from checkpointing import RunSaver, latest_checkpoint, load_training_state, read_training_args
+from checkpointing import (RunSaver, holds_run, latest_checkpoint, load_training_state, read_training_args,
+                           restore_rotation)
 from dialogs import DialogFormatError
 from inputs import DoubleHeadDataset, LengthGroupedBatchSampler, collate
 from layouts import INPUT_FORMATS, InputFormatError
@@ -39,6 +40,10 @@ logger = logging.getLogger(__file__)
 NOT_RESUMED = ("resume", "output_dir", "local_rank")
 
 
+class RunError(ValueError):
+    """Flags that do not fit the data, the model or the run resumed: reported in one line, without a traceback."""
+
+
 def get_args(argv=None):
     """Parse the flags; with --resume, the run's saved flags are the defaults and the given ones override them."""
     parser = build_parser()
@@ -51,6 +56,8 @@ def get_args(argv=None):
             logger.warning("No training_args.json beside %s: resuming with the flags given only", args.resume)
         parser.set_defaults(**{k: v for k, v in saved.items() if k in vars(args) and k not in NOT_RESUMED})
         args = parser.parse_args(argv)
+    if args.dataset_path and os.path.exists(args.dataset_path):  # saved so, the run's data is found from anywhere
+        args.dataset_path = os.path.abspath(args.dataset_path)
     if args.num_candidates < 2:
         parser.error("--num_candidates: the multiple-choice head needs at least 2 (the gold reply and a distractor)")
     if args.max_reply_len < 0:
@@ -65,6 +72,23 @@ def get_args(argv=None):
         parser.error("--compile: not with --fsdp (FSDP2's hooks sit between the layers of the compiled stack)")
     if args.compile and not has_cxx_compiler():
         parser.error("--compile: torch.compile needs a C++ compiler (g++, c++ or clang++ on PATH, or $CXX)")
+    if args.lr <= 0 or args.mc_lr < 0:
+        parser.error(f"--lr {args.lr} / --mc_lr {args.mc_lr}: a positive peak learning rate (--mc_lr 0: --lr's)")
+    if args.n_epochs < 1 or args.max_steps < 0:
+        parser.error(f"--n_epochs {args.n_epochs} / --max_steps {args.max_steps}: at least 1 epoch, and 0 steps "
+                     f"(as many as the epochs take) or more")
+    if args.lora_target_modules and not args.lora_r:
+        parser.error("--lora_target_modules: adapters need --lora_r (their rank); without it the whole model trains")
+    try:
+        amp_dtype(args.fp16)
+    except ValueError as e:
+        parser.error(str(e))
+    if args.fsdp and int(os.environ.get("WORLD_SIZE", 1)) <= 1 and resolve_local_rank(args.local_rank) < 0:
+        parser.error("--fsdp: launch with torchrun (e.g. torchrun --nproc_per_node=2 train.py --fsdp ...)")
+    if not args.resume and args.output_dir and holds_run(args.output_dir):
+        parser.error(f"--output_dir {args.output_dir} already holds a run: go on with it with --resume "
+                     f"{args.output_dir}, or give a new directory (two runs in one would mix their checkpoints "
+                     f"and metrics)")
     return args
 
 
@@ -156,7 +180,7 @@ def get_data_loaders(args, tokenizer, layout, max_len, world_size, rank):
                                   max_reply_len=args.max_reply_len, **common)
     valid_set = DoubleHeadDataset(data, "valid", layout, max_examples=args.max_valid_examples or None, **common)
     if train_set.num_candidates < 2:
-        raise ValueError(f"--dataset_path {args.dataset_path}: some utterances have a single candidate")
+        raise RunError(f"--dataset_path {args.dataset_path}: some utterances have a single candidate")
     train_sampler = LengthGroupedBatchSampler(train_set.lengths(), args.train_batch_size, seed=args.seed,
                                               num_replicas=world_size, rank=rank,
                                               multiple_of=args.gradient_accumulation_steps)
@@ -165,10 +189,10 @@ def get_data_loaders(args, tokenizer, layout, max_len, world_size, rank):
     valid_sampler = LengthGroupedBatchSampler(valid_set.lengths(), args.valid_batch_size, shuffle=False,
                                               num_replicas=valid_replicas, rank=valid_rank, even=False)
     if len(train_sampler) == 0:
-        raise ValueError(f"--gradient_accumulation_steps {args.gradient_accumulation_steps} is more than the "
+        raise RunError(f"--gradient_accumulation_steps {args.gradient_accumulation_steps} is more than the "
                          f"{len(train_set)} training examples make batches of {args.train_batch_size} per process")
     if -(-len(valid_set) // args.valid_batch_size) < valid_replicas:
-        raise ValueError(f"{len(valid_set)} validation examples in batches of {args.valid_batch_size} leave a "
+        raise RunError(f"{len(valid_set)} validation examples in batches of {args.valid_batch_size} leave a "
                          f"process of {world_size} without a batch: lower --valid_batch_size")
     collate_fn = partial(collate, pad_id=layout.pad)
     train_loader = torch.utils.data.DataLoader(train_set, batch_sampler=train_sampler, collate_fn=collate_fn)
@@ -210,8 +234,6 @@ def train(argv=None):
     setup_logging(local_rank)
     device = setup_distributed(local_rank, args.device)
     distributed = torch.distributed.is_initialized()
-    if args.fsdp and not distributed:
-        raise ValueError("--fsdp: launch with torchrun (e.g. torchrun --nproc_per_node=2 train.py --fsdp ...)")
     world_size, rank = (torch.distributed.get_world_size(), torch.distributed.get_rank()) if distributed else (1, 0)
     logger.warning("Running process %d of %d on %s", rank, world_size, device)
     logger.info("Arguments: %s", pformat(vars(args)))
@@ -232,11 +254,11 @@ def train(argv=None):
     if args.max_steps:
         total_steps = min(total_steps, args.max_steps)
     if total_steps < 1:
-        raise ValueError(f"--n_epochs {args.n_epochs}: no optimizer step would be taken")
+        raise RunError(f"--n_epochs {args.n_epochs}: no optimizer step would be taken")
 
     if args.lora_r and not has_lora(model):
         if resume_dir:
-            raise ValueError(f"--lora_r: {resume_dir} was trained without LoRA; resume it without --lora_r")
+            raise RunError(f"--lora_r: {resume_dir} was trained without LoRA; resume it without --lora_r")
         add_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_target_modules,
                  model.new_token_ids, base_model=args.model_checkpoint)
     trainable, total = parameter_counts(model)
@@ -291,7 +313,8 @@ def train(argv=None):
                       global_step_transform=lambda engine, _: step_of(engine))
     # the best checkpoint's bookkeeping is saved with the newest, so a resumed run still replaces a worse one
     to_save = {"trainer": trainer, "optimizer": saved_optimizer, "scaler": scaler, "best_checkpoint": best}
-    checkpoint = Checkpoint(to_save, RunSaver(run_dir, raw_model, tokenizer, state_dict=whole_state), n_saved=2,
+    newest_saver = RunSaver(run_dir, raw_model, tokenizer, state_dict=whole_state)
+    checkpoint = Checkpoint(to_save, newest_saver, n_saved=2,
                             filename_pattern="checkpoint-{global_step}",
                             global_step_transform=lambda engine, _: step_of(engine))
     main = rank == 0
@@ -348,7 +371,7 @@ def train(argv=None):
         state = load_training_state(resume_dir)
         saved_groups = len(state["optimizer"]["param_groups"])
         if saved_groups != len(optimizer.param_groups):
-            raise ValueError(f"--mc_lr: {resume_dir} was trained {'with' if saved_groups > 1 else 'without'} it; "
+            raise RunError(f"--mc_lr: {resume_dir} was trained {'with' if saved_groups > 1 else 'without'} it; "
                              f"resume {'with' if saved_groups > 1 else 'without'} --mc_lr")
         peak_lrs = [group["peak_lr"] for group in optimizer.param_groups]
         # runs saved before the best checkpoint existed have none to restore
@@ -356,13 +379,21 @@ def train(argv=None):
         for group, peak_lr in zip(optimizer.param_groups, peak_lrs):  # the flags given now, not the saved ones
             group["peak_lr"] = peak_lr
         saved["step"] = step_of(trainer)
+        restore_rotation(checkpoint, newest_saver, step_of(trainer))
         logger.info("Resumed from %s at optimizer step %d", resume_dir, step_of(trainer))
         if step_of(trainer) >= total_steps or trainer.state.epoch >= args.n_epochs:
             logger.info("The run already took its %d steps: nothing to resume (raise --n_epochs or --max_steps)",
                         step_of(trainer))
             return run_dir
 
-    trainer.run(train_loader, max_epochs=args.n_epochs)
+    try:
+        trainer.run(train_loader, max_epochs=args.n_epochs)
+    except KeyboardInterrupt:
+        if main:
+            kept = f"the checkpoint of step {saved['step']} stays" if saved["step"] is not None else "nothing saved yet"
+            logger.warning("Interrupted at optimizer step %d: %s in %s; go on with --resume %s",
+                           step_of(trainer), kept, run_dir, run_dir)
+        raise
     if distributed and not args.fsdp:  # FSDP's processes hold different shards by design
         check_replicas_agree(raw_model)
     speed = throughput.compute()
@@ -382,8 +413,11 @@ def train(argv=None):
 if __name__ == "__main__":
     try:
         train()
-    except (DialogFormatError, FileNotFoundError, IsADirectoryError, InputFormatError) as e:  # bad input: the message names the file and line
+    # bad input: the message names the file, line or flag
+    except (DialogFormatError, FileNotFoundError, IsADirectoryError, InputFormatError, RunError) as e:
         sys.exit(f"train.py: error: {e}")
+    except KeyboardInterrupt:
+        sys.exit(130)  # what the run kept was logged; no traceback
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # Everything is saved and closed, and the process group destroyed. A finished worker could still abort in
         # the interpreter's teardown ("terminate called without an active exception", SIGABRT, no Python frame),

@@ -8,6 +8,7 @@ from safetensors.torch import load_file
 import train as train_script
 from adapters import ADAPTER_CONFIG, add_lora, has_lora, parameter_counts
 from checkpointing import main as checkpointing_main
+from checkpointing import merge_run
 from conftest import make_personachat
 from inputs import DoubleHeadDataset, collate
 from modeling import load_tokenizer_and_model, save_model
@@ -83,11 +84,14 @@ def test_a_saved_lora_run_loads_back_with_the_same_outputs_and_merges_into_a_pla
     assert_same_outputs(outputs(merged, data), expected, atol=1e-4)
 
 
-def test_merging_a_plain_run_is_refused(tiny_dirs, tmp_path):
+def test_merging_a_plain_run_is_refused(tiny_dirs, tmp_path, capsys):
     tokenizer, model, _ = load_tokenizer_and_model(tiny_dirs["llama"])
     save_model(model, tokenizer, tmp_path / "plain")
-    with pytest.raises(ValueError, match="no LoRA adapter"):
+    with pytest.raises(SystemExit):
         checkpointing_main([str(tmp_path / "plain"), "--merge", str(tmp_path / "out")])
+    assert "no LoRA adapter" in capsys.readouterr().err and not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match="no LoRA adapter"):  # called as a function
+        merge_run(str(tmp_path / "plain"), str(tmp_path / "out"))
 
 
 def test_an_interrupted_lora_run_resumes_to_the_weights_of_an_uninterrupted_one(tiny_dirs, personachat_file,

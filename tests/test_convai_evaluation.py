@@ -129,3 +129,25 @@ def test_max_examples_sample_every_held_out_dialog_not_the_first_ones():
     assert [e[0] for e in picked] == ["0:0", "1:0", "2:0", "3:0", "4:0"]
     assert picked[3] == ("3:0", ["p3"], ["h3.0"], ["r3.0"])
     assert len(convai_evaluation.examples_of(dialogs, 0)) == 50
+
+
+def test_a_run_trained_on_a_parlai_train_file_is_scored_on_what_it_held_out(chatty, tmp_path):
+    import shutil
+
+    from dialogs import read_dialogs
+    from test_dialogs import CONVAI2_NO_CANDS
+
+    run = tmp_path / "run"
+    shutil.copytree(chatty, run)
+    data = tmp_path / "train_chats.txt"  # no valid_ sibling: train.py held some dialogs out
+    data.write_text(CONVAI2_NO_CANDS * 4)
+    (run / "training_args.json").write_text(json.dumps({"seed": 3, "dataset_path": str(data)}))
+    results = convai_evaluation.main(["--model_checkpoint", str(run), "--eval_type", "ppl",
+                                      "--results_file", str(tmp_path / "r.json")])
+    held_out = read_dialogs(str(data), seed=3)["valid"]
+    assert results["examples"] == sum(len(d["utterances"]) for d in held_out) < 48
+    other = tmp_path / "chats.txt"  # a file that is not the run's training data is evaluated whole
+    other.write_text(CONVAI2_NO_CANDS)
+    results = convai_evaluation.main(["--model_checkpoint", str(run), "--eval_type", "ppl", "--dataset_path",
+                                      str(other), "--results_file", str(tmp_path / "r.json")])
+    assert results["examples"] == 12

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from conftest import make_personachat
 from inputs import DoubleHeadDataset, collate
 from layouts import SPECIAL_TOKENS, TransferTransfoLayout
-from modeling import (DoubleHeads, GPTDoubleHeads, compile_decoder, double_head_loss, has_cxx_compiler,
+from modeling import (CheckpointError, DoubleHeads, GPTDoubleHeads, compile_decoder, double_head_loss, has_cxx_compiler,
                       load_tokenizer_and_model, save_model)
 from tokenized import tokenize_dialogs
 from training import forward
@@ -127,6 +127,17 @@ def test_heads_file_of_another_model_is_refused(tiny_dirs, tmp_path):
     save_file({"speaker_embeddings": torch.zeros(2, 7)}, tmp_path / "double_heads.safetensors")
     with pytest.raises(ValueError, match="double_heads.safetensors: expected tensors"):
         load_tokenizer_and_model(str(tmp_path))
+
+
+def test_a_checkpoint_that_is_not_a_model_is_named_in_one_line(tmp_path):
+    (tmp_path / "empty_dir").mkdir()
+    (tmp_path / "empty.gguf").write_bytes(b"")
+    (tmp_path / "notes.json").write_text("{}")
+    for name, says in [("missing", "no such directory or file"), ("empty_dir", "a directory without a model"),
+                       ("empty.gguf", "an empty file"), ("notes.json", "a file, but not a .gguf one"),
+                       ("missing.gguf", "no such GGUF file")]:
+        with pytest.raises(CheckpointError, match=f"--model_checkpoint {tmp_path / name}: {says}"):
+            load_tokenizer_and_model(str(tmp_path / name))
 
 
 def test_input_format_defaults_to_the_chat_template_and_gpt_models_keep_transfertransfo(tiny_dirs):

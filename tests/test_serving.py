@@ -121,6 +121,7 @@ def test_the_persona_is_the_system_part_of_the_prompt_the_model_sees(served):
     ({"messages": [{"role": "user", "content": "hi"}], "temperature": -1}, "temperature"),
     ({"messages": [{"role": "user", "content": "hi"}], "top_p": 0}, "top_p"),
     ({"messages": [{"role": "user", "content": "hi"}], "n": 0}, "n"),
+    ({"messages": [{"role": "user", "content": "hi"}], "stop": ["\n"]}, "stop"),  # not ignored: refused
 ])
 def test_bad_input_gets_a_400_naming_the_field_and_the_next_request_works(served, body, param):
     client, _, _ = served
@@ -134,7 +135,9 @@ def test_bad_input_gets_a_400_naming_the_field_and_the_next_request_works(served
 def test_malformed_json_and_an_unknown_model_are_refused(served):
     client, _, _ = served
     response = client.post("/v1/chat/completions", content=b"{not json", headers={"Content-Type": "application/json"})
-    assert response.status_code == 400 and "JSON" in response.json()["error"]["message"]
+    assert response.status_code == 400 and response.json()["error"]["param"] == "body"
+    assert response.json()["error"]["message"] == "body: not valid JSON (at character 1)"
+    assert ask(client, {"role": "user", "content": "hi"}, max_tokens=2, stop=None).status_code == 200
     response = ask(client, {"role": "user", "content": "hi"}, model="gpt-4o")
     assert response.status_code == 404 and response.json()["error"]["param"] == "model"
     assert "'tiny'" in response.json()["error"]["message"]

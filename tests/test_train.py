@@ -110,6 +110,23 @@ def test_resume_refuses_another_output_dir(tiny_dirs, personachat_file, tmp_path
         train_script.get_args(["--resume", str(run_dir), "--output_dir", str(tmp_path / "elsewhere")])
 
 
+def test_a_directory_holding_a_run_is_not_trained_into_again(tiny_dirs, personachat_file, tmp_path, capsys):
+    run_dir = train_script.train(tiny_args(tiny_dirs, personachat_file, tmp_path, "run", "--max_steps", "1"))
+    with pytest.raises(SystemExit):
+        train_script.get_args(tiny_args(tiny_dirs, personachat_file, tmp_path, "run", "--lr", "1e-3"))
+    assert f"--output_dir {run_dir} already holds a run" in capsys.readouterr().err
+    assert train_script.get_args(tiny_args(tiny_dirs, personachat_file, tmp_path, "new")).output_dir
+
+
+def test_a_resumed_run_goes_on_rotating_the_checkpoints_saved_before_it(tiny_dirs, personachat_file, tmp_path):
+    run_dir = train_script.train(tiny_args(tiny_dirs, personachat_file, tmp_path, "run", "--max_steps", "3",
+                                           "--n_epochs", "1", "--eval_every", "1"))
+    assert sorted(p.name for p in run_dir.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
+    train_script.train(["--resume", str(run_dir), "--max_steps", "0"])  # saves steps 4, 5 and 6
+    assert sorted(p.name for p in run_dir.glob("checkpoint-*")) == ["checkpoint-5", "checkpoint-6"]
+    assert len(list(run_dir.glob("best-checkpoint-*"))) == 1
+
+
 def test_nan_loss_stops_the_run_without_saving(tiny_dirs, personachat_file, tmp_path):
     tokenizer, model, layout = load_tokenizer_and_model(tiny_dirs["llama"])
     with torch.no_grad():
@@ -245,7 +262,11 @@ def test_resume_takes_the_learning_rate_given_now_and_reads_checkpoints_from_bef
                                           (["--max_reply_len", "-1"], "--max_reply_len"),
                                           (["--max_seq_len", "16"], "--max_seq_len"),
                                           (["--eval_every", "-2"], "--eval_every"),
-                                          (["--compile", "--fsdp"], "--compile")])
+                                          (["--compile", "--fsdp"], "--compile"),
+                                          (["--fp16", "O9"], "--fp16"),
+                                          (["--max_steps", "-1"], "--max_steps"),
+                                          (["--lr", "-1"], "--lr"),
+                                          (["--lora_target_modules", "q_proj"], "--lora_target_modules")])
 def test_bad_flags_are_refused_naming_the_flag(flags, named, capsys):
     with pytest.raises(SystemExit):
         train_script.get_args(flags)
