@@ -97,6 +97,9 @@ def main(argv=None):
     rankers = list(dict.fromkeys(args.ranker))
     if "bert" in rankers and "biencoder" in rankers:
         sys.exit("convai_evaluation.py: --ranker bert and biencoder read --ranker_checkpoint each: give one of them")
+    for flag, path in (("--results_file", args.results_file), ("--save_predictions", args.save_predictions)):
+        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):  # found now, not after the scoring
+            sys.exit(f"convai_evaluation.py: {flag} {path}: its directory does not exist")
     if "bert" in rankers and not args.ranker_checkpoint:
         sys.exit("convai_evaluation.py: --ranker bert needs --ranker_checkpoint DIR "
                  "(train one with `bert_classifier.py train --ranker --output_dir DIR`)")

@@ -8,6 +8,7 @@ Type /reset for a new conversation, /persona to see the persona; Ctrl-D or Ctrl-
 everything else to stderr.
 """
 import logging
+import os
 import random
 import sys
 from argparse import ArgumentParser
@@ -20,7 +21,8 @@ from dialogs import DialogFormatError, read_personas
 from layouts import InputFormatError
 from modeling import add_run_args, load_tokenizer_and_model, model_max_length
 from reply_ranker import context_text, score_pairs
-from utils import checkpoint_or_newest_run, resolve_dataset_path, set_seed
+from checkpointing import read_training_args
+from utils import DATASET_SHORT_NAMES, checkpoint_or_newest_run, resolve_dataset_path, set_seed
 
 logger = logging.getLogger(__file__)
 
@@ -28,8 +30,8 @@ logger = logging.getLogger(__file__)
 def get_args(argv=None):
     parser = ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dataset_path", type=str, default="",
-                        help="Dialog data to draw a persona from (default: the packaged chit-chat corpus, which has "
-                             "no personas)")
+                        help="Dialog data to draw a persona from (default: the run's training data, else the "
+                             "packaged chit-chat corpus, which has no personas)")
     parser.add_argument("--dataset_cache", type=str, default="./dataset_cache",
                         help="Where downloaded data is kept (default: ./dataset_cache)")
     parser.add_argument("--model", type=str, default="",
@@ -48,14 +50,27 @@ def get_args(argv=None):
     return args
 
 
-def choose_persona(args):
-    """Persona sentences from the flags, else one drawn at random from the dataset (never tokenizing all of it)."""
+def choose_persona(args, checkpoint):
+    """Persona sentences from the flags, else one drawn at random from the data (never tokenizing all of it).
+
+    The data: --dataset_path, else the run's own training data where it is still there, else the packaged corpus.
+    """
     if args.personality:
         return args.personality
     if args.personality_file:
-        with open(args.personality_file, encoding="utf-8") as f:
-            return [line.strip() for line in f if line.strip()]
-    personas = read_personas(resolve_dataset_path(args.dataset_path, args.dataset_cache))
+        try:
+            with open(args.personality_file, encoding="utf-8") as f:
+                return [line.strip() for line in f if line.strip()]
+        except OSError as e:
+            raise FileNotFoundError(f"--personality_file {args.personality_file}: {e.strerror}") from None
+    path = args.dataset_path
+    trained_on = read_training_args(checkpoint).get("dataset_path") or ""
+    if not path and trained_on:
+        if os.path.exists(trained_on) or "://" in trained_on or trained_on in DATASET_SHORT_NAMES:
+            path = trained_on
+        else:
+            logger.warning("The run's data %s is not here: drawing a persona from the packaged corpus", trained_on)
+    personas = read_personas(resolve_dataset_path(path, args.dataset_cache))
     return random.Random(args.seed).choice(personas) if personas else []
 
 
@@ -76,7 +91,7 @@ def user_lines(prompt):
 def run(args):
     checkpoint = checkpoint_or_newest_run(args.model_checkpoint, args.runs_dir, "interact.py")
     set_seed(args.seed)
-    persona = choose_persona(args)
+    persona = choose_persona(args, checkpoint)
     tokenizer, model, layout = load_tokenizer_and_model(checkpoint, input_format=args.input_format)
     if args.model and args.model != model.config.model_type:
         sys.exit(f"interact.py: --model {args.model}, but {checkpoint} holds a {model.config.model_type} model")

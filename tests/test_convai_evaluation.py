@@ -151,3 +151,8 @@ def test_a_run_trained_on_a_parlai_train_file_is_scored_on_what_it_held_out(chat
     results = convai_evaluation.main(["--model_checkpoint", str(run), "--eval_type", "ppl", "--dataset_path",
                                       str(other), "--results_file", str(tmp_path / "r.json")])
     assert results["examples"] == 12
+
+
+def test_an_output_file_in_a_missing_directory_is_refused_before_scoring(chatty, convai_file, tmp_path):
+    with pytest.raises(SystemExit, match="--save_predictions .*: its directory does not exist"):
+        evaluate(chatty, convai_file, tmp_path, "--save_predictions", str(tmp_path / "no" / "p.jsonl"))

@@ -58,3 +58,20 @@ def test_a_format_the_tokenizer_cannot_give_is_a_clear_error(tiny_dirs):
     done = run_interact(["--model_checkpoint", tiny_dirs["llama"], "--input_format", "chat_template"], "hi\n")
     assert done.returncode != 0
     assert "interact.py: error:" in done.stderr and "no chat template" in done.stderr
+
+
+def test_a_persona_is_drawn_from_the_runs_own_training_data(personachat_file, tmp_path):
+    import argparse
+    import json
+
+    from interact import choose_persona
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "training_args.json").write_text(json.dumps({"dataset_path": personachat_file}))
+    args = argparse.Namespace(personality=[], personality_file="", dataset_path="", dataset_cache=str(tmp_path),
+                              seed=0)
+    assert choose_persona(args, str(run)) in read_personas(personachat_file)
+    args.personality_file = str(tmp_path / "missing.txt")
+    with pytest.raises(FileNotFoundError, match="--personality_file .*missing.txt: No such file"):
+        choose_persona(args, str(run))
