@@ -565,6 +565,7 @@ def add_command(sub, name, help_text):
     command.add_argument("--dataset_path", default="", help="Dialog data (default: the packaged chit-chat corpus)")
     command.add_argument("--dataset_cache", default="./dataset_cache", help="Cache directory (default: ./dataset_cache)")
     command.add_argument("--input_format", default="", choices=("",) + INPUT_FORMATS,
+                         metavar="{" + ",".join(INPUT_FORMATS) + "}",
                          help="Input layout (default: chat_template where the tokenizer has one)")
     command.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                          help="cuda or cpu (default: cuda when available)")

@@ -40,6 +40,7 @@ def get_args(argv=None):
     parser.add_argument("--dataset_path", default="", help="Evaluation data (default: the packaged corpus' valid split)")
     parser.add_argument("--dataset_cache", default="./dataset_cache", help="Where downloads are kept")
     parser.add_argument("--input_format", default="", choices=("",) + INPUT_FORMATS,
+                        metavar="{" + ",".join(INPUT_FORMATS) + "}",
                         help="Layout of a pretrained model's inputs (default: a run's own; else chat_template where "
                              "the tokenizer has one)")
     parser.add_argument("--ranker", default=["mc"], nargs="+", choices=["mc", "lm", "bert", "biencoder"],

@@ -350,6 +350,7 @@ def add_run_args(parser):
     parser.add_argument("--model_checkpoint", type=str, default="",
                         help="Run directory, hub id or .gguf file (default: the newest run under --runs_dir)")
     parser.add_argument("--input_format", type=str, default="", choices=("",) + INPUT_FORMATS,
+                        metavar="{" + ",".join(INPUT_FORMATS) + "}",
                         help="Layout of a pretrained model's inputs (default: a run's own; else chat_template where "
                              "the tokenizer has one)")
     parser.add_argument("--runs_dir", type=str, default="runs", help="Where to look for the newest run (default: runs)")

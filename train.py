@@ -102,6 +102,7 @@ def build_parser():
     parser.add_argument("--model_checkpoint", type=str, default="",
                         help="Hub id, local directory (e.g. a run) or .gguf file (default: the packaged SmolLM2)")
     parser.add_argument("--input_format", type=str, default="", choices=("",) + INPUT_FORMATS,
+                        metavar="{" + ",".join(INPUT_FORMATS) + "}",
                         help="How a candidate is laid out: the tokenizer's chat_template, or transfertransfo's "
                              "<speaker> tokens (default: a run's own; else chat_template where the tokenizer has one)")
     parser.add_argument("--num_candidates", type=int, default=2, help="Candidates per example, gold included (default: 2)")
