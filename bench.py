@@ -454,6 +454,7 @@ def bench_quality(args):
 
     model = args.model_checkpoint or default_model_checkpoint()
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench_quality_"))
+    work.mkdir(parents=True, exist_ok=True)
     rows = {}
     for input_format in ("transfertransfo", "chat_template"):
         rankers = ["mc", "lm"] + (["biencoder"] if input_format == "transfertransfo" else [])
