@@ -82,11 +82,16 @@ def restore_rotation(checkpoint, saver, step):
     It only knows what its own process saved, so a resumed run would otherwise keep every older checkpoint
     forever. Directories beyond its `n_saved` go, as a dropped one does, once the next checkpoint is written.
     """
-    found = sorted(int(m.group(1)) for p in saver.run_dir.glob("checkpoint-*")
-                   if (m := _CHECKPOINT_DIR.match(p.name)) and int(m.group(1)) <= step)
+    found = [s for s, _ in checkpoint_dirs(saver.run_dir) if s <= step]
     keep = found[-checkpoint.n_saved:]
     checkpoint.load_state_dict({"_saved": [(s, f"checkpoint-{s}") for s in keep]})
     saver.stale += [f"checkpoint-{s}" for s in found[:-checkpoint.n_saved]]
+
+
+def checkpoint_dirs(run_dir):
+    """(step, path) of a run's checkpoint-<step> directories, oldest first."""
+    return sorted((int(m.group(1)), p) for p in Path(run_dir).glob("checkpoint-*")
+                  if (m := _CHECKPOINT_DIR.match(p.name)))
 
 
 def latest_checkpoint(path):
@@ -94,8 +99,7 @@ def latest_checkpoint(path):
     path = Path(path)
     if (path / TRAINING_STATE).is_file():
         return path
-    found = sorted((int(m.group(1)), p) for p in path.glob("checkpoint-*")
-                   if (m := _CHECKPOINT_DIR.match(p.name)) and (p / TRAINING_STATE).is_file())
+    found = [(step, p) for step, p in checkpoint_dirs(path) if (p / TRAINING_STATE).is_file()]
     if not found:
         raise FileNotFoundError(f"--resume {path}: no checkpoint-<step>/ with {TRAINING_STATE} in it")
     return found[-1][1]
@@ -105,7 +109,7 @@ def holds_run(path):
     """Whether a directory holds a run's files already (its flags, metrics or checkpoints)."""
     path = Path(path)
     return (any((path / name).exists() for name in ("training_args.json", "metrics.jsonl"))
-            or any(path.glob("checkpoint-*")) or any(path.glob("best-checkpoint-*")))
+            or bool(checkpoint_dirs(path)) or any(path.glob("best-checkpoint-*")))
 
 
 def read_training_args(run_dir):

@@ -51,8 +51,9 @@ def get_args(argv=None):
     parser.add_argument("--ranker_checkpoint", default="", help="--ranker bert: a ranker trained by bert_classifier.py")
     parser.add_argument("--num_candidates", type=int, default=20, help="Candidates per example (default: 20)")
     parser.add_argument("--max_history", type=int, default=2, help="Previous exchanges kept (default: 2)")
-    parser.add_argument("--max_examples", type=int, default=0, help="Evaluate N examples spread evenly over the split, every (examples / N)-th "
-                             "from the first, so that they sample every dialog (default: all)")
+    parser.add_argument("--max_examples", type=int, default=0,
+                        help="Evaluate N examples spread evenly over the split, every (examples / N)-th from the "
+                             "first, so that they sample every dialog (default: all)")
     parser.add_argument("--batch_size", type=int, default=8, help="Contexts decoded at once for F1 (default: 8)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--sample", action="store_true", help="Sample replies for F1 (default: greedy)")

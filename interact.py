@@ -15,13 +15,13 @@ from argparse import ArgumentParser
 
 import torch
 
+from checkpointing import read_training_args
 from classifier import load_classifier
 from decoding import DecodingConfig, add_decoding_args, check_decoding_args, generate
 from dialogs import DialogFormatError, read_personas
 from layouts import InputFormatError
 from modeling import add_run_args, load_tokenizer_and_model, model_max_length
 from reply_ranker import context_text, score_pairs
-from checkpointing import read_training_args
 from utils import DATASET_SHORT_NAMES, checkpoint_or_newest_run, resolve_dataset_path, set_seed
 
 logger = logging.getLogger(__file__)

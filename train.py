@@ -191,10 +191,10 @@ def get_data_loaders(args, tokenizer, layout, max_len, world_size, rank):
                                               num_replicas=valid_replicas, rank=valid_rank, even=False)
     if len(train_sampler) == 0:
         raise RunError(f"--gradient_accumulation_steps {args.gradient_accumulation_steps} is more than the "
-                         f"{len(train_set)} training examples make batches of {args.train_batch_size} per process")
+                       f"{len(train_set)} training examples make batches of {args.train_batch_size} per process")
     if -(-len(valid_set) // args.valid_batch_size) < valid_replicas:
         raise RunError(f"{len(valid_set)} validation examples in batches of {args.valid_batch_size} leave a "
-                         f"process of {world_size} without a batch: lower --valid_batch_size")
+                       f"process of {world_size} without a batch: lower --valid_batch_size")
     collate_fn = partial(collate, pad_id=layout.pad)
     train_loader = torch.utils.data.DataLoader(train_set, batch_sampler=train_sampler, collate_fn=collate_fn)
     valid_loader = torch.utils.data.DataLoader(valid_set, batch_sampler=valid_sampler, collate_fn=collate_fn)
@@ -373,7 +373,7 @@ def train(argv=None):
         saved_groups = len(state["optimizer"]["param_groups"])
         if saved_groups != len(optimizer.param_groups):
             raise RunError(f"--mc_lr: {resume_dir} was trained {'with' if saved_groups > 1 else 'without'} it; "
-                             f"resume {'with' if saved_groups > 1 else 'without'} --mc_lr")
+                           f"resume {'with' if saved_groups > 1 else 'without'} --mc_lr")
         peak_lrs = [group["peak_lr"] for group in optimizer.param_groups]
         # runs saved before the best checkpoint existed have none to restore
         Checkpoint.load_objects(to_load={k: v for k, v in to_save.items() if k in state}, checkpoint=state)

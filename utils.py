@@ -98,7 +98,7 @@ def append_jsonl(path, obj):
 
 
 def spread_indices(total, n):
-    """Indices of n of `total` items spread evenly (every total/n-th from the first), or all where n is 0 or more.
+    """Indices of n of `total` items spread evenly (every total/n-th from the first); all where n is 0 or >= total.
 
     A split's consecutive examples are turns of one dialog (a chit-chat conversation has dozens), so its first n
     would be a few dialogs; an evenly spread subset samples all of them, and is the same on every run.
