@@ -15,7 +15,7 @@ from pprint import pformat
 
 import torch
 from ignite.engine import Engine, Events
-from ignite.handlers import Checkpoint, ProgressBar
+from ignite.handlers import Checkpoint
 from ignite.handlers.tensorboard_logger import OptimizerParamsHandler, OutputHandler, TensorboardLogger
 from ignite.metrics import Accuracy, RunningAverage
 from torch.nn.parallel import DistributedDataParallel
@@ -30,7 +30,7 @@ from metrics import TokenNLL, perplexity
 from modeling import compile_decoder, has_cxx_compiler, load_tokenizer_and_model, model_max_length
 from sharding import WholeOptimizer, shard_model, whole_model_state
 from tokenized import get_dataset
-from training import Throughput, amp_dtype, linear_lr, make_inference, make_update
+from training import StepsBar, Throughput, amp_dtype, linear_lr, make_inference, make_update
 from utils import (append_jsonl, is_main_process, make_run_dir, resolve_local_rank, set_seed, setup_distributed,
                    setup_logging, write_json)
 
@@ -326,7 +326,7 @@ def train(argv=None):
         write_json(os.path.join(run_dir, "training_args.json"),
                    dict(vars(args), run_dir=str(run_dir), world_size=world_size, max_seq_len_used=max_len,
                         total_steps=total_steps, trainable_parameters=trainable, parameters=total))
-        ProgressBar(persist=True).attach(trainer, metric_names=["loss"])
+        StepsBar(total_steps * accum, persist=True).attach(trainer, metric_names=["loss"])
         tb_logger = TensorboardLogger(log_dir=str(run_dir))
         tb_logger.attach(trainer, OutputHandler(tag="training", output_transform=lambda o: o),
                          event_name=Events.ITERATION_COMPLETED)

@@ -11,7 +11,7 @@ from pathlib import Path
 import ignite.distributed as idist
 import torch
 from ignite.engine import Events
-from ignite.handlers import Timer
+from ignite.handlers import ProgressBar, Timer
 from torch.profiler import record_function
 
 from modeling import double_head_loss
@@ -153,6 +153,27 @@ class Throughput:
         steps = self.iterations / self.accumulation_steps
         return {"train_seconds": seconds, "steps_per_s": steps / seconds, "tokens_per_s": tokens / seconds,
                 **peak_memory(self.peak_before)}
+
+
+class StepsBar(ProgressBar):
+    """ignite's progress bar, whose length is the iterations an epoch will run: under --max_steps, often fewer
+    than the epoch holds, and the bar and its time left should end where the run does."""
+
+    def __init__(self, last_iteration=None, **kwargs):
+        super().__init__(**kwargs)
+        self.last_iteration = last_iteration  # the run's last iteration over all epochs; None: every epoch runs whole
+        self.engine = None
+
+    def attach(self, engine, *args, **kwargs):
+        self.engine = engine
+        return super().attach(engine, *args, **kwargs)
+
+    def _reset(self, pbar_total):
+        state = self.engine.state if self.engine is not None else None
+        if self.last_iteration and pbar_total and state is not None and state.epoch_length == pbar_total:
+            left = self.last_iteration - (state.epoch - 1) * state.epoch_length
+            pbar_total = max(1, min(pbar_total, left))
+        super()._reset(pbar_total)
 
 
 def make_inference(model, device, dtype=None):

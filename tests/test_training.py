@@ -13,7 +13,7 @@ from inputs import DoubleHeadDataset, collate
 from layouts import TransferTransfoLayout
 from modeling import DoubleHeads, load_tokenizer_and_model
 from tokenized import tokenize_dialogs
-from training import Throughput, amp_dtype, linear_lr, make_inference, make_update
+from training import StepsBar, Throughput, amp_dtype, linear_lr, make_inference, make_update
 
 CPU = torch.device("cpu")
 
@@ -155,3 +155,20 @@ def test_the_training_peak_leaves_out_what_came_before_the_reset():
     done = subprocess.run([sys.executable, "-c", PEAK_PROBE], capture_output=True, text=True, timeout=120,
                           env=dict(os.environ, PYTHONPATH=ROOT))
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("last_iteration, totals", [(13, [10, 3]), (None, [10, 10]), (20, [10, 10])])
+def test_steps_bar_ends_where_max_steps_ends_the_run(last_iteration, totals):
+    engine = Engine(lambda engine, batch: {"loss": 0.0})
+    bar = StepsBar(last_iteration, persist=False, disable=True)
+    bar.attach(engine, output_transform=lambda o: o)
+    seen = {}
+
+    @engine.on(Events.ITERATION_COMPLETED)
+    def note_total(engine):
+        seen[engine.state.epoch] = bar.pbar.total
+        if engine.state.iteration == last_iteration:
+            engine.terminate()
+
+    engine.run(range(10), max_epochs=2)
+    assert [seen[e] for e in sorted(seen)] == totals
