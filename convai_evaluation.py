@@ -19,12 +19,12 @@ from transformers import AutoModel, AutoTokenizer
 
 from checkpointing import read_training_args
 from classifier import load_classifier
-from decoding import DecodingConfig, generate
+from decoding import DecodingConfig, generate, mc_rerank_error
 from dialogs import (NUM_DISTRACTORS, VALID_FRACTION, DialogFormatError, add_distractors, read_dialogs, read_parlai)
 from layouts import INPUT_FORMATS, InputFormatError
 from metrics import f1_score, perplexity
 from modeling import load_tokenizer_and_model, model_max_length
-from ranking import HITS_AT, rank_metrics, rank_of_gold, score_candidates
+from ranking import HITS_AT, best_by_mc_head, rank_metrics, rank_of_gold, score_candidates
 from reply_ranker import biencoder_scores, context_text, score_pairs
 from utils import newest_run, package_dir, resolve_dataset_path, set_seed, spread_indices, write_json
 
@@ -57,6 +57,9 @@ def get_args(argv=None):
     parser.add_argument("--batch_size", type=int, default=8, help="Contexts decoded at once for F1 (default: 8)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--sample", action="store_true", help="Sample replies for F1 (default: greedy)")
+    parser.add_argument("--rerank", type=int, default=0,
+                        help="F1 of the best of N sampled replies by the run's multiple-choice head, as interact.py "
+                             "--rerank N answers (default: 0, off)")
     parser.add_argument("--max_length", type=int, default=20, help="Most tokens in a generated reply (default: 20)")
     parser.add_argument("--min_length", type=int, default=1, help="Fewest tokens in a generated reply (default: 1)")
     parser.add_argument("--temperature", type=float, default=0.7, help="Sampling temperature (default: 0.7)")
@@ -70,7 +73,10 @@ def get_args(argv=None):
     parser.add_argument("--results_file", default="",
                         help="Where to write the results JSON (default: convai_evaluation.json in the run directory)")
     parser.add_argument("--save_predictions", default="", help="One JSON line per example to this file")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.rerank < 0:
+        parser.error(f"--rerank {args.rerank}: the number of replies to sample, at least 0")
+    return args
 
 
 def evaluation_dialogs(path, seed, trained_on=""):
@@ -96,6 +102,7 @@ def examples_of(dialogs, max_examples):
 
 def main(argv=None):
     args = get_args(argv)
+    want = {"hits@1", "ppl", "f1"} if args.eval_type == "all" else {args.eval_type}
     rankers = list(dict.fromkeys(args.ranker))
     if "bert" in rankers and "biencoder" in rankers:
         sys.exit("convai_evaluation.py: --ranker bert and biencoder read --ranker_checkpoint each: give one of them")
@@ -113,6 +120,9 @@ def main(argv=None):
     split_seed = args.split_seed if args.split_seed is not None else trained.get("seed", 42)
     dataset_path = args.dataset_path or trained.get("dataset_path", "")
     tokenizer, model, layout = load_tokenizer_and_model(checkpoint, input_format=args.input_format)
+    problem = mc_rerank_error(args.rerank, model, checkpoint) if "f1" in want else ""
+    if problem:
+        sys.exit(f"convai_evaluation.py: error: {problem}")
     model.to(args.device).eval()
     ranker = load_classifier(args.ranker_checkpoint) if "bert" in rankers else None
     if ranker is not None:
@@ -125,7 +135,6 @@ def main(argv=None):
     path = resolve_dataset_path(dataset_path, args.dataset_cache)
     # the split seed of training: held-out dialogs of a file without a valid part are those train.py held out
     examples = examples_of(evaluation_dialogs(path, split_seed, trained.get("dataset_path") or ""), args.max_examples)
-    want = {"hits@1", "ppl", "f1"} if args.eval_type == "all" else {args.eval_type}
 
     ranks, nll, n_tokens, n_words, f1s, records, n_candidates = {r: [] for r in rankers}, 0.0, 0, 0, [], [], []
     end_nll = 0.0  # of the reply end's tokens alone
@@ -168,10 +177,15 @@ def main(argv=None):
         records.append(record)
 
     if "f1" in want:
-        config = DecodingConfig.from_args(args, no_sample=not args.sample)
+        config = DecodingConfig.from_args(args, no_sample=not args.sample and args.rerank < 2)
         generator = torch.Generator(device=args.device).manual_seed(args.seed)
+        samples = max(args.rerank, 1)
         for start in tqdm(range(0, len(contexts), args.batch_size), desc="Generating"):
-            replies = generate(model, contexts[start:start + args.batch_size], layout, config, generator=generator)
+            batch = contexts[start:start + args.batch_size]
+            replies = generate(model, [c for c in batch for _ in range(samples)], layout, config, generator=generator)
+            if samples > 1:  # each context's samples, the one its multiple-choice head scores best
+                replies = [replies[i * samples + best_by_mc_head(model, c, replies[i * samples:(i + 1) * samples],
+                                                                 layout)] for i, c in enumerate(batch)]
             for record, reply in zip(records[start:], replies):
                 record["reply"] = " ".join(tokenizer.decode(reply, skip_special_tokens=True).split())
                 record["f1"] = f1_score(record["reply"], [record["gold"]])
@@ -198,7 +212,8 @@ def main(argv=None):
                         "reply_ppl": perplexity((nll - end_nll) / max(n_tokens - n_end, 1)),
                         "end_nll": end_nll / n_end})
     if "f1" in want:
-        results["f1"] = sum(f1s) / len(f1s)
+        results.update({"f1": sum(f1s) / len(f1s), "f1_decoding": "greedy" if config.no_sample else "sampled",
+                        "rerank": args.rerank if args.rerank > 1 else 0})
     results_file = args.results_file or (os.path.join(checkpoint, "convai_evaluation.json")
                                          if os.path.isdir(checkpoint) else "convai_evaluation.json")
     write_json(results_file, results)

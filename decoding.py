@@ -42,17 +42,29 @@ def add_decoding_args(parser):
     parser.add_argument("--no_repeat_ngram_size", type=int, default=0,
                         help="Never repeat an n-gram of this size within a reply (default: 0, off)")
     parser.add_argument("--rerank", type=int, default=0,
-                        help="Sample this many replies and answer with the one --ranker_checkpoint scores best "
-                             "(serve.py: such replies stream at their end)")
-    parser.add_argument("--ranker_checkpoint", default="", help="A ranker trained by `bert_classifier.py train --ranker`")
+                        help="Sample this many replies and answer with the one the ranker scores best: the run's own "
+                             "multiple-choice head, or --ranker_checkpoint's (serve.py: such replies stream at their "
+                             "end)")
+    parser.add_argument("--ranker_checkpoint", default="",
+                        help="--rerank with a ranker trained by `bert_classifier.py train --ranker` instead of the "
+                             "multiple-choice head")
 
 
 def check_decoding_args(parser, args):
     """parser.error for decoding flags that cannot work together."""
-    if args.rerank > 1 and not args.ranker_checkpoint:
-        parser.error("--rerank needs --ranker_checkpoint")
+    if args.rerank < 0:
+        parser.error(f"--rerank {args.rerank}: the number of replies to sample, at least 0")
     if args.temperature <= 0:
         parser.error("--temperature: must be above 0 (use --no_sample for greedy decoding)")
+
+
+def mc_rerank_error(rerank, model, checkpoint):
+    """What is wrong with ranking `rerank` sampled replies by the model's multiple-choice head ("" if nothing): a
+    pretrained model's head is untrained, and its choice would be a random one."""
+    if rerank > 1 and not model.heads_trained:
+        return (f"--rerank {rerank}: {checkpoint} has no trained multiple-choice head to rank replies with (a run of "
+                "train.py has one)")
+    return ""
 
 
 def top_filtering(logits, top_k=0, top_p=0.0, filter_value=-float("inf")):

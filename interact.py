@@ -17,10 +17,11 @@ import torch
 
 from checkpointing import read_training_args
 from classifier import load_classifier
-from decoding import DecodingConfig, add_decoding_args, check_decoding_args, generate
+from decoding import DecodingConfig, add_decoding_args, check_decoding_args, generate, mc_rerank_error
 from dialogs import DialogFormatError, read_personas
 from layouts import InputFormatError
 from modeling import add_run_args, load_tokenizer_and_model, model_max_length
+from ranking import best_by_mc_head
 from reply_ranker import context_text, score_pairs
 from utils import DATASET_SHORT_NAMES, checkpoint_or_newest_run, resolve_dataset_path, set_seed
 
@@ -95,13 +96,16 @@ def run(args):
     tokenizer, model, layout = load_tokenizer_and_model(checkpoint, input_format=args.input_format)
     if args.model and args.model != model.config.model_type:
         sys.exit(f"interact.py: --model {args.model}, but {checkpoint} holds a {model.config.model_type} model")
+    problem = mc_rerank_error(0 if args.ranker_checkpoint else args.rerank, model, checkpoint)
+    if problem:
+        sys.exit(f"interact.py: error: {problem}; or give --ranker_checkpoint")
     model.to(args.device).eval()
     config = DecodingConfig.from_args(args, no_sample=args.no_sample)
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     persona_ids = [encode(s) for s in persona]
     max_len = model_max_length(model)
-    ranker = load_classifier(args.ranker_checkpoint) if args.rerank > 1 else None
+    ranker = load_classifier(args.ranker_checkpoint) if args.rerank > 1 and args.ranker_checkpoint else None
     if ranker is not None:
         ranker[0].to(args.device)
 
@@ -134,6 +138,8 @@ def run(args):
             scores = score_pairs(ranker_model, ranker_tokenizer, options,
                                  context_text(persona, history_text, options.get("max_history", 2)), texts, args.device)
             best = int(scores.argmax())
+        elif len(replies) > 1:
+            best = best_by_mc_head(model, context, replies, layout)
         history.append(replies[best])
         history_text.append(texts[best])
         print(texts[best], flush=True)

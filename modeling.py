@@ -51,6 +51,8 @@ def shifted_nll(hidden_or_logits, lm_labels, project=None):
 class DoubleHeads(nn.Module):
     """A causal LM with a multiple-choice head and speaker embeddings added where token_type_ids name a speaker."""
 
+    heads_trained = False  # load_tokenizer_and_model: True where a run's heads were loaded
+
     def __init__(self, lm, speaker_ids, mc_dropout=0.1, input_format="transfertransfo"):
         super().__init__()
         self.lm, self.input_format = lm, input_format
@@ -201,6 +203,7 @@ class GPTDoubleHeads(nn.Module):
     """transformers' GPT/GPT-2 double-heads model behind the same forward as DoubleHeads."""
 
     input_format = "transfertransfo"  # its token types go through the token matrix: they must be tokens
+    heads_trained = False
 
     def __init__(self, model):
         super().__init__()
@@ -380,9 +383,12 @@ def load_tokenizer_and_model(model_checkpoint=None, mc_dropout=0.1, input_format
     is_gpt = config.model_type in GPT_DOUBLE_HEADS
     input_format = choose_input_format(input_format, stored, tokenizer, is_gpt, checkpoint)
     if is_gpt:
-        lm = GPT_DOUBLE_HEADS[config.model_type].from_pretrained(source, use_kernels=False, **kwargs)
+        lm, info = GPT_DOUBLE_HEADS[config.model_type].from_pretrained(source, use_kernels=False,
+                                                                       output_loading_info=True, **kwargs)
         prepare_tokenizer_(lm, tokenizer, input_format)
-        return tokenizer, GPTDoubleHeads(lm), make_layout(tokenizer, input_format)
+        model = GPTDoubleHeads(lm)
+        model.heads_trained = not any(k.startswith("multiple_choice_head") for k in info["missing_keys"])
+        return tokenizer, model, make_layout(tokenizer, input_format)
     # no hub kernels: on a GPU transformers would fetch them at run time (offline that fails in model.train())
     lm = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, use_kernels=False, **kwargs)
     if gguf_file:  # dequantized on load: a saved copy is a plain full-precision model
@@ -395,7 +401,9 @@ def load_tokenizer_and_model(model_checkpoint=None, mc_dropout=0.1, input_format
     layout = make_layout(tokenizer, input_format)
     model = DoubleHeads(lm, [layout.bot_type, layout.user_type], mc_dropout=mc_dropout, input_format=input_format)
     model.new_token_ids = new_rows  # rows a LoRA run must train: the pretrained model has no values for them
-    if stored is None or not model.load_heads(heads_dir):
+    # whether the multiple-choice head was trained (a run's), so that ranking with it means something
+    model.heads_trained = stored is not None and model.load_heads(heads_dir)
+    if not model.heads_trained:
         logger.warning("No %s in %s: the multiple-choice head and speaker embeddings start untrained",
                        HEADS_FILE, heads_dir)
     return tokenizer, model, layout

@@ -70,6 +70,13 @@ def _score_chunk(model, context_cache, n_ctx, first_logp, conts, lm_rows, layout
     return mc_logits, logp, end_logp
 
 
+def best_by_mc_head(model, context, replies, layout):
+    """Index of the reply (token ids, end excluded) the multiple-choice head scores best after `context`: a run's
+    own ranker for --rerank, trained to tell a dialog's real reply from others."""
+    mc_logits, *_ = score_candidates(model, context, replies, layout, lm_rows=[])
+    return int(mc_logits.argmax())
+
+
 def rank_of_gold(scores, gold):
     """1 + how many other candidates score at least as high as the gold one (ties count against the gold)."""
     return int((scores >= scores[gold]).sum())

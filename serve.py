@@ -18,7 +18,7 @@ import torch
 import uvicorn
 
 from classifier import load_classifier
-from decoding import DecodingConfig, add_decoding_args, check_decoding_args
+from decoding import DecodingConfig, add_decoding_args, check_decoding_args, mc_rerank_error
 from layouts import InputFormatError
 from modeling import add_run_args, load_tokenizer_and_model, model_max_length
 from serving import ChatModel, ServerSettings, create_app
@@ -62,8 +62,11 @@ def build_app(args):
     """Load the run (once) and make the app, as `python serve.py` would serve it."""
     checkpoint = checkpoint_or_newest_run(args.model_checkpoint, args.runs_dir, "serve.py")
     tokenizer, model, layout = load_tokenizer_and_model(checkpoint, input_format=args.input_format)
+    problem = mc_rerank_error(0 if args.ranker_checkpoint else args.rerank, model, checkpoint)
+    if problem:
+        sys.exit(f"serve.py: error: {problem}; or give --ranker_checkpoint")
     model.to(args.device).eval()
-    ranker = load_classifier(args.ranker_checkpoint) if args.rerank > 1 else None
+    ranker = load_classifier(args.ranker_checkpoint) if args.rerank > 1 and args.ranker_checkpoint else None
     if ranker is not None:
         ranker[0].to(args.device).eval()
     settings = ServerSettings(model_name=args.served_model_name or Path(checkpoint.rstrip("/")).name,

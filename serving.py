@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from decoding import DecodingConfig, generate
+from ranking import best_by_mc_head
 from reply_ranker import context_text, score_pairs
 from utils import free_port
 
@@ -279,16 +280,20 @@ class ChatModel:
             job.emit("done", self.choose(job, mine))
 
     def choose(self, job, replies):
-        """One reply per choice: with --rerank, the sample the ranker scores best among each choice's samples."""
+        """One reply per choice: with --rerank, the sample the ranker (a BERT ranker, else the run's multiple-choice
+        head) scores best among each choice's samples."""
         if job.samples == 1:
             return replies
-        ranker_model, ranker_tokenizer, _, options = self.ranker
-        context = context_text(job.persona, job.turns, options.get("max_history", 2))
         chosen = []
         for start in range(0, len(replies), job.samples):
             group = replies[start:start + job.samples]
-            scores = score_pairs(ranker_model, ranker_tokenizer, options, context, [self.text(r) for r in group],
-                                 self.device)
+            if self.ranker is None:
+                chosen.append(group[best_by_mc_head(self.model, job.contexts[0], group, self.layout)])
+                continue
+            ranker_model, ranker_tokenizer, _, options = self.ranker
+            scores = score_pairs(ranker_model, ranker_tokenizer, options,
+                                 context_text(job.persona, job.turns, options.get("max_history", 2)),
+                                 [self.text(r) for r in group], self.device)
             chosen.append(group[int(scores.argmax())])
         return chosen
 

@@ -97,6 +97,39 @@ def test_f1_and_saved_predictions(chatty, convai_file, tmp_path):
     assert results["f1"] == 1.0
 
 
+def test_rerank_scores_f1_of_the_sample_the_runs_multiple_choice_head_prefers(chatty, convai_file, tmp_path,
+                                                                               monkeypatch):
+    from modeling import save_model
+    from ranking import best_by_mc_head, score_candidates
+
+    with pytest.raises(SystemExit, match="--rerank 3: .* no trained multiple-choice head"):
+        evaluate(chatty, convai_file, tmp_path, "--eval_type", "f1", "--rerank", "3")  # a pretrained model's
+    torch.manual_seed(0)
+    tokenizer, model, _ = load_tokenizer_and_model(chatty)
+    torch.nn.init.normal_(model.mc_head.weight)
+    save_model(model, tokenizer, tmp_path / "run")
+    chosen = []
+
+    def spy(model, context, replies, layout):
+        best = best_by_mc_head(model, context, replies, layout)
+        chosen.append((replies, best, score_candidates(model, context, replies, layout)[0]))
+        return best
+
+    monkeypatch.setattr(convai_evaluation, "best_by_mc_head", spy)
+    predictions = tmp_path / "pred.jsonl"
+    results = convai_evaluation.main(["--model_checkpoint", str(tmp_path / "run"), "--dataset_path", convai_file,
+                                      "--device", "cpu", "--eval_type", "f1", "--rerank", "3", "--max_length", "6",
+                                      "--temperature", "2.0", "--save_predictions", str(predictions)])
+    rows = [json.loads(line) for line in open(predictions)]
+    assert results["rerank"] == 3 and results["f1_decoding"] == "sampled"
+    assert len(chosen) == len(rows) == 3
+    for row, (replies, best, mc_logits) in zip(rows, chosen):
+        assert len(replies) == 3 and best == int(mc_logits.argmax())
+        assert row["reply"] == " ".join(tokenizer.decode(replies[best], skip_special_tokens=True).split())
+    assert results["f1"] == pytest.approx(sum(row["f1"] for row in rows) / 3)
+    assert any(best > 0 for _, best, _ in chosen)  # not just the first sample
+
+
 def test_bert_ranker_needs_its_checkpoint(chatty, convai_file, tmp_path):
     with pytest.raises(SystemExit, match="--ranker_checkpoint"):
         evaluate(chatty, convai_file, tmp_path, "--ranker", "bert")

@@ -75,3 +75,22 @@ def test_a_persona_is_drawn_from_the_runs_own_training_data(personachat_file, tm
     args.personality_file = str(tmp_path / "missing.txt")
     with pytest.raises(FileNotFoundError, match="--personality_file .*missing.txt: No such file"):
         choose_persona(args, str(run))
+
+
+def test_rerank_by_the_runs_multiple_choice_head_and_refused_without_a_trained_one(tiny_dirs, tmp_path):
+    import torch
+
+    from modeling import load_tokenizer_and_model, save_model
+
+    torch.manual_seed(0)
+    tokenizer, model, _ = load_tokenizer_and_model(tiny_dirs["llama_chat"])
+    torch.nn.init.normal_(model.mc_head.weight)
+    save_model(model, tokenizer, tmp_path / "run")
+    common = ["--personality", "i like cats", "--rerank", "3", "--max_length", "5"]
+    done = run_interact(["--model_checkpoint", str(tmp_path / "run"), *common], "hi\nhow are you\n")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert len(done.stdout.splitlines()) == 2
+    refused = run_interact(["--model_checkpoint", tiny_dirs["llama_chat"], *common], "hi\n")
+    assert refused.returncode != 0 and refused.stdout == ""
+    assert "--rerank 3: " in refused.stderr and "no trained multiple-choice head" in refused.stderr
+    assert "--ranker_checkpoint" in refused.stderr

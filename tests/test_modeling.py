@@ -118,6 +118,17 @@ def test_save_and_reload_gives_the_same_outputs_and_adds_tokens_once(loaded, tmp
         a, b = forward(model, batch), forward(model2, batch)
     assert a[0].item() == pytest.approx(b[0].item(), rel=1e-6)
     assert torch.allclose(a[2], b[2], atol=1e-6)
+    assert model2.heads_trained  # a run's multiple-choice head can rank (--rerank)
+
+
+def test_a_pretrained_lm_says_its_multiple_choice_head_is_untrained(tiny_dirs, tmp_path):
+    from transformers import GPT2LMHeadModel
+
+    assert not load_tokenizer_and_model(tiny_dirs["llama"])[1].heads_trained
+    assert load_tokenizer_and_model(tiny_dirs["gpt2"])[1].heads_trained  # a whole double-heads model, head saved
+    GPT2LMHeadModel.from_pretrained(tiny_dirs["gpt2"]).save_pretrained(tmp_path)  # the LM alone, as on the hub
+    load_tokenizer_and_model(tiny_dirs["gpt2"])[0].save_pretrained(tmp_path)
+    assert not load_tokenizer_and_model(str(tmp_path))[1].heads_trained
 
 
 def test_heads_file_of_another_model_is_refused(tiny_dirs, tmp_path):

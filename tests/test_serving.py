@@ -260,3 +260,26 @@ def test_rerank_answers_with_the_sample_the_ranker_scores_best(tiny_dirs, tiny_b
             assert reply == samples[int(scores.argmax())]
             picked_a_later_sample |= int(scores.argmax()) > 0
     assert picked_a_later_sample  # not just the first sample every time
+
+
+def test_rerank_without_a_ranker_answers_with_the_sample_the_multiple_choice_head_scores_best(tiny_dirs):
+    from ranking import score_candidates
+
+    plain = make_chat_model(tiny_dirs["llama_chat"])
+    reranking = make_chat_model(tiny_dirs["llama_chat"], rerank=4)
+    torch.nn.init.normal_(reranking.model.mc_head.weight)  # a trained-looking head, sharp preferences
+    seen = []
+    decode_jobs = reranking.decode_jobs
+    reranking.decode_jobs = lambda jobs: (seen.extend(j.contexts[0] for j in jobs), decode_jobs(jobs))
+    messages = [PERSONA, {"role": "user", "content": "hi how are you"}]
+    picked = set()
+    with TestClient(create_app(plain)) as plain_client, TestClient(create_app(reranking)) as rerank_client:
+        for seed in range(6):
+            samples = [c["message"]["content"] for c in ask(plain_client, *messages, n=4, seed=seed,
+                                                            max_tokens=6).json()["choices"]]
+            reply = ask(rerank_client, *messages, seed=seed, max_tokens=6).json()["choices"][0]["message"]["content"]
+            mc_logits = score_candidates(reranking.model, seen[-1], [reranking.encode(s) for s in samples],
+                                         reranking.layout)[0]
+            assert reply == samples[int(mc_logits.argmax())]
+            picked.add(int(mc_logits.argmax()))
+    assert len(picked) > 1  # not just one position every time
