@@ -59,7 +59,7 @@ def get_args(argv=None):
     parser.add_argument("--sample", action="store_true", help="Sample replies for F1 (default: greedy)")
     parser.add_argument("--rerank", type=int, default=0,
                         help="F1 of the best of N sampled replies by the run's multiple-choice head, as interact.py "
-                             "--rerank N answers (default: 0, off)")
+                             "--rerank N answers without --ranker_checkpoint (default: 0, off)")
     parser.add_argument("--max_length", type=int, default=20, help="Most tokens in a generated reply (default: 20)")
     parser.add_argument("--min_length", type=int, default=1, help="Fewest tokens in a generated reply (default: 1)")
     parser.add_argument("--temperature", type=float, default=0.7, help="Sampling temperature (default: 0.7)")
@@ -76,6 +76,10 @@ def get_args(argv=None):
     args = parser.parse_args(argv)
     if args.rerank < 0:
         parser.error(f"--rerank {args.rerank}: the number of replies to sample, at least 0")
+    if args.rerank > 1 and args.num_beams > 1:
+        parser.error(f"--rerank {args.rerank}: reranks sampled replies; --num_beams decodes one reply N times over")
+    if args.rerank > 1 and args.eval_type not in ("f1", "all"):
+        parser.error(f"--rerank {args.rerank}: only F1 generates replies (--eval_type f1 or all)")
     return args
 
 
@@ -212,7 +216,8 @@ def main(argv=None):
                         "reply_ppl": perplexity((nll - end_nll) / max(n_tokens - n_end, 1)),
                         "end_nll": end_nll / n_end})
     if "f1" in want:
-        results.update({"f1": sum(f1s) / len(f1s), "f1_decoding": "greedy" if config.no_sample else "sampled",
+        decoding = "beam" if config.num_beams > 1 else "greedy" if config.no_sample else "sampled"
+        results.update({"f1": sum(f1s) / len(f1s), "f1_decoding": decoding,
                         "rerank": args.rerank if args.rerank > 1 else 0})
     results_file = args.results_file or (os.path.join(checkpoint, "convai_evaluation.json")
                                          if os.path.isdir(checkpoint) else "convai_evaluation.json")

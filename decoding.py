@@ -44,7 +44,7 @@ def add_decoding_args(parser):
     parser.add_argument("--rerank", type=int, default=0,
                         help="Sample this many replies and answer with the one the ranker scores best: the run's own "
                              "multiple-choice head, or --ranker_checkpoint's (serve.py: such replies stream at their "
-                             "end)")
+                             "end; a greedy request decodes one); 0 or 1: off (default: 0)")
     parser.add_argument("--ranker_checkpoint", default="",
                         help="--rerank with a ranker trained by `bert_classifier.py train --ranker` instead of the "
                              "multiple-choice head")
@@ -54,6 +54,9 @@ def check_decoding_args(parser, args):
     """parser.error for decoding flags that cannot work together."""
     if args.rerank < 0:
         parser.error(f"--rerank {args.rerank}: the number of replies to sample, at least 0")
+    if args.rerank > 1 and (args.no_sample or args.num_beams > 1):
+        parser.error(f"--rerank {args.rerank}: reranks sampled replies; --no_sample and --num_beams decode one "
+                     "reply N times over")
     if args.temperature <= 0:
         parser.error("--temperature: must be above 0 (use --no_sample for greedy decoding)")
 

@@ -254,7 +254,8 @@ class ChatModel:
         config = self.config_of(request)
         context = self.layout.context_inputs([self.encode(s) for s in persona], [self.encode(t) for t in turns],
                                              self.max_len, config.max_length)
-        samples = max(self.settings.rerank, 1)
+        # greedy or beam decoding gives one reply however often it runs: nothing to rerank
+        samples = max(self.settings.rerank, 1) if not config.no_sample and config.num_beams == 1 else 1
         rows = request.n * samples
         seed = request.seed if request.seed is not None else self.rng.getrandbits(62)
         generators = [torch.Generator(device=self.device).manual_seed(seed + i) for i in range(rows)]

@@ -130,6 +130,19 @@ def test_rerank_scores_f1_of_the_sample_the_runs_multiple_choice_head_prefers(ch
     assert any(best > 0 for _, best, _ in chosen)  # not just the first sample
 
 
+@pytest.mark.parametrize("flags, message", [(["--eval_type", "f1", "--num_beams", "2"], "--num_beams decodes one"),
+                                           (["--eval_type", "hits@1"], "only F1 generates replies")])
+def test_rerank_needs_sampled_replies_to_choose_from(flags, message, capsys):
+    with pytest.raises(SystemExit):
+        convai_evaluation.get_args(["--rerank", "3", *flags])
+    assert message in capsys.readouterr().err
+
+
+def test_f1_results_say_how_replies_were_decoded(chatty, convai_file, tmp_path):
+    results = evaluate(chatty, convai_file, tmp_path, "--eval_type", "f1", "--max_length", "4", "--num_beams", "2")
+    assert results["f1_decoding"] == "beam" and results["rerank"] == 0
+
+
 def test_bert_ranker_needs_its_checkpoint(chatty, convai_file, tmp_path):
     with pytest.raises(SystemExit, match="--ranker_checkpoint"):
         evaluate(chatty, convai_file, tmp_path, "--ranker", "bert")

@@ -77,20 +77,41 @@ def test_a_persona_is_drawn_from_the_runs_own_training_data(personachat_file, tm
         choose_persona(args, str(run))
 
 
-def test_rerank_by_the_runs_multiple_choice_head_and_refused_without_a_trained_one(tiny_dirs, tmp_path):
+def test_rerank_by_the_runs_multiple_choice_head_and_refused_without_a_trained_one(tiny_dirs, tmp_path, monkeypatch,
+                                                                                   capsys):
+    import io
+
     import torch
 
+    import interact
     from modeling import load_tokenizer_and_model, save_model
+    from ranking import best_by_mc_head, score_candidates
 
     torch.manual_seed(0)
     tokenizer, model, _ = load_tokenizer_and_model(tiny_dirs["llama_chat"])
     torch.nn.init.normal_(model.mc_head.weight)
     save_model(model, tokenizer, tmp_path / "run")
-    common = ["--personality", "i like cats", "--rerank", "3", "--max_length", "5"]
-    done = run_interact(["--model_checkpoint", str(tmp_path / "run"), *common], "hi\nhow are you\n")
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert len(done.stdout.splitlines()) == 2
+    common = ["--personality", "i like cats", "--rerank", "3", "--max_length", "5", "--temperature", "2.0"]
+    chosen = []
+
+    def spy(model, context, replies, layout):
+        best = best_by_mc_head(model, context, replies, layout)
+        chosen.append((replies, best, score_candidates(model, context, replies, layout)[0]))
+        return best
+
+    monkeypatch.setattr(interact, "best_by_mc_head", spy)
+    monkeypatch.setattr("sys.stdin", io.StringIO("hi\nhow are you\nwhat do you like\n"))
+    interact.run(interact.get_args(["--model_checkpoint", str(tmp_path / "run"), "--device", "cpu", *common]))
+    printed = capsys.readouterr().out.splitlines()
+    assert len(printed) == len(chosen) == 3
+    for line, (replies, best, mc_logits) in zip(printed, chosen):
+        assert len(replies) == 3 and best == int(mc_logits.argmax())
+        assert line == " ".join(tokenizer.decode(replies[best], skip_special_tokens=True).split())
+    assert any(best > 0 for _, best, _ in chosen)  # not just the first sample
+
     refused = run_interact(["--model_checkpoint", tiny_dirs["llama_chat"], *common], "hi\n")
     assert refused.returncode != 0 and refused.stdout == ""
     assert "--rerank 3: " in refused.stderr and "no trained multiple-choice head" in refused.stderr
     assert "--ranker_checkpoint" in refused.stderr
+    greedy = run_interact(["--model_checkpoint", str(tmp_path / "run"), *common, "--no_sample"], "hi\n")
+    assert greedy.returncode == 2 and "--rerank 3: reranks sampled replies" in greedy.stderr

@@ -268,9 +268,10 @@ def test_rerank_without_a_ranker_answers_with_the_sample_the_multiple_choice_hea
     plain = make_chat_model(tiny_dirs["llama_chat"])
     reranking = make_chat_model(tiny_dirs["llama_chat"], rerank=4)
     torch.nn.init.normal_(reranking.model.mc_head.weight)  # a trained-looking head, sharp preferences
-    seen = []
+    seen, rows = [], []
     decode_jobs = reranking.decode_jobs
-    reranking.decode_jobs = lambda jobs: (seen.extend(j.contexts[0] for j in jobs), decode_jobs(jobs))
+    reranking.decode_jobs = lambda jobs: (seen.extend(j.contexts[0] for j in jobs),
+                                          rows.extend(len(j.contexts) for j in jobs), decode_jobs(jobs))
     messages = [PERSONA, {"role": "user", "content": "hi how are you"}]
     picked = set()
     with TestClient(create_app(plain)) as plain_client, TestClient(create_app(reranking)) as rerank_client:
@@ -282,4 +283,8 @@ def test_rerank_without_a_ranker_answers_with_the_sample_the_multiple_choice_hea
                                          reranking.layout)[0]
             assert reply == samples[int(mc_logits.argmax())]
             picked.add(int(mc_logits.argmax()))
+        assert rows == [4] * 6
+        greedy = [ask(client, *messages, temperature=0, max_tokens=6).json()["choices"][0]["message"]["content"]
+                  for client in (plain_client, rerank_client)]
+        assert greedy[0] == greedy[1] and rows[-1] == 1  # a greedy request decodes once: nothing to rerank
     assert len(picked) > 1  # not just one position every time
