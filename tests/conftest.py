@@ -46,6 +46,34 @@ def make_chat_tokenizer():
     return tokenizer
 
 
+def save_run_with_a_trained_head(checkpoint, directory):
+    """A run directory of `checkpoint` whose multiple-choice head is random but marked trained (sharp preferences)."""
+    import torch
+
+    from modeling import load_tokenizer_and_model, save_model
+
+    torch.manual_seed(0)
+    tokenizer, model, _ = load_tokenizer_and_model(checkpoint)
+    torch.nn.init.normal_(model.mc_head.weight)
+    save_model(model, tokenizer, directory)
+    return tokenizer
+
+
+def spy_on_mc_choices(module, monkeypatch):
+    """Replace `module.best_by_mc_head` by one that records (replies, choice, MC logits) of each call, in a list."""
+    from ranking import best_by_mc_head, score_candidates
+
+    chosen = []
+
+    def spy(model, context, replies, layout):
+        best = best_by_mc_head(model, context, replies, layout)
+        chosen.append((replies, best, score_candidates(model, context, replies, layout)[0]))
+        return best
+
+    monkeypatch.setattr(module, "best_by_mc_head", spy)
+    return chosen
+
+
 def sentence(rng, n=None):
     return " ".join(rng.choice(WORDS) for _ in range(n or rng.randint(2, 6)))
 

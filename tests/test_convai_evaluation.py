@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import convai_evaluation
+from conftest import save_run_with_a_trained_head, spy_on_mc_choices
 from decoding import DecodingConfig, generate
 from inputs import collate
 from layouts import IGNORE_INDEX
@@ -99,23 +100,10 @@ def test_f1_and_saved_predictions(chatty, convai_file, tmp_path):
 
 def test_rerank_scores_f1_of_the_sample_the_runs_multiple_choice_head_prefers(chatty, convai_file, tmp_path,
                                                                                monkeypatch):
-    from modeling import save_model
-    from ranking import best_by_mc_head, score_candidates
-
     with pytest.raises(SystemExit, match="--rerank 3: .* no trained multiple-choice head"):
         evaluate(chatty, convai_file, tmp_path, "--eval_type", "f1", "--rerank", "3")  # a pretrained model's
-    torch.manual_seed(0)
-    tokenizer, model, _ = load_tokenizer_and_model(chatty)
-    torch.nn.init.normal_(model.mc_head.weight)
-    save_model(model, tokenizer, tmp_path / "run")
-    chosen = []
-
-    def spy(model, context, replies, layout):
-        best = best_by_mc_head(model, context, replies, layout)
-        chosen.append((replies, best, score_candidates(model, context, replies, layout)[0]))
-        return best
-
-    monkeypatch.setattr(convai_evaluation, "best_by_mc_head", spy)
+    tokenizer = save_run_with_a_trained_head(chatty, tmp_path / "run")
+    chosen = spy_on_mc_choices(convai_evaluation, monkeypatch)
     predictions = tmp_path / "pred.jsonl"
     results = convai_evaluation.main(["--model_checkpoint", str(tmp_path / "run"), "--dataset_path", convai_file,
                                       "--device", "cpu", "--eval_type", "f1", "--rerank", "3", "--max_length", "6",

@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, save_run_with_a_trained_head, spy_on_mc_choices
 from dialogs import read_personas
 from utils import newest_run
 
@@ -81,25 +81,11 @@ def test_rerank_by_the_runs_multiple_choice_head_and_refused_without_a_trained_o
                                                                                    capsys):
     import io
 
-    import torch
-
     import interact
-    from modeling import load_tokenizer_and_model, save_model
-    from ranking import best_by_mc_head, score_candidates
 
-    torch.manual_seed(0)
-    tokenizer, model, _ = load_tokenizer_and_model(tiny_dirs["llama_chat"])
-    torch.nn.init.normal_(model.mc_head.weight)
-    save_model(model, tokenizer, tmp_path / "run")
+    tokenizer = save_run_with_a_trained_head(tiny_dirs["llama_chat"], tmp_path / "run")
     common = ["--personality", "i like cats", "--rerank", "3", "--max_length", "5", "--temperature", "2.0"]
-    chosen = []
-
-    def spy(model, context, replies, layout):
-        best = best_by_mc_head(model, context, replies, layout)
-        chosen.append((replies, best, score_candidates(model, context, replies, layout)[0]))
-        return best
-
-    monkeypatch.setattr(interact, "best_by_mc_head", spy)
+    chosen = spy_on_mc_choices(interact, monkeypatch)
     monkeypatch.setattr("sys.stdin", io.StringIO("hi\nhow are you\nwhat do you like\n"))
     interact.run(interact.get_args(["--model_checkpoint", str(tmp_path / "run"), "--device", "cpu", *common]))
     printed = capsys.readouterr().out.splitlines()
