@@ -3,7 +3,7 @@
     python bench.py train [--examples 32] [--json]
     python bench.py generate [--reply_tokens 20] [--json]
     python bench.py rank [--examples 8] [--json]
-    python bench.py quality [--max_steps 200] [--max_examples 200] [--json]
+    python bench.py quality [--max_steps 200] [--max_examples 200] [--rerank N] [--json]
     python bench.py serve [--clients 8] [--requests 32] [--json]
 
 `train`: training steps of the packaged model on the packaged corpus through our pipeline (length-grouped
@@ -27,8 +27,9 @@ against transformers' own `generate` on the same prompt.
 zero-shot model in both input formats, then a run of --max_steps optimizer steps from it, each scored by
 convai_evaluation.py on the same --max_examples examples (20 candidates): hits@1 by the multiple-choice head and
 by LM likelihood, token and word perplexity (and, apart, the reply's own tokens' perplexity and its end token's
-NLL), and F1 of greedy replies; plus the untrained MiniLM bi-encoder's hits@1. Prints every row and the trained-minus-zero-shot deltas. Training and evaluation run as the scripts
-themselves, in subprocesses.
+NLL), and F1 of greedy replies; plus the untrained MiniLM bi-encoder's hits@1. With --rerank N, also the
+trained run's F1 on its multiple-choice head's pick among N sampled replies. Prints every row and the
+trained-minus-zero-shot deltas. Training and evaluation run as the scripts themselves, in subprocesses.
 
 `serve`: serve.py started as a user starts it, then the same --requests chat completions (the first turns of
 held-out dialogs, greedy, streamed) sent one at a time and by --clients concurrent clients: requests/s, reply
@@ -435,15 +436,15 @@ def run_script(script, argv, launcher=()):
     subprocess.run(command, check=True)
 
 
-def evaluate(model_checkpoint, args, results_file, *extra):
+def evaluate(model_checkpoint, args, results_file, *extra, eval_type="all"):
     """convai_evaluation.py's results on the held-out examples, ranked by the MC head and by LM likelihood."""
-    run_script("convai_evaluation.py", ["--model_checkpoint", model_checkpoint, "--eval_type", "all",
+    run_script("convai_evaluation.py", ["--model_checkpoint", model_checkpoint, "--eval_type", eval_type,
                                         "--max_examples", str(args.max_examples), "--dataset_path", args.dataset_path,
                                         "--dataset_cache", args.dataset_cache, "--device", args.device,
                                         "--results_file", results_file, "--split_seed", str(args.seed), *extra])
     with open(results_file) as f:
         results = json.load(f)
-    by_ranker = results.get("by_ranker", {results["ranker"]: results})
+    by_ranker = results.get("by_ranker", {results["ranker"]: results} if "ranker" in results else {})
     row = {f"{name}_hits@1": metrics["hits@1"] for name, metrics in by_ranker.items()}
     row.update({k: results[k] for k in QUALITY_METRICS if k in results})  # the hits@1 keys are the rankers' own
     return row
@@ -472,6 +473,10 @@ def bench_quality(args):
     train_seconds = time.perf_counter() - start
     trained = f"trained {args.input_format} ({args.max_steps} steps)"
     rows[trained] = evaluate(str(run_dir), args, str(work / "trained.json"), "--ranker", "mc", "lm")
+    if args.rerank > 1:  # F1 of what interact.py --rerank N answers: the head's pick among N sampled replies
+        rows[f"same, F1 of the MC head's best of {args.rerank} samples"] = evaluate(
+            str(run_dir), args, str(work / f"trained_rerank{args.rerank}.json"), "--rerank", str(args.rerank),
+            eval_type="f1")
     zero_shot = rows[f"zero-shot {args.input_format}"]
     deltas = {k: rows[trained][k] - zero_shot[k] for k in QUALITY_METRICS if k in zero_shot and k in rows[trained]}
     return {"examples": args.max_examples, "candidates": 20, "max_steps": args.max_steps,
@@ -619,6 +624,9 @@ def main(argv=None):
                          help="train.py's validation examples (default: 100)")
     quality.add_argument("--seed", type=int, default=42, help="Seed of the split and of training (default: 42)")
     quality.add_argument("--work_dir", default="", help="Where the run and results go (default: a new temporary dir)")
+    quality.add_argument("--rerank", type=int, default=0,
+                         help="Also score the trained run's F1 on the best of N sampled replies by its multiple-choice "
+                              "head, as interact.py --rerank N answers (default: 0, off)")
     quality.add_argument("train_args", nargs=argparse.REMAINDER,
                          help="After --: more train.py flags (e.g. -- --lr 1e-4 --num_candidates 4)")
     args = parser.parse_args(argv)

@@ -13,10 +13,14 @@ def test_quality_scores_zero_shot_and_trained_models_on_the_same_examples(tiny_d
     result = bench.main(["quality", "--model_checkpoint", tiny_dirs["llama_chat"], "--dataset_path", personachat_file,
                          "--dataset_cache", str(tmp_path / "cache"), "--device", "cpu", "--max_steps", "2",
                          "--max_examples", "4", "--max_valid_examples", "3", "--work_dir", str(tmp_path / "work"),
-                         "--json", "--", "--train_batch_size", "2", "--gradient_accumulation_steps", "1"])
+                         "--rerank", "3", "--json", "--", "--train_batch_size", "2", "--gradient_accumulation_steps",
+                         "1"])
     rows = result["rows"]
     assert list(rows) == ["biencoder (untrained MiniLM)", "zero-shot transfertransfo", "zero-shot chat_template",
-                          "trained chat_template (2 steps)"]
+                          "trained chat_template (2 steps)", "same, F1 of the MC head's best of 3 samples"]
+    reranked = json.load(open(tmp_path / "work" / "trained_rerank3.json"))
+    assert reranked["rerank"] == 3 and reranked["examples"] == 4
+    assert rows["same, F1 of the MC head's best of 3 samples"] == {"f1": reranked["f1"]}
     trained, zero_shot = rows["trained chat_template (2 steps)"], rows["zero-shot chat_template"]
     for name in ("mc_hits@1", "lm_hits@1", "ppl", "word_ppl", "reply_ppl", "end_nll", "f1"):
         assert result["deltas"][name] == pytest.approx(trained[name] - zero_shot[name])
