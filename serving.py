@@ -285,12 +285,12 @@ class ChatModel:
         head) scores best among each choice's samples."""
         if job.samples == 1:
             return replies
+        groups = [replies[start:start + job.samples] for start in range(0, len(replies), job.samples)]
+        if self.ranker is None:  # every choice's samples follow the same context: one pass for them all
+            best = best_by_mc_head(self.model, job.contexts[0], replies, self.layout, group_size=job.samples)
+            return [group[i] for group, i in zip(groups, best)]
         chosen = []
-        for start in range(0, len(replies), job.samples):
-            group = replies[start:start + job.samples]
-            if self.ranker is None:
-                chosen.append(group[best_by_mc_head(self.model, job.contexts[0], group, self.layout)])
-                continue
+        for group in groups:
             ranker_model, ranker_tokenizer, _, options = self.ranker
             scores = score_pairs(ranker_model, ranker_tokenizer, options,
                                  context_text(job.persona, job.turns, options.get("max_history", 2)),

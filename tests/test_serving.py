@@ -284,6 +284,15 @@ def test_rerank_without_a_ranker_answers_with_the_sample_the_multiple_choice_hea
             assert reply == samples[int(mc_logits.argmax())]
             picked.add(int(mc_logits.argmax()))
         assert rows == [4] * 6
+        # n=2: each choice the best of its own 4 samples, the 8 rows those of n=8 with the same seed
+        samples = [c["message"]["content"] for c in ask(plain_client, *messages, n=8, seed=0,
+                                                        max_tokens=6).json()["choices"]]
+        replies = [c["message"]["content"] for c in ask(rerank_client, *messages, n=2, seed=0,
+                                                        max_tokens=6).json()["choices"]]
+        mc_logits = score_candidates(reranking.model, seen[-1], [reranking.encode(s) for s in samples],
+                                     reranking.layout)[0]
+        assert replies == [samples[int(mc_logits[:4].argmax())], samples[4 + int(mc_logits[4:].argmax())]]
+        assert rows[-1] == 8
         greedy = [ask(client, *messages, temperature=0, max_tokens=6).json()["choices"][0]["message"]["content"]
                   for client in (plain_client, rerank_client)]
         assert greedy[0] == greedy[1] and rows[-1] == 1  # a greedy request decodes once: nothing to rerank
