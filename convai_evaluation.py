@@ -187,13 +187,16 @@ def main(argv=None):
         for start in tqdm(range(0, len(contexts), args.batch_size), desc="Generating"):
             batch = contexts[start:start + args.batch_size]
             replies = generate(model, [c for c in batch for _ in range(samples)], layout, config, generator=generator)
-            if samples > 1:  # each context's samples, the one its multiple-choice head scores best
-                replies = [replies[i * samples + best_by_mc_head(model, c, replies[i * samples:(i + 1) * samples],
-                                                                 layout)] for i, c in enumerate(batch)]
-            for record, reply in zip(records[start:], replies):
-                record["reply"] = " ".join(tokenizer.decode(reply, skip_special_tokens=True).split())
+            for i, (record, context) in enumerate(zip(records[start:], batch)):
+                mine = replies[i * samples:(i + 1) * samples]
+                group = [" ".join(tokenizer.decode(r, skip_special_tokens=True).split()) for r in mine]
+                best = best_by_mc_head(model, context, mine, layout) if samples > 1 else 0  # --rerank's choice
+                record["reply"] = group[best]
                 record["f1"] = f1_score(record["reply"], [record["gold"]])
                 f1s.append(record["f1"])
+                if samples > 1:  # what the head chose among, to set its pick against a random one and the best
+                    record["samples"] = group
+                    record["samples_f1"] = [f1_score(text, [record["gold"]]) for text in group]
 
     results = {"model_checkpoint": str(checkpoint), "dataset_path": str(path), "examples": len(examples),
                "input_format": layout.name}
@@ -219,6 +222,9 @@ def main(argv=None):
         decoding = "beam" if config.num_beams > 1 else "greedy" if config.no_sample else "sampled"
         results.update({"f1": sum(f1s) / len(f1s), "f1_decoding": decoding,
                         "rerank": args.rerank if args.rerank > 1 else 0})
+        if args.rerank > 1:  # the same samples picked at random (expected F1) and by an oracle that knows the gold
+            results["f1_random_sample"] = sum(sum(r["samples_f1"]) / len(r["samples_f1"]) for r in records) / len(f1s)
+            results["f1_best_sample"] = sum(max(r["samples_f1"]) for r in records) / len(f1s)
     results_file = args.results_file or (os.path.join(checkpoint, "convai_evaluation.json")
                                          if os.path.isdir(checkpoint) else "convai_evaluation.json")
     write_json(results_file, results)

@@ -113,8 +113,13 @@ def test_rerank_scores_f1_of_the_sample_the_runs_multiple_choice_head_prefers(ch
     assert len(chosen) == len(rows) == 3
     for row, (replies, best, mc_logits) in zip(rows, chosen):
         assert len(replies) == 3 and best == int(mc_logits.argmax())
-        assert row["reply"] == " ".join(tokenizer.decode(replies[best], skip_special_tokens=True).split())
+        assert row["reply"] == row["samples"][best] == " ".join(
+            tokenizer.decode(replies[best], skip_special_tokens=True).split())
+        assert row["f1"] == row["samples_f1"][best]
     assert results["f1"] == pytest.approx(sum(row["f1"] for row in rows) / 3)
+    assert results["f1_random_sample"] == pytest.approx(sum(sum(row["samples_f1"]) / 3 for row in rows) / 3)
+    assert results["f1_best_sample"] == pytest.approx(sum(max(row["samples_f1"]) for row in rows) / 3)
+    assert results["f1_best_sample"] >= results["f1"]
     assert any(best > 0 for _, best, _ in chosen)  # not just the first sample
 
 
