@@ -297,3 +297,17 @@ def test_rerank_without_a_ranker_answers_with_the_sample_the_multiple_choice_hea
                   for client in (plain_client, rerank_client)]
         assert greedy[0] == greedy[1] and rows[-1] == 1  # a greedy request decodes once: nothing to rerank
     assert len(picked) > 1  # not just one position every time
+
+
+def test_serve_refuses_rerank_by_an_untrained_multiple_choice_head(tiny_dirs, tmp_path):
+    import serve
+    from conftest import save_run_with_a_trained_head
+
+    args = ["--device", "cpu", "--rerank", "3"]
+    with pytest.raises(SystemExit, match="--rerank 3: .* no trained multiple-choice head.*--ranker_checkpoint"):
+        serve.build_app(serve.get_args(["--model_checkpoint", tiny_dirs["llama_chat"], *args]))
+    save_run_with_a_trained_head(tiny_dirs["llama_chat"], tmp_path / "run")
+    app = serve.build_app(serve.get_args(["--model_checkpoint", str(tmp_path / "run"), *args]))
+    with TestClient(app) as client:
+        reply = ask(client, {"role": "user", "content": "hi how are you"}, max_tokens=4, seed=1)
+    assert reply.status_code == 200 and reply.json()["choices"][0]["message"]["content"] is not None
