@@ -168,7 +168,7 @@ class StepsBar(ProgressBar):
         self.engine = engine
         return super().attach(engine, *args, **kwargs)
 
-    def _reset(self, pbar_total):
+    def _reset(self, pbar_total):  # where ignite (0.5) makes each epoch's tqdm bar
         state = self.engine.state if self.engine is not None else None
         if self.last_iteration and pbar_total and state is not None and state.epoch_length == pbar_total:
             left = self.last_iteration - (state.epoch - 1) * state.epoch_length
