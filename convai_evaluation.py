@@ -106,7 +106,6 @@ def examples_of(dialogs, max_examples):
 
 def main(argv=None):
     args = get_args(argv)
-    want = {"hits@1", "ppl", "f1"} if args.eval_type == "all" else {args.eval_type}
     rankers = list(dict.fromkeys(args.ranker))
     if "bert" in rankers and "biencoder" in rankers:
         sys.exit("convai_evaluation.py: --ranker bert and biencoder read --ranker_checkpoint each: give one of them")
@@ -124,7 +123,7 @@ def main(argv=None):
     split_seed = args.split_seed if args.split_seed is not None else trained.get("seed", 42)
     dataset_path = args.dataset_path or trained.get("dataset_path", "")
     tokenizer, model, layout = load_tokenizer_and_model(checkpoint, input_format=args.input_format)
-    problem = mc_rerank_error(args.rerank, model, checkpoint) if "f1" in want else ""
+    problem = mc_rerank_error(args.rerank, model, checkpoint)  # get_args refused --rerank without F1
     if problem:
         sys.exit(f"convai_evaluation.py: error: {problem}")
     model.to(args.device).eval()
@@ -139,6 +138,7 @@ def main(argv=None):
     path = resolve_dataset_path(dataset_path, args.dataset_cache)
     # the split seed of training: held-out dialogs of a file without a valid part are those train.py held out
     examples = examples_of(evaluation_dialogs(path, split_seed, trained.get("dataset_path") or ""), args.max_examples)
+    want = {"hits@1", "ppl", "f1"} if args.eval_type == "all" else {args.eval_type}
 
     ranks, nll, n_tokens, n_words, f1s, records, n_candidates = {r: [] for r in rankers}, 0.0, 0, 0, [], [], []
     end_nll = 0.0  # of the reply end's tokens alone
@@ -190,13 +190,12 @@ def main(argv=None):
             for i, (record, context) in enumerate(zip(records[start:], batch)):
                 mine = replies[i * samples:(i + 1) * samples]
                 group = [" ".join(tokenizer.decode(r, skip_special_tokens=True).split()) for r in mine]
+                group_f1 = [f1_score(text, [record["gold"]]) for text in group]
                 best = best_by_mc_head(model, context, mine, layout) if samples > 1 else 0  # --rerank's choice
-                record["reply"] = group[best]
-                record["f1"] = f1_score(record["reply"], [record["gold"]])
+                record["reply"], record["f1"] = group[best], group_f1[best]
                 f1s.append(record["f1"])
                 if samples > 1:  # what the head chose among, to set its pick against a random one and the best
-                    record["samples"] = group
-                    record["samples_f1"] = [f1_score(text, [record["gold"]]) for text in group]
+                    record["samples"], record["samples_f1"] = group, group_f1
 
     results = {"model_checkpoint": str(checkpoint), "dataset_path": str(path), "examples": len(examples),
                "input_format": layout.name}

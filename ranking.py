@@ -70,14 +70,11 @@ def _score_chunk(model, context_cache, n_ctx, first_logp, conts, lm_rows, layout
     return mc_logits, logp, end_logp
 
 
-def best_by_mc_head(model, context, replies, layout, group_size=0):
+def best_by_mc_head(model, context, replies, layout):
     """Index of the reply (token ids, end excluded) the multiple-choice head scores best after `context`: a run's
-    own ranker for --rerank, trained to tell a dialog's real reply from others. With `group_size`, the replies are
-    consecutive groups of that many (a request's choices), scored at once, and each group's best index is given."""
+    own ranker for --rerank, trained to tell a dialog's real reply from others."""
     mc_logits, *_ = score_candidates(model, context, replies, layout, lm_rows=[])
-    if not group_size:
-        return int(mc_logits.argmax())
-    return [int(group.argmax()) for group in mc_logits.split(group_size)]
+    return int(mc_logits.argmax())
 
 
 def rank_of_gold(scores, gold):

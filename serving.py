@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from decoding import DecodingConfig, generate
-from ranking import best_by_mc_head
+from ranking import score_candidates
 from reply_ranker import context_text, score_pairs
 from utils import free_port
 
@@ -286,17 +286,13 @@ class ChatModel:
         if job.samples == 1:
             return replies
         groups = [replies[start:start + job.samples] for start in range(0, len(replies), job.samples)]
-        if self.ranker is None:  # every choice's samples follow the same context: one pass for them all
-            best = best_by_mc_head(self.model, job.contexts[0], replies, self.layout, group_size=job.samples)
-            return [group[i] for group, i in zip(groups, best)]
-        chosen = []
-        for group in groups:
-            ranker_model, ranker_tokenizer, _, options = self.ranker
-            scores = score_pairs(ranker_model, ranker_tokenizer, options,
-                                 context_text(job.persona, job.turns, options.get("max_history", 2)),
-                                 [self.text(r) for r in group], self.device)
-            chosen.append(group[int(scores.argmax())])
-        return chosen
+        if self.ranker is None:  # every choice's samples follow the same context: one pass scores them all
+            mc_logits = score_candidates(self.model, job.contexts[0], replies, self.layout, lm_rows=[])[0]
+            return [group[int(scores.argmax())] for group, scores in zip(groups, mc_logits.split(job.samples))]
+        ranker_model, ranker_tokenizer, _, options = self.ranker
+        context = context_text(job.persona, job.turns, options.get("max_history", 2))
+        return [group[int(score_pairs(ranker_model, ranker_tokenizer, options, context, [self.text(r) for r in group],
+                                      self.device).argmax())] for group in groups]
 
     def finish_reason(self, reply, config):
         return "length" if len(reply) >= config.max_length else "stop"
