@@ -143,12 +143,18 @@ def generate(model, contexts, layout, config, generator=None, on_token=None):
         return []
     configs = list(config) if isinstance(config, (list, tuple)) else [config] * len(contexts)
     generators = list(generator) if isinstance(generator, (list, tuple)) else [generator] * len(contexts)
-    if any(c.num_beams > 1 for c in configs):
-        replies = [beam_search(model, context, layout, c) for context, c in zip(contexts, configs)]
-        for row, reply in enumerate(replies):
-            for token in reply if on_token else ():
+    beamed = [row for row, c in enumerate(configs) if c.num_beams > 1]
+    if beamed:  # beams in one batch; other rows (a server's sampled requests) by the loop below
+        replies = dict(zip(beamed, beam_search(model, [contexts[r] for r in beamed], layout,
+                                               [configs[r] for r in beamed])))
+        rest = [row for row in range(len(contexts)) if row not in replies]
+        replies.update(zip(rest, generate(model, [contexts[r] for r in rest], layout, [configs[r] for r in rest],
+                                          [generators[r] for r in rest],
+                                          on_token and (lambda row, token: on_token(rest[row], token)))))
+        for row in beamed if on_token else ():
+            for token in replies[row]:
                 on_token(row, token)
-        return replies
+        return [replies[row] for row in range(len(contexts))]
     device = next(model.parameters()).device
     ids, types, mask, positions = left_pad(contexts, layout.pad, device)
     stop_ids = list(layout.stop_ids)
@@ -180,48 +186,56 @@ def generate(model, contexts, layout, config, generator=None, on_token=None):
 
 
 @torch.no_grad()
-def beam_search(model, context, layout, config):
-    """The finished reply of highest mean token log-probability (its end token included) among `num_beams` beams.
+def beam_search(model, contexts, layout, configs):
+    """Per context, the finished reply of highest mean token log-probability (its end token included) among its
+    config's `num_beams` beams.
 
-    Beams cut at max_length count as finished there.
+    All contexts decode in one batch of contexts x beams rows (the widest config's beam count; a context with
+    fewer beams, or one that has finished, leaves its other rows dead at score -inf). Beams cut at max_length count
+    as finished there.
     """
     device = next(model.parameters()).device
-    stop_ids = list(layout.stop_ids)
-    ids, types, mask, positions = left_pad([context], layout.pad, device)
+    stop_ids, dead = list(layout.stop_ids), -float("inf")
+    n, width = len(contexts), max(c.num_beams for c in configs)
+    ids, types, mask, positions = left_pad(contexts, layout.pad, device)
     logits, past = model.step(ids, types, mask, positions)
-    beams, scores = [[]], torch.zeros(1, device=device)
-    finished = []
-    position = positions[:, -1:]  # of the last context token; each fed token goes one further
-    for t in range(config.max_length):
-        logp = _adjust(F.log_softmax(logits, dim=-1), beams, t, stop_ids, [config] * len(beams))
-        total = (scores[:, None] + logp).view(-1)
-        top_scores, top_index = total.topk(min(2 * config.num_beams, total.numel()))
-        keep_beam, keep_token, keep_score = [], [], []
+    rows = torch.arange(n, device=device).repeat_interleave(width)
+    past.reorder_cache(rows)  # each context's beams start from its own cache
+    logits, mask, position = logits[rows], mask[rows], positions[rows, -1:]  # position: of each row's last token
+    row_configs = [c for c in configs for _ in range(width)]
+    beams = [[] for _ in rows]
+    scores = torch.tensor([0.0 if b == 0 else dead for _ in range(n) for b in range(width)], device=device)
+    finished, done = [[] for _ in range(n)], [False] * n
+    for t in range(max(c.max_length for c in configs)):
+        logp = _adjust(F.log_softmax(logits, dim=-1), beams, t, stop_ids, row_configs)
         vocab = logp.shape[-1]
-        for rank, (score, index) in enumerate(zip(top_scores.tolist(), top_index.tolist())):
-            beam, token = divmod(index, vocab)
-            if score == -float("inf"):
-                break
-            if token in stop_ids:
-                if rank < config.num_beams:  # an ending counts only if it ranks among the beams (as HF's)
-                    finished.append((score / (len(beams[beam]) + 1), beams[beam]))
-            elif len(keep_beam) < config.num_beams:
-                keep_beam.append(beam)
-                keep_token.append(token)
-                keep_score.append(score)
-        if not keep_beam or len(finished) >= config.num_beams:
+        top_scores, top_index = (scores[:, None] + logp).view(n, width * vocab).topk(2 * width, dim=-1)
+        keep = []  # (row, token, score) for every row of the next step
+        for i, (config, ranked) in enumerate(zip(configs, zip(top_scores.tolist(), top_index.tolist()))):
+            kept = []
+            for rank, (score, index) in enumerate(zip(*ranked)):
+                row, token = i * width + index // vocab, index % vocab
+                if done[i] or score == dead:
+                    break
+                if token in stop_ids:
+                    if rank < config.num_beams:  # an ending counts only if it ranks among the beams (as HF's)
+                        finished[i].append((score / (len(beams[row]) + 1), beams[row]))
+                elif len(kept) < config.num_beams:
+                    kept.append((row, token, score))
+            if not done[i] and (not kept or len(finished[i]) >= config.num_beams):
+                done[i], kept = True, []
+            elif not done[i] and t == config.max_length - 1:  # cut at max_length
+                finished[i] += [(score / (len(beams[row]) + 1), beams[row] + [token]) for row, token, score in kept]
+                done[i], kept = True, []
+            keep += kept + [(i * width, layout.pad, dead)] * (width - len(kept))
+        if all(done):
             break
-        beams = [beams[b] + [tok] for b, tok in zip(keep_beam, keep_token)]
-        scores = torch.tensor(keep_score, device=device)
-        if t == config.max_length - 1:
-            finished += [(s / len(b), b) for s, b in zip(keep_score, beams)]  # cut at max_length
-            break
-        index = torch.tensor(keep_beam, device=device)
+        index = torch.tensor([row for row, _, _ in keep], device=device)
+        beams = [beams[row] + [token] for row, token, _ in keep]
+        scores = torch.tensor([score for _, _, score in keep], device=device)
         past.reorder_cache(index)
         mask = torch.cat([mask[index], torch.ones(len(index), 1, dtype=mask.dtype, device=device)], dim=-1)
-        position = position[index] + 1
-        tokens = torch.tensor(keep_token, device=device)[:, None]
+        position = position + 1  # a context's beams share its positions
+        tokens = torch.tensor([token for _, token, _ in keep], device=device)[:, None]
         logits, past = model.step(tokens, torch.full_like(tokens, layout.bot_type), mask, position, past)
-    if not finished:  # nothing could be said: the empty reply
-        return []
-    return max(finished, key=lambda pair: pair[0])[1]
+    return [max(pairs, key=lambda pair: pair[0])[1] if pairs else [] for pairs in finished]  # none: the empty reply

@@ -133,6 +133,23 @@ def test_beam_search_gives_a_reply_per_context_without_special_tokens(chat_model
         assert all(banned_by_ngrams(reply[:i], 2).isdisjoint({reply[i]}) for i in range(len(reply)))
 
 
+
+def test_beam_search_in_a_batch_equals_each_context_alone(chat_model):
+    """Contexts of different lengths (left padding), beam counts and lengths, and a sampled row, in one call."""
+    model, layout, contexts = chat_model
+    wide = DecodingConfig(num_beams=3, max_length=9, no_repeat_ngram_size=2)
+    narrow = DecodingConfig(num_beams=2, max_length=6)
+    sampled = DecodingConfig(temperature=1.5, max_length=7, min_length=7)
+    rows = [(contexts[1], wide, None), (contexts[0], narrow, None), (contexts[0], sampled, 5), (contexts[1], narrow, None)]
+    seeded = lambda seed: seed and torch.Generator().manual_seed(seed)  # noqa: E731
+    alone = [generate(model, [c], layout, config, seeded(seed))[0] for c, config, seed in rows]
+    seen = []
+    batched = generate(model, [c for c, _, _ in rows], layout, [config for _, config, _ in rows],
+                       [seeded(seed) for _, _, seed in rows], on_token=lambda row, token: seen.append((row, token)))
+    assert batched == alone and len(batched[2]) == 7
+    assert batched[0] != generate(model, [contexts[1]], layout, DecodingConfig(no_sample=True, max_length=9))[0]
+    assert all([t for r, t in seen if r == row] == reply for row, reply in enumerate(batched))
+
 class NoCache:
     def reorder_cache(self, index):
         pass
