@@ -318,6 +318,26 @@ def train(argv=None):
     checkpoint = Checkpoint(to_save, newest_saver, n_saved=2,
                             filename_pattern="checkpoint-{global_step}",
                             global_step_transform=lambda engine, _: step_of(engine))
+    saved = {"step": None}  # the optimizer step of the newest checkpoint
+    if resume_dir:  # before anything is written: a refused or finished resume leaves the run as it was
+        state = load_training_state(resume_dir)
+        saved_groups = len(state["optimizer"]["param_groups"])
+        if saved_groups != len(optimizer.param_groups):
+            raise RunError(f"--mc_lr: {resume_dir} was trained {'with' if saved_groups > 1 else 'without'} it; "
+                           f"resume {'with' if saved_groups > 1 else 'without'} --mc_lr")
+        peak_lrs = [group["peak_lr"] for group in optimizer.param_groups]
+        # runs saved before the best checkpoint existed have none to restore
+        Checkpoint.load_objects(to_load={k: v for k, v in to_save.items() if k in state}, checkpoint=state)
+        for group, peak_lr in zip(optimizer.param_groups, peak_lrs):  # the flags given now, not the saved ones
+            group["peak_lr"] = peak_lr
+        saved["step"] = step_of(trainer)
+        restore_rotation(checkpoint, newest_saver, step_of(trainer))
+        logger.info("Resumed from %s at optimizer step %d", resume_dir, step_of(trainer))
+        if step_of(trainer) >= total_steps or trainer.state.epoch >= args.n_epochs:
+            logger.info("The run already took its %d steps: nothing to resume (raise --n_epochs or --max_steps)",
+                        step_of(trainer))
+            return run_dir
+
     main = rank == 0
     throughput = Throughput(accum).attach(trainer)  # before validation's handlers, so their time is left out
     RunningAverage(output_transform=lambda o: o["loss"]).attach(trainer, "loss")  # all ranks: it all-reduces
@@ -347,8 +367,6 @@ def train(argv=None):
             logger.info("Validation at step %d: %s", step_of(engine), pformat(metrics))
         return metrics
 
-    saved = {"step": None}
-
     def validate_and_save(engine):
         if saved["step"] == step_of(engine):  # the last epoch's end and the run's end are the same step
             return
@@ -367,25 +385,6 @@ def train(argv=None):
     if args.eval_every:
         trainer.add_event_handler(Events.ITERATION_COMPLETED(every=args.eval_every * accum), validate_and_save)
     trainer.add_event_handler(Events.COMPLETED, validate_and_save)
-
-    if resume_dir:
-        state = load_training_state(resume_dir)
-        saved_groups = len(state["optimizer"]["param_groups"])
-        if saved_groups != len(optimizer.param_groups):
-            raise RunError(f"--mc_lr: {resume_dir} was trained {'with' if saved_groups > 1 else 'without'} it; "
-                           f"resume {'with' if saved_groups > 1 else 'without'} --mc_lr")
-        peak_lrs = [group["peak_lr"] for group in optimizer.param_groups]
-        # runs saved before the best checkpoint existed have none to restore
-        Checkpoint.load_objects(to_load={k: v for k, v in to_save.items() if k in state}, checkpoint=state)
-        for group, peak_lr in zip(optimizer.param_groups, peak_lrs):  # the flags given now, not the saved ones
-            group["peak_lr"] = peak_lr
-        saved["step"] = step_of(trainer)
-        restore_rotation(checkpoint, newest_saver, step_of(trainer))
-        logger.info("Resumed from %s at optimizer step %d", resume_dir, step_of(trainer))
-        if step_of(trainer) >= total_steps or trainer.state.epoch >= args.n_epochs:
-            logger.info("The run already took its %d steps: nothing to resume (raise --n_epochs or --max_steps)",
-                        step_of(trainer))
-            return run_dir
 
     try:
         trainer.run(train_loader, max_epochs=args.n_epochs)

@@ -254,8 +254,14 @@ def test_resume_takes_the_learning_rate_given_now_and_reads_checkpoints_from_bef
     train_script.train(["--resume", str(run_dir), "--max_steps", "4", "--lr", "0.02"])
     groups = torch.load(run_dir / "checkpoint-4" / "training_state.pt", weights_only=True)["optimizer"]["param_groups"]
     assert [g["peak_lr"] for g in groups] == [0.02]
+    saved = (run_dir / "training_args.json").read_text(), sorted(p.name for p in run_dir.iterdir())
     with pytest.raises(ValueError, match="--mc_lr"):
         train_script.train(["--resume", str(run_dir), "--max_steps", "6", "--mc_lr", "0.1"])
+    train_script.train(["--resume", str(run_dir), "--max_steps", "4"])  # nothing left to do
+    # neither a refused nor an idle resume rewrites the saved flags or adds an events file
+    assert ((run_dir / "training_args.json").read_text(), sorted(p.name for p in run_dir.iterdir())) == saved
+    train_script.train(["--resume", str(run_dir), "--max_steps", "5"])  # as the refusal said: without --mc_lr
+    assert json.loads((run_dir / "training_args.json").read_text())["max_steps"] == 5
 
 
 @pytest.mark.parametrize("flags, named", [(["--num_candidates", "1"], "--num_candidates"),
