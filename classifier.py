@@ -260,6 +260,14 @@ def roc_auc(scores, labels):
     return float((greater + 0.5 * ties) / (len(pos) * len(neg)))
 
 
+def classification_metric_names(space):
+    """The names classification_metrics gives a score under (all but its `examples` count), for checking
+    --validation_metric before any training."""
+    per_class = ["precision", "recall", "f1"] + (["roc_auc"] if space.task == "multilabel" else [])
+    return (["accuracy", "f1_macro"] + (["roc_auc"] if space.task == "binary" else [])
+            + [f"{kind}/{name}" for name in space.classes for kind in per_class])
+
+
 def classification_metrics(probs, targets, space, threshold=0.5):
     """Accuracy (exact match for multi-label), per-class precision/recall/F1, macro F1 and ROC AUC where defined."""
     pred = decide(probs, space.task, threshold)

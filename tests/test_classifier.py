@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import bert_classifier
-from classifier import (BertClassifier, DataError, LabelSpace, classification_metrics, decide, load_classifier,
+from classifier import (BertClassifier, DataError, LabelSpace, classification_metric_names, classification_metrics,
+                        decide, load_classifier,
                         read_rows, roc_auc, set_trainable)
 
 GOOD, BAD = ["great", "love", "nice", "cool", "fun"], ["pizza", "work", "school", "no", "maybe"]
@@ -115,6 +116,44 @@ def test_unknown_labels_are_an_error_not_a_new_class(tiny_bert, tmp_path):
         bert_classifier.main(["train", "--train_file", train, "--valid_file", valid, "--output_dir",
                               str(tmp_path / "clf"), "--model_checkpoint", tiny_bert, "--device", "cpu"])
 
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--classes", "pos"], r"--classes: at least 2 classes are needed, got \['pos'\]"),
+    (["--classes", "pos", "neg", "meh", "--task", "binary"],
+     r"--classes with --task binary: binary classification needs exactly 2 classes"),
+    (["--class_weights", "1"], r"--class_weights: 2 values needed, one per class of \['pos', 'neg'\]; got 1"),
+    (["--validation_metric", "f1/meh"], r"--validation_metric 'f1/meh': one of accuracy, f1_macro, roc_auc, "),
+    (["--validation_metric", "examples"], r"--validation_metric 'examples'"),  # a count, not a score
+])
+def test_label_and_metric_flags_that_cannot_work_are_refused_before_training(tiny_bert, tmp_path, flags, message):
+    train = write_jsonl(tmp_path / "train.jsonl", sentiment_rows(20, 3))
+    with pytest.raises(DataError, match=message):
+        bert_classifier.main(["train", "--train_file", train, "--output_dir", str(tmp_path / "clf"),
+                              "--model_checkpoint", tiny_bert, "--device", "cpu", *flags])
+    assert not (tmp_path / "clf").exists()
+
+
+def test_a_single_class_in_the_training_labels_names_the_file(tiny_bert, tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", [{"text": "hi there", "label": "x"}] * 4)
+    with pytest.raises(DataError, match=r"the labels of .*train.jsonl: at least 2 classes are needed, got \['x'\]"):
+        bert_classifier.main(["train", "--train_file", train, "--output_dir", str(tmp_path / "clf"),
+                              "--model_checkpoint", tiny_bert, "--device", "cpu"])
+
+
+@pytest.mark.parametrize("task, classes", [("binary", ["neg", "pos"]), ("multiclass", ["a", "b", "c"]),
+                                           ("multilabel", ["toxic", "insult"])])
+def test_the_metric_names_checked_up_front_are_the_ones_validation_gives(task, classes):
+    space = LabelSpace(classes, task)
+    targets = torch.tensor([[1.0, 0.0], [0.0, 1.0]]) if task == "multilabel" else torch.tensor([0, 1])
+    probs = torch.tensor([[0.6, 0.3, 0.1][:len(classes)], [0.2, 0.7, 0.1][:len(classes)]])
+    assert set(classification_metric_names(space)) == set(classification_metrics(probs, targets, space)) - {"examples"}
+
+
+def test_a_threshold_outside_0_1_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        bert_classifier.get_args(["train", "--train_file", "f", "--output_dir", "d", "--threshold", "1.5"])
+    assert "--threshold 1.5: a probability between 0 and 1" in capsys.readouterr().err
 
 def test_csv_with_multilabel_column(tmp_path):
     path = tmp_path / "rows.csv"
