@@ -16,6 +16,7 @@ from ignite.handlers.checkpoint import BaseSaveHandler
 
 from adapters import ADAPTER_CONFIG, has_lora, is_adapter_run, merge_lora
 from modeling import load_tokenizer_and_model, save_model
+from utils import write_json
 
 TRAINING_STATE = "training_state.pt"
 _CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
@@ -133,9 +134,17 @@ def load_training_state(checkpoint_dir):
 def summarize_run(run_dir):
     """Load a run back as later scripts do, and return its validation history (one dict per validation)."""
     _, model, _ = load_tokenizer_and_model(str(run_dir))
-    with open(Path(run_dir) / "metrics.jsonl") as f:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file() and _CHECKPOINT_DIR.match(Path(run_dir).name.removeprefix("best-")):
+        path = Path(run_dir).parent / "metrics.jsonl"  # a checkpoint's history is its run's, up to its step
+        step = int(Path(run_dir).name.rsplit("-", 1)[1])
+    else:
+        step = None
+    if not path.is_file():  # a model saved by other means, or a run that never validated
+        return model, []
+    with open(path) as f:
         history = [json.loads(line) for line in f]
-    return model, history
+    return model, [record for record in history if step is None or record["step"] <= step]
 
 
 def merge_run(run_dir, out_dir):
@@ -144,8 +153,11 @@ def merge_run(run_dir, out_dir):
     if not has_lora(model):
         raise ValueError(f"--merge: {run_dir} has no LoRA adapter ({ADAPTER_CONFIG}); it is a plain run already")
     save_model(merge_lora(model), tokenizer, out_dir)
-    if (Path(run_dir) / "training_args.json").is_file():
-        shutil.copy2(Path(run_dir) / "training_args.json", Path(out_dir) / "training_args.json")
+    args = read_training_args(run_dir)
+    if args:  # the run's flags, as a plain run's: the adapter is in the weights now
+        write_json(Path(out_dir) / "training_args.json", dict(args, lora_r=0, merged_from=str(run_dir)))
+    if (Path(run_dir) / "metrics.jsonl").is_file():
+        shutil.copy2(Path(run_dir) / "metrics.jsonl", Path(out_dir) / "metrics.jsonl")
     return out_dir
 
 
@@ -163,9 +175,11 @@ def main(argv=None):
             print(f"Merged {args.run_dir} into {args.merge} (load it with --model_checkpoint {args.merge})")
             return
         model, history = summarize_run(args.run_dir)
-    except FileNotFoundError as e:  # not a run: the message names the path
-        parser.error(str(e))
+    except FileNotFoundError as e:  # not a run: the message names the path (this script has no --model_checkpoint)
+        parser.error(str(e).removeprefix("--model_checkpoint "))
     print(f"Loaded {args.run_dir}: {type(model.lm).__name__}, {model.lm.num_parameters():,} parameters")
+    if not history:
+        print("  no validation history (metrics.jsonl)")
     for record in history:
         print(f"  step {record['step']:>5}: ppl {record['ppl']:9.2f}  nll {record['nll']:.4f}  "
               f"mc_accuracy {record['mc_accuracy']:.3f}")

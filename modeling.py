@@ -26,7 +26,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2D
 from layouts import (ATTR_TO_SPECIAL_TOKEN, IGNORE_INDEX, INPUT_FORMATS, InputFormatError, default_input_format,
                      make_layout)
 from adapters import has_lora, is_adapter_run, load_lora
-from utils import default_model_checkpoint
+from utils import default_model_checkpoint, file_mode
 
 logger = logging.getLogger(__name__)
 
@@ -343,7 +343,9 @@ def _split_gguf(checkpoint):
     if path.is_dir() and not (path / "config.json").is_file() and not is_adapter_run(path):
         raise CheckpointError(f"--model_checkpoint {checkpoint}: a directory without a model (no config.json); "
                               f"a run directory of train.py, or a checkpoint-<step> inside one, has it")
-    if not path.exists() and checkpoint.startswith((".", "/", "~")):  # a path, not a hub id
+    # a path, not a hub id ("org/name"): so written, deeper than a hub id, or under a directory that is here (runs/)
+    if not path.exists() and (checkpoint.startswith((".", "/", "~")) or len(path.parts) > 2
+                              or (len(path.parts) == 2 and Path(path.parts[0]).is_dir())):
         raise CheckpointError(f"--model_checkpoint {checkpoint}: no such directory or file")
     return checkpoint, None
 
@@ -414,6 +416,8 @@ def save_model(model, tokenizer, directory, state_dict=None):
     os.makedirs(directory, exist_ok=True)
     getattr(model, "module", model).save_pretrained(directory, state_dict=state_dict)
     tokenizer.save_pretrained(directory)
+    for path in Path(directory).glob("*.safetensors"):  # safetensors writes them private (0600)
+        path.chmod(file_mode())
 
 
 def model_max_length(model):

@@ -71,6 +71,13 @@ def file_sha256(path, chunk_size=1 << 20):
     return digest.hexdigest()
 
 
+def file_mode():
+    """The mode open() gives a new file under this process's umask (mkstemp's and safetensors' files are 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write(path, write_fn, mode="wb"):
     """Write through `write_fn(file)` into a temporary file beside `path`, then rename: readers see old or new, never half."""
     path = Path(path)
@@ -81,6 +88,7 @@ def atomic_write(path, write_fn, mode="wb"):
             write_fn(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, file_mode())  # readable as any file this user writes, not private to them
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -151,6 +151,27 @@ def test_a_checkpoint_that_is_not_a_model_is_named_in_one_line(tmp_path):
             load_tokenizer_and_model(str(tmp_path / name))
 
 
+
+def test_a_mistyped_run_under_a_local_directory_is_not_looked_up_on_the_hub(tmp_path, monkeypatch):
+    (tmp_path / "runs").mkdir()
+    monkeypatch.chdir(tmp_path)
+    for name in ("runs/typo", "runs/typo/checkpoint-4"):  # no network call: refused at once
+        with pytest.raises(CheckpointError, match=f"--model_checkpoint {name}: no such directory or file"):
+            load_tokenizer_and_model(name)
+
+
+def test_saved_files_take_the_umask_not_private_modes(loaded, tmp_path):
+    import os
+    _, tokenizer, model = loaded
+    old = os.umask(0o022)
+    try:
+        save_model(model, tokenizer, tmp_path)
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.glob("*.safetensors")}
+    assert "model.safetensors" in modes and set(modes.values()) == {0o644}  # and the heads' file (not GPT-2's)
+
+
 def test_input_format_defaults_to_the_chat_template_and_gpt_models_keep_transfertransfo(tiny_dirs):
     from layouts import InputFormatError
 

@@ -1,6 +1,6 @@
 import pytest
 
-from utils import spread_indices
+from utils import spread_indices, write_json
 
 
 @pytest.mark.parametrize("total, n, expected", [
@@ -18,3 +18,15 @@ def test_spread_indices_are_evenly_spaced_distinct_and_start_at_the_first(total,
 def test_spread_indices_reach_the_end_of_a_long_split():
     picked = spread_indices(6587, 100)
     assert len(set(picked.tolist())) == 100 and picked[-1] >= 6587 - 6587 // 100 - 1
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600)])
+def test_atomic_writes_take_the_umask(tmp_path, umask, mode):
+    import os
+    old = os.umask(umask)
+    try:
+        write_json(tmp_path / "args.json", {"a": 1})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "args.json").stat().st_mode & 0o777 == mode
+    assert [p.name for p in tmp_path.iterdir()] == ["args.json"]  # no temporary file left

@@ -1,0 +1,38 @@
+import json
+
+import pytest
+
+import train as train_script
+from checkpointing import main as checkpointing_main
+from checkpointing import read_training_args, summarize_run
+from test_train import tiny_args
+
+
+def test_a_checkpoint_and_a_merged_lora_run_summarize_as_their_run_does(tiny_dirs, personachat_file, tmp_path, capsys):
+    run_dir = train_script.train(tiny_args(tiny_dirs, personachat_file, tmp_path, "run", "--max_steps", "2",
+                                           "--eval_every", "1", "--lora_r", "4"))
+    _, history = summarize_run(run_dir)
+    assert [r["step"] for r in history] == [1, 2]
+    _, history = summarize_run(run_dir / "checkpoint-1")  # the run's history up to the checkpoint's step
+    assert [r["step"] for r in history] == [1]
+
+    checkpointing_main([str(run_dir), "--merge", str(tmp_path / "merged")])
+    capsys.readouterr()
+    checkpointing_main([str(tmp_path / "merged")])
+    printed = capsys.readouterr().out
+    assert "step     1: ppl" in printed and "step     2: ppl" in printed
+    merged_args = read_training_args(tmp_path / "merged")
+    assert merged_args["lora_r"] == 0 and merged_args["merged_from"] == str(run_dir)
+    assert json.loads((run_dir / "training_args.json").read_text())["lora_r"] == 4  # the LoRA run itself unchanged
+
+
+def test_a_model_without_validation_history_still_loads(tiny_dirs, capsys):
+    checkpointing_main([tiny_dirs["llama"]])
+    assert "no validation history" in capsys.readouterr().out
+
+
+def test_a_missing_run_is_named_without_a_flag_this_script_lacks(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        checkpointing_main([str(tmp_path / "nope")])
+    err = capsys.readouterr().err
+    assert f"error: {tmp_path / 'nope'}: no such directory or file" in err and "--model_checkpoint" not in err
