@@ -39,6 +39,8 @@ def read_dialogs(path, seed=42, num_distractors=NUM_DISTRACTORS, valid_fraction=
         splits = read_parlai_splits(path, seed, valid_fraction)
     elif isinstance(obj, dict) and ("train" in obj or "valid" in obj):
         splits = read_personachat(obj, path)
+        if not splits.get("valid"):  # a train-only file: hold out dialogs, as for the other formats
+            splits = split_dialogs(splits["train"], seed, valid_fraction)
     elif _is_chitchat(obj):
         splits = split_dialogs(read_chitchat(obj, path, prompt_as_persona), seed, valid_fraction)
     else:
@@ -88,11 +90,12 @@ def _require_strings(value, where):
 
 
 def read_personachat(obj, path):
-    """Validate PersonaChat JSON as the original repo reads it; errors give the JSON path of the fault."""
+    """Validate PersonaChat JSON as the original repo reads it; errors give the JSON path of the fault. A file
+    without a 'valid' list (or with an empty one) gets none here: read_dialogs holds dialogs of train out."""
     splits = {}
-    for split in ("train", "valid"):
-        if split not in obj:
-            raise DialogFormatError(f"{path}: missing the '{split}' list")
+    if "train" not in obj:
+        raise DialogFormatError(f"{path}: missing the 'train' list")
+    for split in [name for name in ("train", "valid") if name in obj]:
         if not isinstance(obj[split], list):
             raise DialogFormatError(f"{path}: {split}: expected a list of dialogs")
         for i, dialog in enumerate(obj[split]):

@@ -124,7 +124,7 @@ def test_malformed_json_names_line_and_column(tmp_path):
     (lambda d: d["train"][1]["utterances"][2].update(candidates=[]), r"train\[1\].utterances\[2\].candidates: empty"),
     (lambda d: d["valid"][0]["utterances"][0].update(history="hi"), r"valid\[0\].utterances\[0\].history: expected"),
     (lambda d: d["train"][0].update(personality=[3]), r"train\[0\].personality: expected a list of strings"),
-    (lambda d: d.pop("valid"), "missing the 'valid' list"),
+    (lambda d: d.pop("train"), "missing the 'train' list"),
 ])
 def test_malformed_personachat_names_the_json_path(tmp_path, mutate, where):
     data = make_personachat()
@@ -132,6 +132,18 @@ def test_malformed_personachat_names_the_json_path(tmp_path, mutate, where):
     with pytest.raises(DialogFormatError, match=where):
         read_dialogs(write(tmp_path, "pc.json", json.dumps(data)))
 
+
+
+@pytest.mark.parametrize("valid", ["missing", "empty"])
+def test_personachat_without_a_valid_list_holds_out_dialogs_of_train(tmp_path, valid):
+    data = make_personachat(n_train=10)
+    train = [d["utterances"][0]["history"] for d in data["train"]]
+    data.pop("valid") if valid == "missing" else data.update(valid=[])
+    path = write(tmp_path, "pc.json", json.dumps(data))
+    splits = read_dialogs(path, valid_fraction=0.2)
+    assert [len(splits["train"]), len(splits["valid"])] == [8, 2]
+    assert sorted(d["utterances"][0]["history"] for s in splits.values() for d in s) == sorted(train)
+    assert read_dialogs(path, valid_fraction=0.2) == splits  # the same split every time
 
 def test_unknown_json_layout_is_an_error(tmp_path):
     with pytest.raises(DialogFormatError, match="unknown JSON layout"):
