@@ -21,7 +21,8 @@ top ops, and on a GPU how busy the device was.
 `generate`: greedy replies of exactly --reply_tokens tokens after a ConvAI2-sized context (~100 tokens) with
 our KV-cache decoding, against re-running the whole sequence for every token (the original's loop, which also
 projects every position onto the vocabulary; and a stricter variant projecting the last position only) and
-against transformers' own `generate` on the same prompt.
+against transformers' own `generate` on the same prompt. Then beam search (--num_beams) for --beam_contexts copies
+of that context decoded in one batch, against one context at a time.
 
 `quality`: is the trained agent better than where it started? On held-out dialogs (train.py's split), the
 zero-shot model in both input formats, then a run of --max_steps optimizer steps from it, each scored by
@@ -380,11 +381,17 @@ def bench_generate(args):
         prompt = torch.tensor([context[0]], device=args.device)
         t_hf = best_time(lambda: model.lm.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
                                                    max_new_tokens=n, min_new_tokens=n), args.repeats)
+        beam = DecodingConfig(no_sample=True, num_beams=args.num_beams, min_length=n, max_length=n)
+        contexts = [context] * args.beam_contexts
+        assert generate(model, contexts, layout, beam) == [generate(model, [context], layout, beam)[0]] * len(contexts)
+        t_beam = best_time(lambda: generate(model, contexts, layout, beam), args.repeats)
+        t_beam_alone = best_time(lambda: [generate(model, [c], layout, beam) for c in contexts], args.repeats)
     return {"device": str(args.device), "context_tokens": len(context[0]), "reply_tokens": n,
             "tokens_per_s": n / t_ours, "no_cache_tokens_per_s": n / t_no_cache, "hf_generate_tokens_per_s": n / t_hf,
             "speedup_vs_no_cache": t_no_cache / t_ours,
             "speedup_vs_no_cache_last_position_logits": t_no_cache_last / t_ours,
-            "ratio_vs_hf_generate": t_hf / t_ours}
+            "ratio_vs_hf_generate": t_hf / t_ours, "num_beams": args.num_beams, "beam_contexts": args.beam_contexts,
+            "beam_tokens_per_s": n * len(contexts) / t_beam, "beam_batch_speedup_vs_one_at_a_time": t_beam_alone / t_beam}
 
 
 def bench_rank(args):
@@ -607,6 +614,9 @@ def main(argv=None):
     gen.add_argument("--context_tokens", type=int, default=100, help="Context length to look for (default: 100)")
     gen.add_argument("--reply_tokens", type=int, default=20, help="Tokens per reply (default: 20)")
     gen.add_argument("--repeats", type=int, default=3, help="Timed runs per variant, the fastest kept (default: 3)")
+    gen.add_argument("--num_beams", type=int, default=4, help="Beams of the beam-search timing (default: 4)")
+    gen.add_argument("--beam_contexts", type=int, default=8,
+                     help="Contexts beam-searched in one batch, against one at a time (default: 8)")
     rank = add_command(sub, "rank", "hits@1 scoring with a shared context against full sequences")
     rank.add_argument("--examples", type=int, default=8, help="Validation examples scored (default: 8)")
     rank.add_argument("--context_tokens", type=int, default=100, help="Context length to look for (default: 100)")
