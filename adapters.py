@@ -4,10 +4,20 @@ A LoRA run saves peft's layout (`adapter_config.json`, `adapter_model.safetensor
 whose metadata names the base model; PeftModel.from_pretrained(base, run) reads the adapter on its own too.
 """
 import os
+import warnings
+from contextlib import contextmanager
 
 from peft import LoraConfig, PeftModel, get_peft_model
 
 ADAPTER_CONFIG = "adapter_config.json"
+
+
+@contextmanager
+def _quiet_peft():
+    """peft asks transformers a deprecated question on every wrap and load: its FutureWarning says nothing to users."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 
 def is_adapter_run(directory):
@@ -30,14 +40,16 @@ def add_lora(model, r, alpha=0, dropout=0.05, target_modules=(), new_token_ids=(
     config = LoraConfig(r=r, lora_alpha=alpha or 2 * r, lora_dropout=dropout,
                         target_modules=list(target_modules) or "all-linear",
                         trainable_token_indices={"embed_tokens": sorted(new_token_ids)} if new_token_ids else None)
-    model.lm = get_peft_model(model.lm, config)
+    with _quiet_peft():
+        model.lm = get_peft_model(model.lm, config)
     model.lm.peft_config["default"].base_model_name_or_path = base_model
     return model
 
 
 def load_lora(lm, directory):
     """The LM with a run's adapter on it, trainable (so that a resumed run goes on training it)."""
-    return PeftModel.from_pretrained(lm, directory, is_trainable=True)
+    with _quiet_peft():
+        return PeftModel.from_pretrained(lm, directory, is_trainable=True)
 
 
 def merge_lora(model):

@@ -139,6 +139,9 @@ def main(argv=None):
     # the split seed of training: held-out dialogs of a file without a valid part are those train.py held out
     examples = examples_of(evaluation_dialogs(path, split_seed, trained.get("dataset_path") or ""), args.max_examples)
     want = {"hits@1", "ppl", "f1"} if args.eval_type == "all" else {args.eval_type}
+    if "hits@1" in want and "mc" in rankers and not model.heads_trained:
+        logger.warning("--ranker mc: %s has no trained multiple-choice head; its hits@1 is an untrained head's, near "
+                       "chance (the LM ranker is the zero-shot baseline: --ranker lm)", checkpoint)
 
     ranks, nll, n_tokens, n_words, f1s, records, n_candidates = {r: [] for r in rankers}, 0.0, 0, 0, [], [], []
     end_nll = 0.0  # of the reply end's tokens alone
@@ -231,12 +234,14 @@ def main(argv=None):
         with open(args.save_predictions, "w") as f:
             for record in records:
                 f.write(json.dumps(record) + "\n")
-    print(f"{'metric':>10}  value")
+    width = max([len("metric")] + [len(name) for name, value in results.items() if isinstance(value, float)]
+                + [len(name) for name in results.get("by_ranker", {})])
+    print(f"{'metric':>{width}}  value")
     for name, value in results.items():
         if isinstance(value, float):
-            print(f"{name:>10}  {value:.4f}")
+            print(f"{name:>{width}}  {value:.4f}")
     for ranker_name, metrics in results.get("by_ranker", {}).items():
-        print(f"{ranker_name:>10}  " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        print(f"{ranker_name:>{width}}  " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     print(f"Results in {results_file}", file=sys.stderr)
     return results
 

@@ -190,8 +190,9 @@ def get_data_loaders(args, tokenizer, layout, max_len, world_size, rank):
     valid_sampler = LengthGroupedBatchSampler(valid_set.lengths(), args.valid_batch_size, shuffle=False,
                                               num_replicas=valid_replicas, rank=valid_rank, even=False)
     if len(train_sampler) == 0:
-        raise RunError(f"--gradient_accumulation_steps {args.gradient_accumulation_steps} is more than the "
-                       f"{len(train_set)} training examples make batches of {args.train_batch_size} per process")
+        raise RunError(f"--gradient_accumulation_steps {args.gradient_accumulation_steps}: more than the batches "
+                       f"of {args.train_batch_size} that {len(train_set)} training examples make per process (of "
+                       f"{world_size}); lower it or --train_batch_size")
     if -(-len(valid_set) // args.valid_batch_size) < valid_replicas:
         raise RunError(f"{len(valid_set)} validation examples in batches of {args.valid_batch_size} leave a "
                        f"process of {world_size} without a batch: lower --valid_batch_size")

@@ -51,8 +51,12 @@ def test_hits_at_1_finds_the_reply_the_model_prefers(chatty, convai_file, tmp_pa
     assert json.load(open(tmp_path / "results.json"))["hits@1"] == 1.0
 
 
-def test_several_rankers_rank_the_same_examples(chatty, convai_file, tmp_path):
+def test_several_rankers_rank_the_same_examples(chatty, convai_file, tmp_path, capsys, caplog):
     both = evaluate(chatty, convai_file, tmp_path, "--eval_type", "hits@1", "--ranker", "lm", "mc")
+    table = capsys.readouterr().out.splitlines()  # names right-aligned to the longest ("mean_candidates")
+    assert len({len(line) - len(line.lstrip()) + len(line.split()[0]) for line in table}) == 1 and len(table) > 4
+    # the pretrained model's head is untrained: its hits@1 is said to be near chance
+    assert "--ranker mc: " in caplog.text and "no trained multiple-choice head" in caplog.text
     alone = {name: evaluate(chatty, convai_file, tmp_path, "--eval_type", "hits@1", "--ranker", name)
              for name in ("lm", "mc")}
     assert both["ranker"] == "lm" and both["hits@1"] == alone["lm"]["hits@1"] == 1.0
