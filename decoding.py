@@ -147,13 +147,13 @@ def generate(model, contexts, layout, config, generator=None, on_token=None):
     if beamed:  # beams in one batch; other rows (a server's sampled requests) by the loop below
         replies = dict(zip(beamed, beam_search(model, [contexts[r] for r in beamed], layout,
                                                [configs[r] for r in beamed])))
+        for row in beamed if on_token else ():
+            for token in replies[row]:
+                on_token(row, token)
         rest = [row for row in range(len(contexts)) if row not in replies]
         replies.update(zip(rest, generate(model, [contexts[r] for r in rest], layout, [configs[r] for r in rest],
                                           [generators[r] for r in rest],
                                           on_token and (lambda row, token: on_token(rest[row], token)))))
-        for row in beamed if on_token else ():
-            for token in replies[row]:
-                on_token(row, token)
         return [replies[row] for row in range(len(contexts))]
     device = next(model.parameters()).device
     ids, types, mask, positions = left_pad(contexts, layout.pad, device)
@@ -191,8 +191,8 @@ def beam_search(model, contexts, layout, configs):
     config's `num_beams` beams.
 
     All contexts decode in one batch of contexts x beams rows (the widest config's beam count; a context with
-    fewer beams, or one that has finished, leaves its other rows dead at score -inf). Beams cut at max_length count
-    as finished there.
+    fewer beams, or one that has finished, leaves its other rows dead at score -inf), each as it would alone, up to
+    the order of exactly tied scores. Beams cut at max_length count as finished there.
     """
     device = next(model.parameters()).device
     stop_ids, dead = list(layout.stop_ids), -float("inf")
@@ -205,7 +205,7 @@ def beam_search(model, contexts, layout, configs):
     row_configs = [c for c in configs for _ in range(width)]
     beams = [[] for _ in rows]
     scores = torch.tensor([0.0 if b == 0 else dead for _ in range(n) for b in range(width)], device=device)
-    finished, done = [[] for _ in range(n)], [False] * n
+    finished, done = [[] for _ in range(n)], [c.max_length < 1 for c in configs]  # no token allowed: the empty reply
     for t in range(max(c.max_length for c in configs)):
         logp = _adjust(F.log_softmax(logits, dim=-1), beams, t, stop_ids, row_configs)
         vocab = logp.shape[-1]
@@ -213,7 +213,7 @@ def beam_search(model, contexts, layout, configs):
         keep = []  # (row, token, score) for every row of the next step
         for i, (config, ranked) in enumerate(zip(configs, zip(top_scores.tolist(), top_index.tolist()))):
             kept = []
-            for rank, (score, index) in enumerate(zip(*ranked)):
+            for rank, (score, index) in enumerate(list(zip(*ranked))[:2 * config.num_beams]):  # its own 2k, not 2 width
                 row, token = i * width + index // vocab, index % vocab
                 if done[i] or score == dead:
                     break

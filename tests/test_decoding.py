@@ -184,6 +184,41 @@ def test_beam_search_finishes_the_reply_the_model_wants_at_the_right_positions(n
     assert model.positions[0] == [3] and model.positions[1] == [4] * len(model.positions[1])  # no gap after context
 
 
+class CrowdedEndModel(torch.nn.Module):
+    """After context token 5: 7, then three ending tokens, then 8 (which ends at once, very likely). A 2-beam search
+    keeps 7 alone: 8 ranks fifth, past its 2 x 2 candidates, however many beams a context beside it has."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+
+    def step(self, input_ids, token_type_ids, attention_mask, position_ids, cache=None):
+        logits = torch.full((input_ids.shape[0], 12), -20.0)
+        for row, last in enumerate(input_ids[:, -1].tolist()):
+            if last in (5, 6):
+                for token, value in zip([7, SPECIAL.eos, SPECIAL.speaker1, SPECIAL.speaker2, 8], [5, 4.9, 4.8, 4.7, 4]):
+                    logits[row, token] = value
+            elif last == 7:
+                logits[row, [9, 10, SPECIAL.eos, 11]] = torch.tensor([0.3, 0.2, 0.1, 0.0])
+            else:
+                logits[row, SPECIAL.eos] = 10.0 if last == 8 else 0.05
+        return logits, cache or NoCache()
+
+
+def test_a_narrow_beam_search_beside_a_wide_one_keeps_its_own_candidates():
+    narrow = DecodingConfig(no_sample=True, num_beams=2, max_length=5, min_length=0)
+    wide = DecodingConfig(no_sample=True, num_beams=4, max_length=5, min_length=0)
+    alone = generate(CrowdedEndModel(), [([0, 5], [2, 2])], LAYOUT, narrow)
+    beside = generate(CrowdedEndModel(), [([0, 5], [2, 2]), ([0, 6], [2, 2])], LAYOUT, [narrow, wide])
+    assert alone == [[7, 9]] and beside == [[7, 9], [8]]
+
+
+def test_a_zero_length_beam_search_says_nothing_beside_a_longer_one():
+    context = ([0, 5, 6, 2], [2, 2, 2, 2])
+    replies = generate(ScriptedModel(), [context] * 2, LAYOUT, [DecodingConfig(num_beams=2, max_length=0),
+                                                                DecodingConfig(num_beams=2, max_length=8)])
+    assert replies == [[], [7, 8, 9]]
+
 def test_no_context_no_reply():
     assert generate(ScriptedModel(), [], LAYOUT, DecodingConfig()) == []
 
