@@ -16,7 +16,7 @@ from ignite.handlers.checkpoint import BaseSaveHandler
 
 from adapters import ADAPTER_CONFIG, has_lora, is_adapter_run, merge_lora
 from modeling import load_tokenizer_and_model, save_model
-from utils import write_json
+from utils import atomic_write, write_json
 
 TRAINING_STATE = "training_state.pt"
 _CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
@@ -134,17 +134,19 @@ def load_training_state(checkpoint_dir):
 def summarize_run(run_dir):
     """Load a run back as later scripts do, and return its validation history (one dict per validation)."""
     _, model, _ = load_tokenizer_and_model(str(run_dir))
-    path = Path(run_dir) / "metrics.jsonl"
+    return model, read_history(run_dir)
+
+
+def read_history(run_dir):
+    """A run's validation records (metrics.jsonl); a checkpoint's are its run's up to its step; none: []."""
+    path, step = Path(run_dir) / "metrics.jsonl", None
     if not path.is_file() and _CHECKPOINT_DIR.match(Path(run_dir).name.removeprefix("best-")):
-        path = Path(run_dir).parent / "metrics.jsonl"  # a checkpoint's history is its run's, up to its step
-        step = int(Path(run_dir).name.rsplit("-", 1)[1])
-    else:
-        step = None
+        path, step = Path(run_dir).parent / "metrics.jsonl", int(Path(run_dir).name.rsplit("-", 1)[1])
     if not path.is_file():  # a model saved by other means, or a run that never validated
-        return model, []
+        return []
     with open(path) as f:
         history = [json.loads(line) for line in f]
-    return model, [record for record in history if step is None or record["step"] <= step]
+    return [record for record in history if step is None or record["step"] <= step]
 
 
 def merge_run(run_dir, out_dir):
@@ -155,9 +157,12 @@ def merge_run(run_dir, out_dir):
     save_model(merge_lora(model), tokenizer, out_dir)
     args = read_training_args(run_dir)
     if args:  # the run's flags, as a plain run's: the adapter is in the weights now
-        write_json(Path(out_dir) / "training_args.json", dict(args, lora_r=0, merged_from=str(run_dir)))
-    if (Path(run_dir) / "metrics.jsonl").is_file():
-        shutil.copy2(Path(run_dir) / "metrics.jsonl", Path(out_dir) / "metrics.jsonl")
+        write_json(Path(out_dir) / "training_args.json",
+                   dict(args, lora_r=0, merged_from=str(run_dir), run_dir=str(out_dir)))
+    history = read_history(run_dir)
+    if history:
+        atomic_write(Path(out_dir) / "metrics.jsonl",
+                     lambda f: f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in history), mode="w")
     return out_dir
 
 

@@ -16,6 +16,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModel, AutoTokenizer
 
+from utils import share_saved_files
+
 HEAD_FILE = "classifier_head.safetensors"
 CONFIG_FILE = "classifier.json"
 TASKS = ("multiclass", "binary", "multilabel")
@@ -305,6 +307,7 @@ def save_classifier(model, tokenizer, space, options, directory):
               os.path.join(directory, HEAD_FILE))
     with open(os.path.join(directory, CONFIG_FILE), "w") as f:
         json.dump({"classes": space.classes, "task": space.task, **options}, f, indent=2)
+    share_saved_files(directory)
 
 
 def load_classifier(directory):

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from huggingface_hub import try_to_load_from_cache
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -26,7 +27,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2D
 from layouts import (ATTR_TO_SPECIAL_TOKEN, IGNORE_INDEX, INPUT_FORMATS, InputFormatError, default_input_format,
                      make_layout)
 from adapters import has_lora, is_adapter_run, load_lora
-from utils import default_model_checkpoint, file_mode
+from utils import default_model_checkpoint, share_saved_files
 
 logger = logging.getLogger(__name__)
 
@@ -343,10 +344,14 @@ def _split_gguf(checkpoint):
     if path.is_dir() and not (path / "config.json").is_file() and not is_adapter_run(path):
         raise CheckpointError(f"--model_checkpoint {checkpoint}: a directory without a model (no config.json); "
                               f"a run directory of train.py, or a checkpoint-<step> inside one, has it")
-    # a path, not a hub id ("org/name"): so written, deeper than a hub id, or under a directory that is here (runs/)
-    if not path.exists() and (checkpoint.startswith((".", "/", "~")) or len(path.parts) > 2
-                              or (len(path.parts) == 2 and Path(path.parts[0]).is_dir())):
+    # a path, not a hub id ("org/name"): so written, deeper than a hub id, or under a directory that is here
+    # (runs/typo) and not a model in the hub's cache
+    if not path.exists() and (checkpoint.startswith((".", "/", "~")) or len(path.parts) > 2):
         raise CheckpointError(f"--model_checkpoint {checkpoint}: no such directory or file")
+    if (not path.exists() and len(path.parts) == 2 and Path(path.parts[0]).is_dir()
+            and not isinstance(try_to_load_from_cache(checkpoint, "config.json"), str)):
+        raise CheckpointError(f"--model_checkpoint {checkpoint}: no such directory or file (read as a path, since "
+                              f"{path.parts[0]}/ is a local directory; a hub id of that name loads from elsewhere)")
     return checkpoint, None
 
 
@@ -416,8 +421,7 @@ def save_model(model, tokenizer, directory, state_dict=None):
     os.makedirs(directory, exist_ok=True)
     getattr(model, "module", model).save_pretrained(directory, state_dict=state_dict)
     tokenizer.save_pretrained(directory)
-    for path in Path(directory).glob("*.safetensors"):  # safetensors writes them private (0600)
-        path.chmod(file_mode())
+    share_saved_files(directory)
 
 
 def model_max_length(model):

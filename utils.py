@@ -73,9 +73,19 @@ def file_sha256(path, chunk_size=1 << 20):
 
 def file_mode():
     """The mode open() gives a new file under this process's umask (mkstemp's and safetensors' files are 0600)."""
-    umask = os.umask(0)
-    os.umask(umask)
+    try:  # read, not set and reset: os.umask would change it for every thread meanwhile
+        with open("/proc/self/status") as f:
+            umask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration):
+        umask = os.umask(0)
+        os.umask(umask)
     return 0o666 & ~umask
+
+
+def share_saved_files(directory):
+    """Give the safetensors files of a saved model the umask's mode: safetensors writes them private (0600)."""
+    for path in Path(directory).glob("*.safetensors"):
+        path.chmod(file_mode())
 
 
 def atomic_write(path, write_fn, mode="wb"):

@@ -24,6 +24,9 @@ def test_a_checkpoint_and_a_merged_lora_run_summarize_as_their_run_does(tiny_dir
     merged_args = read_training_args(tmp_path / "merged")
     assert merged_args["lora_r"] == 0 and merged_args["merged_from"] == str(run_dir)
     assert json.loads((run_dir / "training_args.json").read_text())["lora_r"] == 4  # the LoRA run itself unchanged
+    checkpointing_main([str(run_dir / "checkpoint-1"), "--merge", str(tmp_path / "merged-1")])
+    _, history = summarize_run(tmp_path / "merged-1")
+    assert [r["step"] for r in history] == [1]  # a checkpoint merges with its run's history up to its step
 
 
 def test_a_model_without_validation_history_still_loads(tiny_dirs, capsys):

@@ -44,6 +44,9 @@ def test_a_separable_toy_task_is_learned_and_survives_save_and_load(tiny_bert, t
                           "--device", "cpu", "--pooling", "mean"])
     metrics = bert_classifier.main(["eval", "--model_checkpoint", str(out), "--input_file", valid, "--device", "cpu"])
     assert metrics["accuracy"] >= 0.95 and metrics["roc_auc"] >= 0.95
+    from utils import file_mode
+    saved = {p.name: p.stat().st_mode & 0o777 for p in out.glob("*.safetensors")}
+    assert len(saved) == 2 and set(saved.values()) == {file_mode()}  # encoder and head, not private (0600)
     predictions = tmp_path / "pred.jsonl"
     decisions = bert_classifier.main(["predict", "--model_checkpoint", str(out), "--input_file", valid,
                                       "--output_file", str(predictions), "--device", "cpu"])

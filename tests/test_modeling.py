@@ -158,6 +158,9 @@ def test_a_mistyped_run_under_a_local_directory_is_not_looked_up_on_the_hub(tmp_
     for name in ("runs/typo", "runs/typo/checkpoint-4"):  # no network call: refused at once
         with pytest.raises(CheckpointError, match=f"--model_checkpoint {name}: no such directory or file"):
             load_tokenizer_and_model(name)
+    import modeling  # a hub id whose org is also a local directory still loads when the hub's cache has it
+    monkeypatch.setattr(modeling, "try_to_load_from_cache", lambda repo, name: f"/cache/{repo}/{name}")
+    assert modeling._split_gguf("runs/cached") == ("runs/cached", None)
 
 
 def test_saved_files_take_the_umask_not_private_modes(loaded, tmp_path):
