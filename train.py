@@ -7,6 +7,7 @@
 import hashlib
 import logging
 import os
+import signal
 import sys
 from argparse import ArgumentParser, BooleanOptionalAction
 from functools import partial
@@ -42,6 +43,15 @@ NOT_RESUMED = ("resume", "output_dir", "local_rank")
 
 class RunError(ValueError):
     """Flags that do not fit the data, the model or the run resumed: reported in one line, without a traceback."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (kill, a scheduler's time limit, torchrun stopping its workers): the run stops as on Ctrl-C, keeping
+    its last checkpoint and saying how to go on."""
+
+
+def raise_terminated(signum, frame):
+    raise Terminated()
 
 
 def get_args(argv=None):
@@ -392,7 +402,8 @@ def train(argv=None):
     except KeyboardInterrupt:
         if main:
             kept = f"the checkpoint of step {saved['step']} stays" if saved["step"] is not None else "nothing saved yet"
-            logger.warning("Interrupted at optimizer step %d: %s in %s; go on with --resume %s",
+            logger.warning("%s at optimizer step %d: %s in %s; go on with --resume %s",
+                           "Terminated (SIGTERM)" if isinstance(sys.exc_info()[1], Terminated) else "Interrupted",
                            step_of(trainer), kept, run_dir, run_dir)
         raise
     if distributed and not args.fsdp:  # FSDP's processes hold different shards by design
@@ -412,13 +423,16 @@ def train(argv=None):
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, raise_terminated)
     try:
         train()
     # bad input: the message names the file, line or flag
     except (DialogFormatError, FileNotFoundError, IsADirectoryError, InputFormatError, RunError) as e:
         sys.exit(f"train.py: error: {e}")
+    except Terminated:
+        sys.exit(128 + signal.SIGTERM)  # what the run kept was logged; no traceback
     except KeyboardInterrupt:
-        sys.exit(130)  # what the run kept was logged; no traceback
+        sys.exit(130)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # Everything is saved and closed, and the process group destroyed. A finished worker could still abort in
         # the interpreter's teardown ("terminate called without an active exception", SIGABRT, no Python frame),

@@ -1,6 +1,7 @@
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -187,6 +188,26 @@ def test_bad_data_file_ends_the_script_with_file_and_line(tiny_dirs, tmp_path):
     assert done.returncode == 1
     assert done.stderr.strip().endswith(f"train.py: error: {bad}:3: line id 4 follows 2")
 
+
+def test_sigterm_stops_a_run_as_ctrl_c_does_keeping_its_last_checkpoint(tiny_dirs, personachat_file, tmp_path):
+    import signal
+    import time
+
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"),
+                             *tiny_args(tiny_dirs, personachat_file, tmp_path, "run", "--n_epochs", "200",
+                                        "--eval_every", "1")], stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not list(run_dir.glob("checkpoint-*/training_state.pt")) and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(0.5)  # some steps on: it may well land mid-save (every step saves)
+    proc.send_signal(signal.SIGTERM)  # as `kill`, a scheduler's time limit or torchrun stopping its workers
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in err, err[-2000:]
+    assert re.search(r"Terminated \(SIGTERM\) at optimizer step \d+: the checkpoint of step \d+ stays in", err)
+    step = max(int(p.name.split("-")[1]) for p in run_dir.glob("checkpoint-*"))
+    resumed = train_script.train(["--resume", str(run_dir), "--max_steps", str(step + 1), "--n_epochs", "200"])
+    assert read_metrics(resumed)[-1]["step"] == step + 1
 
 def test_a_chat_template_run_is_read_back_in_its_format(tiny_dirs, personachat_file, tmp_path):
     from layouts import InputFormatError
