@@ -164,6 +164,18 @@ def test_concurrent_clients_get_their_own_replies_decoded_together(served):
     assert client.app.state.batcher.batches - batches_before < len(users)  # some were decoded in one batch
 
 
+def test_a_beam_search_server_decodes_concurrent_requests_together_as_each_alone(chatty_dir):
+    beams = make_chat_model(chatty_dir, decoding=DecodingConfig(max_length=8, num_beams=3))
+    users = ["hi", "what do you like", "i am from the city", "do you like cats", "my name is", "how is work"]
+    with TestClient(create_app(beams, max_concurrency=16, max_batch_size=8)) as client:
+        answer = lambda u: ask(client, {"role": "user", "content": u}, max_tokens=8).json()  # noqa: E731
+        alone = [answer(u)["choices"][0]["message"]["content"] for u in users]
+        batches_before = client.app.state.batcher.batches
+        with ThreadPoolExecutor(len(users)) as pool:
+            together = [r["choices"][0]["message"]["content"] for r in pool.map(answer, users)]
+        assert together == alone and len(set(alone)) > 1
+        assert client.app.state.batcher.batches - batches_before < len(users)  # some beams searched in one batch
+
 def test_models_health_and_page(served):
     client, _, _ = served
     assert client.get("/v1/models").json()["data"][0]["id"] == "tiny"
