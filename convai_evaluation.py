@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 from argparse import ArgumentParser
+from dataclasses import asdict
 
 import torch
 from tqdm import tqdm
@@ -223,7 +224,8 @@ def main(argv=None):
     if "f1" in want:
         decoding = "beam" if config.num_beams > 1 else "greedy" if config.no_sample else "sampled"
         results.update({"f1": sum(f1s) / len(f1s), "f1_decoding": decoding,
-                        "rerank": args.rerank if args.rerank > 1 else 0})
+                        "rerank": args.rerank if args.rerank > 1 else 0,
+                        "decoding": asdict(config)})  # every setting, to reproduce the replies
         if args.rerank > 1:  # the same samples picked at random (expected F1) and by an oracle that knows the gold
             results["f1_random_sample"] = sum(sum(r["samples_f1"]) / len(r["samples_f1"]) for r in records) / len(f1s)
             results["f1_best_sample"] = sum(max(r["samples_f1"]) for r in records) / len(f1s)

@@ -136,8 +136,11 @@ def test_rerank_needs_sampled_replies_to_choose_from(flags, message, capsys):
 
 
 def test_f1_results_say_how_replies_were_decoded(chatty, convai_file, tmp_path):
-    results = evaluate(chatty, convai_file, tmp_path, "--eval_type", "f1", "--max_length", "4", "--num_beams", "2")
+    results = evaluate(chatty, convai_file, tmp_path, "--eval_type", "f1", "--max_length", "4", "--num_beams", "2",
+                       "--no_repeat_ngram_size", "3")
     assert results["f1_decoding"] == "beam" and results["rerank"] == 0
+    assert {k: results["decoding"][k] for k in ("max_length", "num_beams", "no_repeat_ngram_size", "no_sample")} == {
+        "max_length": 4, "num_beams": 2, "no_repeat_ngram_size": 3, "no_sample": True}
 
 
 def test_bert_ranker_needs_its_checkpoint(chatty, convai_file, tmp_path):
