@@ -91,3 +91,74 @@ def test_the_page_shows_a_streamed_reply_to_a_typed_message(server, tmp_path):
         assert driver.find_elements(By.CSS_SELECTOR, "#messages .msg") == []
     finally:
         driver.quit()
+
+
+# Records the messages of every chat request the page sends (the real fetch still runs).
+RECORD_REQUESTS = """
+window.sent = [];
+const realFetch = window.fetch;
+window.fetch = (url, options) => {
+  if (options && options.body) window.sent.push(JSON.parse(options.body).messages);
+  return realFetch(url, options);
+};
+"""
+
+# The server answers with an empty reply (it can: max_tokens 1 on a token that decodes to nothing), once.
+ONE_EMPTY_REPLY = """
+const passOn = window.fetch;
+let answered = false;
+window.fetch = (url, options) => {
+  if (answered || !options || !options.body) return passOn(url, options);
+  answered = true;
+  const body = 'data: {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}\\n\\ndata: [DONE]\\n\\n';
+  return Promise.resolve(new Response(body, {headers: {"Content-Type": "text/event-stream"}}));
+};
+"""
+
+
+def test_reset_drops_a_streaming_reply_and_an_empty_reply_does_not_break_the_chat(server, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    def say(text):
+        driver.find_element(By.ID, "input").send_keys(text)
+        driver.find_element(By.ID, "send").click()
+
+    def answered(n):
+        WebDriverWait(driver, 120).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, '#messages [data-done="true"]'))
+                                         == n and not d.find_element(By.ID, "send").get_attribute("disabled"))
+
+    driver = chromium_driver(tmp_path)
+    try:
+        driver.get(server + "/")
+        WebDriverWait(driver, 20).until(lambda d: "smollm2" in d.find_element(By.ID, "model").text)
+        driver.execute_script(RECORD_REQUESTS)
+        say("my cat is called luna. tell me a long story about her")
+        WebDriverWait(driver, 60, poll_frequency=0.02).until(
+            lambda d: d.find_element(By.CSS_SELECTOR, "#messages .assistant").text.strip())
+        streaming = driver.execute_script("""
+            const reply = document.querySelector('#messages .assistant');
+            const streaming = reply.dataset.done === 'false';
+            document.getElementById('reset').click();
+            return streaming;""")
+        assert streaming  # reset while the reply was still coming
+        WebDriverWait(driver, 30).until(lambda d: not d.find_element(By.ID, "send").get_attribute("disabled"))
+        assert driver.find_elements(By.CSS_SELECTOR, "#messages .msg") == []
+        say("hello")
+        answered(1)
+        assert driver.execute_script("return window.sent")[-1] == [{"role": "user", "content": "hello"}]
+        first = driver.find_element(By.CSS_SELECTOR, "#messages .assistant").text
+
+        driver.execute_script(ONE_EMPTY_REPLY)
+        say("are you there?")
+        answered(2)
+        error = driver.find_elements(By.CSS_SELECTOR, "#messages .msg")[-1]
+        assert "error" in error.get_attribute("class") and "no reply" in error.text
+        say("ok, how are you?")
+        answered(3)
+        assert driver.execute_script("return window.sent")[-1] == [
+            {"role": "user", "content": "hello"}, {"role": "assistant", "content": first},
+            {"role": "user", "content": "ok, how are you?"}]  # the unanswered turn left the history
+        assert "assistant" in driver.find_elements(By.CSS_SELECTOR, "#messages .msg")[-1].get_attribute("class")
+    finally:
+        driver.quit()
