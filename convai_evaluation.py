@@ -20,7 +20,7 @@ from transformers import AutoModel, AutoTokenizer
 
 from checkpointing import read_training_args
 from classifier import load_classifier
-from decoding import DecodingConfig, generate, mc_rerank_error
+from decoding import DecodingConfig, check_decoding_ranges, generate, mc_rerank_error
 from dialogs import (NUM_DISTRACTORS, VALID_FRACTION, DialogFormatError, add_distractors, read_dialogs, read_parlai)
 from layouts import INPUT_FORMATS, InputFormatError
 from metrics import f1_score, perplexity
@@ -75,6 +75,7 @@ def get_args(argv=None):
                         help="Where to write the results JSON (default: convai_evaluation.json in the run directory)")
     parser.add_argument("--save_predictions", default="", help="One JSON line per example to this file")
     args = parser.parse_args(argv)
+    check_decoding_ranges(parser, args)
     if args.rerank < 0:
         parser.error(f"--rerank {args.rerank}: the number of replies to sample, at least 0")
     if args.rerank > 1 and args.num_beams > 1:

@@ -50,15 +50,29 @@ def add_decoding_args(parser):
                              "multiple-choice head")
 
 
+def check_decoding_ranges(parser, args):
+    """parser.error for a decoding flag out of its range (interact.py, serve.py and convai_evaluation.py)."""
+    problems = [(args.max_length < 1, f"--max_length {args.max_length}: at least 1"),
+                (args.min_length > args.max_length,
+                 f"--min_length {args.min_length}: more than --max_length {args.max_length}"),
+                (args.temperature <= 0, "--temperature: must be above 0 (use --no_sample for greedy decoding)"),
+                (not 0 <= args.top_p <= 1, f"--top_p {args.top_p}: a probability mass between 0 and 1 (0: off)"),
+                (args.top_k < 0, f"--top_k {args.top_k}: at least 0 (0: off)"),
+                (args.num_beams < 1, f"--num_beams {args.num_beams}: at least 1"),
+                (args.no_repeat_ngram_size < 0, f"--no_repeat_ngram_size {args.no_repeat_ngram_size}: at least 0")]
+    for wrong, message in problems:
+        if wrong:
+            parser.error(message)
+
+
 def check_decoding_args(parser, args):
-    """parser.error for decoding flags that cannot work together."""
+    """parser.error for decoding flags out of range or that cannot work together."""
+    check_decoding_ranges(parser, args)
     if args.rerank < 0:
         parser.error(f"--rerank {args.rerank}: the number of replies to sample, at least 0")
     if args.rerank > 1 and (args.no_sample or args.num_beams > 1):
         parser.error(f"--rerank {args.rerank}: reranks sampled replies; --no_sample and --num_beams decode one "
                      "reply N times over")
-    if args.temperature <= 0:
-        parser.error("--temperature: must be above 0 (use --no_sample for greedy decoding)")
 
 
 def mc_rerank_error(rerank, model, checkpoint):

@@ -10,6 +10,7 @@ everything else to stderr.
 import logging
 import os
 import random
+import re
 import sys
 from argparse import ArgumentParser
 
@@ -24,6 +25,8 @@ from modeling import add_run_args, load_tokenizer_and_model, model_max_length
 from ranking import best_by_mc_head
 from reply_ranker import context_text, score_pairs
 from utils import DATASET_SHORT_NAMES, checkpoint_or_newest_run, resolve_dataset_path, set_seed
+
+COMMANDS = "/reset starts over, /persona shows the persona, Ctrl-D ends"
 
 logger = logging.getLogger(__file__)
 
@@ -77,6 +80,8 @@ def choose_persona(args, checkpoint):
 
 def user_lines(prompt):
     """User messages: prompted in a terminal, one per line when piped; ends at EOF."""
+    if hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(errors="replace")  # bytes that are not UTF-8 become U+FFFD, not a crash
     if not sys.stdin.isatty():
         yield from sys.stdin
         return
@@ -112,7 +117,7 @@ def run(args):
     def show_persona():
         print("Persona: " + (" ".join(persona) if persona else "(none: this data has no personas)"), file=sys.stderr)
 
-    print(f"Chatting with {checkpoint}", file=sys.stderr)
+    print(f"Chatting with {checkpoint} ({COMMANDS})", file=sys.stderr)
     show_persona()
     history, history_text = [], []
     for line in user_lines(">>> "):
@@ -125,6 +130,9 @@ def run(args):
             continue
         if text == "/persona":
             show_persona()
+            continue
+        if re.fullmatch(r"/[a-z]+", text):  # a command, not chat
+            print(f"Unknown command {text}: {COMMANDS}", file=sys.stderr)
             continue
         history.append(encode(text))
         history_text.append(text)
@@ -151,5 +159,6 @@ if __name__ == "__main__":
         run(get_args())
     except KeyboardInterrupt:
         print(file=sys.stderr)
+        sys.exit(130)
     except (DialogFormatError, FileNotFoundError, IsADirectoryError, InputFormatError) as e:
         sys.exit(f"interact.py: error: {e}")

@@ -89,6 +89,11 @@ def persona_and_turns(messages):
         text = message.text().strip()
         if not text:
             raise APIError(400, f"messages[{i}].content: empty; every message needs text", f"messages[{i}].content")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # JSON can carry a lone surrogate ("\udce9"), which no tokenizer takes
+            raise APIError(400, f"messages[{i}].content: not valid Unicode (a lone surrogate at character {e.start})",
+                           f"messages[{i}].content") from None
         if message.role in ("system", "developer"):
             persona += [line.strip() for line in text.splitlines() if line.strip()]
         elif roles and roles[-1] == message.role:

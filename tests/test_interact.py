@@ -25,6 +25,30 @@ def test_piped_conversation_gets_one_reply_per_line_and_ends_at_eof(tiny_dirs, n
     assert "(a new conversation)" in done.stderr
 
 
+def test_bytes_that_are_not_utf8_and_unknown_commands_do_not_end_the_chat(tiny_dirs):
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "interact.py"), "--model_checkpoint", tiny_dirs["llama"],
+                           "--max_length", "4"], input=b"caf\xe9 au lait\n/help\nhi\n", capture_output=True,
+                          timeout=120)
+    err = done.stderr.decode()
+    assert done.returncode == 0, err[-2000:]
+    assert len(done.stdout.splitlines()) == 2  # two messages; the unknown command gets no reply but a hint
+    assert "Unknown command /help: /reset starts over" in err
+    assert any(line.startswith("Chatting with") and "/persona shows" in line for line in err.splitlines())
+
+
+@pytest.mark.parametrize("flags, message", [(["--max_length", "0"], "--max_length 0: at least 1"),
+                                            (["--top_p", "1.5"], "--top_p 1.5: a probability mass"),
+                                            (["--min_length", "30"], "--min_length 30: more than --max_length 20"),
+                                            (["--num_beams", "0"], "--num_beams 0: at least 1")])
+def test_decoding_flags_out_of_range_are_refused(flags, message, capsys):
+    import convai_evaluation
+    import interact
+
+    for get_args in (interact.get_args, convai_evaluation.get_args):
+        with pytest.raises(SystemExit):
+            get_args(flags)
+        assert message in capsys.readouterr().err
+
 def test_same_seed_same_replies(tiny_dirs):
     args = ["--model_checkpoint", tiny_dirs["llama"], "--personality", "i like cats", "--seed", "7",
             "--temperature", "2.0"]

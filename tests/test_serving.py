@@ -132,6 +132,13 @@ def test_bad_input_gets_a_400_naming_the_field_and_the_next_request_works(served
     assert ask(client, {"role": "user", "content": "hi"}, max_tokens=3).status_code == 200
 
 
+def test_a_lone_surrogate_is_a_400_not_a_server_error(served):
+    client, _, _ = served  # JSON may escape one ("\udce9"); it is no text a tokenizer takes
+    response = client.post("/v1/chat/completions", content=b'{"messages": [{"role": "user", "content": "caf\\udce9"}]}',
+                           headers={"Content-Type": "application/json"})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "messages[0].content"
+    assert "lone surrogate" in response.json()["error"]["message"]
+
 def test_malformed_json_and_an_unknown_model_are_refused(served):
     client, _, _ = served
     response = client.post("/v1/chat/completions", content=b"{not json", headers={"Content-Type": "application/json"})
