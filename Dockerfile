@@ -8,6 +8,7 @@ ARG TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
 RUN make install TORCH="$TORCH" PYTHON=python3
 COPY . .
 RUN touch .venv/.installed
-# the chat page and API of the demo run: docker run -p 8000:8000 IMAGE sh -c "make demo && .venv/bin/python serve.py --host 0.0.0.0"
+# the chat page and API of the demo run:
+#   docker run -p 8000:8000 IMAGE sh -c "make demo && .venv/bin/python serve.py --host 0.0.0.0"
 EXPOSE 8000
 CMD ["make", "demo"]

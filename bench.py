@@ -391,7 +391,8 @@ def bench_generate(args):
             "speedup_vs_no_cache": t_no_cache / t_ours,
             "speedup_vs_no_cache_last_position_logits": t_no_cache_last / t_ours,
             "ratio_vs_hf_generate": t_hf / t_ours, "num_beams": args.num_beams, "beam_contexts": args.beam_contexts,
-            "beam_tokens_per_s": n * len(contexts) / t_beam, "beam_batch_speedup_vs_one_at_a_time": t_beam_alone / t_beam}
+            "beam_tokens_per_s": n * len(contexts) / t_beam,
+            "beam_batch_speedup_vs_one_at_a_time": t_beam_alone / t_beam}
 
 
 def bench_rank(args):

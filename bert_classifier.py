@@ -25,8 +25,9 @@ from transformers import AutoModel, AutoTokenizer
 
 from checkpointing import publish
 from classifier import (FIELDS, PAIR_ENCODINGS, POOLINGS, TASKS, TRAINABLE, BertClassifier, DataError, LabelSpace,
-                        classes_from_rows, classification_metric_names, classification_metrics, decide, encode_rows, load_classifier, loss_fn,
-                        model_inputs, pad_batch, probabilities, read_rows, save_classifier, set_trainable)
+                        classes_from_rows, classification_metric_names, classification_metrics, decide, encode_rows,
+                        load_classifier, loss_fn, model_inputs, pad_batch, probabilities, read_rows, save_classifier,
+                        set_trainable)
 from dialogs import DialogFormatError, read_dialogs
 from ranking import HITS_AT, rank_metrics, rank_of_gold
 from reply_ranker import (RANKER_CLASSES, collate_examples, example_scores, multiple_choice_loss, ranker_examples,

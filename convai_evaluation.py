@@ -20,7 +20,7 @@ from transformers import AutoModel, AutoTokenizer
 
 from checkpointing import read_training_args
 from classifier import load_classifier
-from decoding import DecodingConfig, check_decoding_ranges, generate, mc_rerank_error
+from decoding import DecodingConfig, check_decoding_ranges, generate, mc_rerank_error, reply_text
 from dialogs import (NUM_DISTRACTORS, VALID_FRACTION, DialogFormatError, add_distractors, read_dialogs, read_parlai)
 from layouts import INPUT_FORMATS, InputFormatError
 from metrics import f1_score, perplexity
@@ -194,7 +194,7 @@ def main(argv=None):
             replies = generate(model, [c for c in batch for _ in range(samples)], layout, config, generator=generator)
             for i, (record, context) in enumerate(zip(records[start:], batch)):
                 mine = replies[i * samples:(i + 1) * samples]
-                group = [" ".join(tokenizer.decode(r, skip_special_tokens=True).split()) for r in mine]
+                group = [" ".join(reply_text(tokenizer, r).split()) for r in mine]
                 group_f1 = [f1_score(text, [record["gold"]]) for text in group]
                 best = best_by_mc_head(model, context, mine, layout) if samples > 1 else 0  # --rerank's choice
                 record["reply"], record["f1"] = group[best], group_f1[best]

@@ -84,6 +84,12 @@ def mc_rerank_error(rerank, model, checkpoint):
     return ""
 
 
+def reply_text(tokenizer, tokens):
+    """A reply's text. One cut at max_length inside a character (byte-level tokens can hold part of one) ends
+    without the U+FFFD that part decodes to."""
+    return tokenizer.decode(tokens, skip_special_tokens=True).rstrip("\ufffd")
+
+
 def top_filtering(logits, top_k=0, top_p=0.0, filter_value=-float("inf")):
     """Keep, per row, the top_k highest logits and/or the fewest most likely tokens whose probability reaches top_p."""
     logits = logits.clone()

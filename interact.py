@@ -18,7 +18,7 @@ import torch
 
 from checkpointing import read_training_args
 from classifier import load_classifier
-from decoding import DecodingConfig, add_decoding_args, check_decoding_args, generate, mc_rerank_error
+from decoding import DecodingConfig, add_decoding_args, check_decoding_args, generate, mc_rerank_error, reply_text
 from dialogs import DialogFormatError, read_personas
 from layouts import InputFormatError
 from modeling import add_run_args, load_tokenizer_and_model, model_max_length
@@ -139,7 +139,7 @@ def run(args):
         history, history_text = history[-(2 * args.max_history + 1):], history_text[-(2 * args.max_history + 1):]
         context = layout.context_inputs(persona_ids, history, max_len, args.max_length)
         replies = generate(model, [context] * max(args.rerank, 1), layout, config, generator=generator)
-        texts = [" ".join(tokenizer.decode(r, skip_special_tokens=True).split()) for r in replies]  # one line each
+        texts = [" ".join(reply_text(tokenizer, r).split()) for r in replies]  # one line each
         best = 0
         if ranker is not None:
             ranker_model, ranker_tokenizer, _, options = ranker

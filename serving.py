@@ -23,7 +23,7 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from decoding import DecodingConfig, generate
+from decoding import DecodingConfig, generate, reply_text
 from ranking import score_candidates
 from reply_ranker import context_text, score_pairs
 from utils import free_port
@@ -234,7 +234,7 @@ class ChatModel:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def text(self, tokens):
-        return self.tokenizer.decode(tokens, skip_special_tokens=True).lstrip()
+        return reply_text(self.tokenizer, tokens).lstrip()
 
     def config_of(self, request):
         """The server's decoding defaults with the request's max_tokens, temperature (0: greedy) and top_p."""

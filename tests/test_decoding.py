@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from decoding import DecodingConfig, banned_by_ngrams, generate, top_filtering
+from decoding import DecodingConfig, banned_by_ngrams, generate, reply_text, top_filtering
 from layouts import SpecialIds, TransferTransfoLayout
 from modeling import load_tokenizer_and_model
 
@@ -140,7 +140,8 @@ def test_beam_search_in_a_batch_equals_each_context_alone(chat_model):
     wide = DecodingConfig(num_beams=3, max_length=9, no_repeat_ngram_size=2)
     narrow = DecodingConfig(num_beams=2, max_length=6)
     sampled = DecodingConfig(temperature=1.5, max_length=7, min_length=7)
-    rows = [(contexts[1], wide, None), (contexts[0], narrow, None), (contexts[0], sampled, 5), (contexts[1], narrow, None)]
+    rows = [(contexts[1], wide, None), (contexts[0], narrow, None), (contexts[0], sampled, 5),
+            (contexts[1], narrow, None)]
     seeded = lambda seed: seed and torch.Generator().manual_seed(seed)  # noqa: E731
     alone = [generate(model, [c], layout, config, seeded(seed))[0] for c, config, seed in rows]
     seen = []
@@ -252,3 +253,17 @@ def test_chat_template_replies_stop_at_the_end_of_turn(num_beams):
     model = ChatScriptedModel(tokenizer, ["i", "love", "cats"])
     reply = generate(model, [context], layout, DecodingConfig(no_sample=True, num_beams=num_beams, max_length=10))[0]
     assert tokenizer.convert_ids_to_tokens(reply) == ["i", "love", "cats"]
+
+
+def test_a_reply_cut_inside_a_character_ends_before_it():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    byte_level = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))},
+                                      merges=[]))  # one token per byte, as GPT-2's for rare characters
+    byte_level.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=byte_level)
+    tokens = tokenizer("hi \U0001F469", add_special_tokens=False)["input_ids"]
+    assert len(tokens) == 7 and tokenizer.decode(tokens[:-1]).endswith("\ufffd")  # 3 ASCII bytes, 4 of the emoji
+    assert [reply_text(tokenizer, tokens[:n]) for n in (7, 6, 4, 3)] == ["hi \U0001F469", "hi ", "hi ", "hi "]

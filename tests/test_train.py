@@ -174,8 +174,9 @@ def test_two_process_cpu_training_ends_with_identical_weights(tiny_dirs, persona
 
 
 def test_gradient_accumulation_larger_than_the_data_is_refused(tiny_dirs, personachat_file, tmp_path):
-    with pytest.raises(ValueError, match=r"--gradient_accumulation_steps 500: more than the batches of 2 that \d+ "
-                                         r"training examples make per process \(of 1\); lower it or --train_batch_size"):
+    with pytest.raises(ValueError, match=r"--gradient_accumulation_steps 500: more than the batches of 2 that "
+                                         r"\d+ training examples make per process \(of 1\); lower it or "
+                                         r"--train_batch_size"):
         train_script.train(tiny_args(tiny_dirs, personachat_file, tmp_path, "run", "--n_epochs", "1",
                                      "--gradient_accumulation_steps", "500"))
 
