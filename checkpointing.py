@@ -113,14 +113,20 @@ def holds_run(path):
             or bool(checkpoint_dirs(path)) or any(path.glob("best-checkpoint-*")))
 
 
+def _run_file(run_dir, name):
+    """(path of a run's file `name`, None), or for a checkpoint directory without one (its run's file, its step)."""
+    path, match = Path(run_dir) / name, _CHECKPOINT_DIR.match(Path(run_dir).name.removeprefix("best-"))
+    if not path.is_file() and match:
+        return Path(run_dir).parent / name, int(match.group(1))
+    return path, None
+
+
 def read_training_args(run_dir):
     """A run's training_args.json (its flags, seed, world size, ...), or {} where there is none (not a run).
 
     A checkpoint directory inside a run reads the run's.
     """
-    path = Path(run_dir) / "training_args.json"
-    if not path.is_file() and _CHECKPOINT_DIR.match(Path(run_dir).name.removeprefix("best-")):
-        path = Path(run_dir).parent / "training_args.json"
+    path, _ = _run_file(run_dir, "training_args.json")
     if not path.is_file():
         return {}
     with open(path) as f:
@@ -139,9 +145,7 @@ def summarize_run(run_dir):
 
 def read_history(run_dir):
     """A run's validation records (metrics.jsonl); a checkpoint's are its run's up to its step; none: []."""
-    path, step = Path(run_dir) / "metrics.jsonl", None
-    if not path.is_file() and _CHECKPOINT_DIR.match(Path(run_dir).name.removeprefix("best-")):
-        path, step = Path(run_dir).parent / "metrics.jsonl", int(Path(run_dir).name.rsplit("-", 1)[1])
+    path, step = _run_file(run_dir, "metrics.jsonl")
     if not path.is_file():  # a model saved by other means, or a run that never validated
         return []
     with open(path) as f:

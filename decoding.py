@@ -233,19 +233,18 @@ def beam_search(model, contexts, layout, configs):
         keep = []  # (row, token, score) for every row of the next step
         for i, (config, ranked) in enumerate(zip(configs, zip(top_scores.tolist(), top_index.tolist()))):
             kept = []
-            for rank, (score, index) in enumerate(list(zip(*ranked))[:2 * config.num_beams]):  # its own 2k, not 2 width
-                row, token = i * width + index // vocab, index % vocab
-                if done[i] or score == dead:
+            for rank, (score, index) in enumerate(list(zip(*ranked))[:2 * config.num_beams] if not done[i] else []):
+                row, token = i * width + index // vocab, index % vocab  # among its own 2k, not 2 x width
+                if score == dead:
                     break
                 if token in stop_ids:
                     if rank < config.num_beams:  # an ending counts only if it ranks among the beams (as HF's)
                         finished[i].append((score / (len(beams[row]) + 1), beams[row]))
                 elif len(kept) < config.num_beams:
                     kept.append((row, token, score))
-            if not done[i] and (not kept or len(finished[i]) >= config.num_beams):
-                done[i], kept = True, []
-            elif not done[i] and t == config.max_length - 1:  # cut at max_length
+            if kept and len(finished[i]) < config.num_beams and t == config.max_length - 1:  # cut at max_length
                 finished[i] += [(score / (len(beams[row]) + 1), beams[row] + [token]) for row, token, score in kept]
+            if not kept or len(finished[i]) >= config.num_beams or t == config.max_length - 1:
                 done[i], kept = True, []
             keep += kept + [(i * width, layout.pad, dead)] * (width - len(kept))
         if all(done):
@@ -254,8 +253,8 @@ def beam_search(model, contexts, layout, configs):
         beams = [beams[row] + [token] for row, token, _ in keep]
         scores = torch.tensor([score for _, _, score in keep], device=device)
         past.reorder_cache(index)
-        mask = torch.cat([mask[index], torch.ones(len(index), 1, dtype=mask.dtype, device=device)], dim=-1)
-        position = position + 1  # a context's beams share its positions
+        mask = torch.cat([mask, torch.ones(len(index), 1, dtype=mask.dtype, device=device)], dim=-1)
+        position = position + 1  # a context's beams share its mask and positions: neither needs reordering
         tokens = torch.tensor([token for _, token, _ in keep], device=device)[:, None]
         logits, past = model.step(tokens, torch.full_like(tokens, layout.bot_type), mask, position, past)
     return [max(pairs, key=lambda pair: pair[0])[1] if pairs else [] for pairs in finished]  # none: the empty reply

@@ -399,11 +399,11 @@ def train(argv=None):
 
     try:
         trainer.run(train_loader, max_epochs=args.n_epochs)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         if main:
             kept = f"the checkpoint of step {saved['step']} stays" if saved["step"] is not None else "nothing saved yet"
             logger.warning("%s at optimizer step %d: %s in %s; go on with --resume %s",
-                           "Terminated (SIGTERM)" if isinstance(sys.exc_info()[1], Terminated) else "Interrupted",
+                           "Terminated (SIGTERM)" if isinstance(stop, Terminated) else "Interrupted",
                            step_of(trainer), kept, run_dir, run_dir)
         raise
     if distributed and not args.fsdp:  # FSDP's processes hold different shards by design

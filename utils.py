@@ -84,8 +84,9 @@ def file_mode():
 
 def share_saved_files(directory):
     """Give the safetensors files of a saved model the umask's mode: safetensors writes them private (0600)."""
+    mode = file_mode()
     for path in Path(directory).glob("*.safetensors"):
-        path.chmod(file_mode())
+        path.chmod(mode)
 
 
 def atomic_write(path, write_fn, mode="wb"):
