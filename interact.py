@@ -79,16 +79,31 @@ def choose_persona(args, checkpoint):
 
 
 def user_lines(prompt):
-    """User messages: prompted in a terminal, one per line when piped; ends at EOF."""
+    """User messages: prompted in a terminal, one per line when piped; ends at EOF.
+
+    In a terminal (stdin and stdout both), input() reads with GNU readline: arrow keys move along the line and
+    up and down recall earlier messages. Elsewhere the prompt goes to stderr, stdout carrying replies only.
+    """
     if hasattr(sys.stdin, "reconfigure"):
         sys.stdin.reconfigure(errors="replace")  # bytes that are not UTF-8 become U+FFFD, not a crash
     if not sys.stdin.isatty():
         yield from sys.stdin
         return
+    if sys.stdout.isatty():
+        try:
+            import readline  # noqa: F401  (importing it gives input() line editing and history)
+        except ImportError:  # a Python built without it (Windows): input() reads plain lines
+            pass
     while True:
-        print(prompt, end="", file=sys.stderr, flush=True)  # stdout carries replies only
-        line = sys.stdin.readline()
-        if not line:  # EOF (Ctrl-D)
+        try:
+            if sys.stdout.isatty():
+                line = input(prompt) + "\n"
+            else:
+                print(prompt, end="", file=sys.stderr, flush=True)
+                line = sys.stdin.readline()
+                if not line:
+                    raise EOFError
+        except EOFError:  # Ctrl-D
             print(file=sys.stderr)
             return
         yield line

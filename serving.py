@@ -221,6 +221,15 @@ class ServerSettings:
     seed: Optional[int] = None
 
 
+def row_seed(seed, row):
+    """The sampling seed of a request's row `row`: the request's own for row 0, a hash of both for the others.
+
+    Not seed + row, with which requests of consecutive seeds would draw the same samples (seed 5's second choice
+    was seed 6's first).
+    """
+    return seed if row == 0 else random.Random(f"{seed}:{row}").getrandbits(62)
+
+
 class ChatModel:
     """A loaded run, its layout and decoding defaults: requests become rows, batches of rows become replies."""
 
@@ -263,7 +272,7 @@ class ChatModel:
         samples = max(self.settings.rerank, 1) if not config.no_sample and config.num_beams == 1 else 1
         rows = request.n * samples
         seed = request.seed if request.seed is not None else self.rng.getrandbits(62)
-        generators = [torch.Generator(device=self.device).manual_seed(seed + i) for i in range(rows)]
+        generators = [torch.Generator(device=self.device).manual_seed(row_seed(seed, i)) for i in range(rows)]
         return Job([context] * rows, [config] * rows, generators, loop, asyncio.Queue(),
                    stream=samples == 1 and config.num_beams == 1, persona=persona, turns=turns, samples=samples)
 

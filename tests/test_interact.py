@@ -36,6 +36,38 @@ def test_bytes_that_are_not_utf8_and_unknown_commands_do_not_end_the_chat(tiny_d
     assert any(line.startswith("Chatting with") and "/persona shows" in line for line in err.splitlines())
 
 
+def test_a_terminal_gets_line_editing_and_history():
+    """In a terminal, arrow keys edit the line and recall earlier messages (readline), not arrive as escape codes."""
+    pty = pytest.importorskip("pty")
+    import select
+    main_fd, tty_fd = pty.openpty()
+    script = "import interact\nfor line in interact.user_lines('>>> '):\n    print('got', repr(line), flush=True)\n"
+    process = subprocess.Popen([sys.executable, "-c", script], stdin=tty_fd, stdout=tty_fd, stderr=tty_fd, cwd=ROOT,
+                               env={**os.environ, "TERM": "xterm"})
+    os.close(tty_fd)
+    left, up = "\x1b[D", "\x1b[A"
+    out = b""
+
+    def read_until(text):
+        nonlocal out
+        while text.encode() not in out:
+            ready, _, _ = select.select([main_fd], [], [], 30)
+            assert ready, f"no {text!r} from the terminal; it showed {out[-500:]!r}"
+            out += os.read(main_fd, 4096)
+
+    try:
+        read_until(">>> ")
+        os.write(main_fd, f"abc{left}{left}X\r".encode())  # typed abc, moved back two, typed X
+        read_until("got 'aXbc\\n'")
+        os.write(main_fd, f"{up}!\r".encode())  # the last message recalled, ! added
+        read_until("got 'aXbc!\\n'")
+        os.write(main_fd, b"\x04")  # Ctrl-D ends
+        assert process.wait(timeout=30) == 0
+    finally:
+        process.kill()
+        os.close(main_fd)
+
+
 @pytest.mark.parametrize("flags, message", [(["--max_length", "0"], "--max_length 0: at least 1"),
                                             (["--top_p", "1.5"], "--top_p 1.5: a probability mass"),
                                             (["--min_length", "30"], "--min_length 30: more than --max_length 20"),

@@ -96,6 +96,15 @@ def test_n_choices_are_sampled_independently(served):
     assert len({c["message"]["content"] for c in body["choices"]}) > 1
 
 
+def test_requests_of_consecutive_seeds_share_no_samples(served):
+    client, _, _ = served
+    choices = lambda seed, n: [c["message"]["content"] for c in ask(  # noqa: E731
+        client, {"role": "user", "content": "hi"}, n=n, temperature=1.5, seed=seed, max_tokens=12).json()["choices"]]
+    first, second = choices(1, 3), choices(2, 3)
+    assert first[0] == choices(1, 1)[0]  # a request's first choice is its seed's single reply
+    assert not set(first[1:]) & set(second)  # seed + 1 made seed 1's second choice seed 2's first
+
+
 def test_the_persona_is_the_system_part_of_the_prompt_the_model_sees(served):
     client, chat_model, seen = served
     user = {"role": "user", "content": "hi"}
