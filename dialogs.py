@@ -25,10 +25,11 @@ class DialogFormatError(ValueError):
 
 
 def read_dialogs(path, seed=42, num_distractors=NUM_DISTRACTORS, valid_fraction=VALID_FRACTION,
-                 prompt_as_persona=False):
+                 prompt_as_persona=False, need_train=True):
     """Read any supported file into {"train", "valid"} dialogs, splitting or pairing files where needed.
 
     `prompt_as_persona`: the chit-chat corpus only; each conversation's opening prompt becomes its one-line persona.
+    `need_train=False` (evaluation) accepts PersonaChat JSON with a 'valid' list and no dialogs in 'train'.
     """
     path = str(path)
     obj = None if path.endswith(".txt") else _load_json(path)
@@ -39,8 +40,11 @@ def read_dialogs(path, seed=42, num_distractors=NUM_DISTRACTORS, valid_fraction=
         splits = read_parlai_splits(path, seed, valid_fraction)
     elif isinstance(obj, dict) and ("train" in obj or "valid" in obj):
         splits = read_personachat(obj, path)
+        if "train" not in splits and (need_train or not splits.get("valid")):
+            raise DialogFormatError(f"{path}: missing the 'train' list")
         if not splits.get("valid"):  # a train-only file: hold out dialogs, as for the other formats
             splits = split_dialogs(splits["train"], seed, valid_fraction)
+        splits.setdefault("train", [])
     elif _is_chitchat(obj):
         splits = split_dialogs(read_chitchat(obj, path, prompt_as_persona), seed, valid_fraction)
     else:
@@ -48,7 +52,7 @@ def read_dialogs(path, seed=42, num_distractors=NUM_DISTRACTORS, valid_fraction=
             f"{path}: unknown JSON layout: expected PersonaChat ({{'train': [...], 'valid': [...]}}) "
             f"or the chit-chat corpus ({{id: {{'messages': [...]}}}})")
     for name, dialogs in splits.items():
-        if not dialogs:
+        if not dialogs and (need_train or name == "valid"):
             raise DialogFormatError(f"{path}: the {name} split has no dialog with a reply (valid is held out "
                                     f"from the dialogs of train when the file has no valid part: give more dialogs)")
     add_distractors([d for name in sorted(splits) for d in splits[name]], num_distractors, seed, where=path)
@@ -76,7 +80,7 @@ def read_personas(path):
 
 def _load_json(path):
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # a BOM (Windows editors write one) is not text
             return json.load(f)
     except json.JSONDecodeError as e:
         raise DialogFormatError(f"{path}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}") from None
@@ -90,11 +94,9 @@ def _require_strings(value, where):
 
 
 def read_personachat(obj, path):
-    """Validate PersonaChat JSON as the original repo reads it; errors give the JSON path of the fault. A file
-    without a 'valid' list (or with an empty one) gets none here: read_dialogs holds dialogs of train out."""
+    """Validate PersonaChat JSON as the original repo reads it; errors give the JSON path of the fault. The splits
+    are those the file has: read_dialogs holds dialogs of train out where 'valid' is missing or empty."""
     splits = {}
-    if "train" not in obj:
-        raise DialogFormatError(f"{path}: missing the 'train' list")
     for split in [name for name in ("train", "valid") if name in obj]:
         if not isinstance(obj[split], list):
             raise DialogFormatError(f"{path}: {split}: expected a list of dialogs")
@@ -199,7 +201,7 @@ def _numbered_lines(path):
     with open(path, "rb") as f:
         for line_no, raw in enumerate(f, 1):
             try:
-                yield line_no, raw.decode("utf-8")
+                yield line_no, raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
             except UnicodeDecodeError as e:
                 raise DialogFormatError(f"{path}:{line_no}: not UTF-8 text ({e.reason})") from None
 

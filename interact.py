@@ -17,7 +17,7 @@ from argparse import ArgumentParser
 import torch
 
 from checkpointing import read_training_args
-from classifier import load_classifier
+from classifier import DataError, load_classifier
 from decoding import DecodingConfig, add_decoding_args, check_decoding_args, generate, mc_rerank_error, reply_text
 from dialogs import DialogFormatError, read_personas
 from layouts import InputFormatError
@@ -125,7 +125,8 @@ def run(args):
     encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     persona_ids = [encode(s) for s in persona]
     max_len = model_max_length(model)
-    ranker = load_classifier(args.ranker_checkpoint) if args.rerank > 1 and args.ranker_checkpoint else None
+    ranker = load_classifier(args.ranker_checkpoint, "--ranker_checkpoint", ranker=True) \
+        if args.ranker_checkpoint else None
     if ranker is not None:
         ranker[0].to(args.device)
 
@@ -175,5 +176,5 @@ if __name__ == "__main__":
     except KeyboardInterrupt:
         print(file=sys.stderr)
         sys.exit(130)
-    except (DialogFormatError, FileNotFoundError, IsADirectoryError, InputFormatError) as e:
+    except (DataError, DialogFormatError, FileNotFoundError, IsADirectoryError, InputFormatError) as e:
         sys.exit(f"interact.py: error: {e}")

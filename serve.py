@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import uvicorn
 
-from classifier import load_classifier
+from classifier import DataError, load_classifier
 from decoding import DecodingConfig, add_decoding_args, check_decoding_args, mc_rerank_error
 from layouts import InputFormatError
 from modeling import add_run_args, load_tokenizer_and_model, model_max_length
@@ -66,7 +66,8 @@ def build_app(args):
     if problem:
         sys.exit(f"serve.py: error: {problem}; or give --ranker_checkpoint")
     model.to(args.device).eval()
-    ranker = load_classifier(args.ranker_checkpoint) if args.rerank > 1 and args.ranker_checkpoint else None
+    ranker = load_classifier(args.ranker_checkpoint, "--ranker_checkpoint", ranker=True) \
+        if args.ranker_checkpoint else None
     if ranker is not None:
         ranker[0].to(args.device).eval()
     settings = ServerSettings(model_name=args.served_model_name or Path(checkpoint.rstrip("/")).name,
@@ -83,7 +84,7 @@ if __name__ == "__main__":
     arguments = get_args()
     try:
         application = build_app(arguments)
-    except (FileNotFoundError, IsADirectoryError, InputFormatError) as e:
+    except (DataError, FileNotFoundError, IsADirectoryError, InputFormatError) as e:
         sys.exit(f"serve.py: error: {e}")
     print(f"Chat page: http://{arguments.host}:{arguments.port}/  API: http://{arguments.host}:{arguments.port}/v1",
           file=sys.stderr, flush=True)

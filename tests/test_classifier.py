@@ -280,3 +280,124 @@ def test_siamese_classification_needs_text_pairs(tiny_bert, tmp_path):
     model = BertClassifier(AutoModel.from_pretrained(tiny_bert), 2, "mean", pair_encoding="siamese")
     with pytest.raises(ValueError, match="needs a text_pair"):
         model(torch.tensor([[1, 2, 3]]), torch.ones(1, 3, dtype=torch.long))
+
+
+def test_messy_files_are_read_or_refused_with_their_line(tmp_path):
+    latin1 = tmp_path / "latin1.csv"
+    latin1.write_bytes(b"text,label\nhello,pos\ncaf\xe9,neg\n")
+    with pytest.raises(DataError, match=r"latin1.csv:3: not UTF-8 text"):
+        read_rows(latin1)
+    long_csv = tmp_path / "long.csv"
+    long_csv.write_text('text,labels\n"' + "word " * 40000 + '",a | b\n')  # a field over csv's default 131,072
+    row, = read_rows(long_csv)
+    assert len(row["text"]) == 200000 and row["labels"] == ["a", "b"]  # spaces around '|' are not part of labels
+    array = tmp_path / "rows.json"
+    array.write_text(json.dumps([{"text": "hi", "label": "pos"}, {"text": "", "label": "neg"}]))
+    with pytest.raises(DataError, match=r"rows.json:row 1: a row needs a non-empty 'text'"):
+        read_rows(array)
+    array.write_text(json.dumps([{"text": "hi", "label": "pos"}, {"text": "yo\u2028lo", "label": "neg"}]))
+    assert [r["labels"] for r in read_rows(array)] == [["pos"], ["neg"]]
+
+
+def test_multilabel_data_without_any_label_is_refused(tiny_bert, tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", [{"text": "hi there", "labels": []}] * 4)
+    with pytest.raises(DataError, match=r"at least 1 classes are needed, got \[\] \(no row has a label\)"):
+        bert_classifier.main(["train", "--train_file", train, "--output_dir", str(tmp_path / "clf"),
+                              "--model_checkpoint", tiny_bert, "--device", "cpu"])
+
+
+def test_an_undefined_validation_metric_still_saves_the_classifier(tiny_bert, tmp_path, capsys):
+    train = write_jsonl(tmp_path / "train.jsonl", sentiment_rows(20, 3))
+    valid = write_jsonl(tmp_path / "valid.jsonl", [r for r in sentiment_rows(20, 4) if r["label"] == "pos"])
+    out = tmp_path / "clf"
+    bert_classifier.main(["train", "--train_file", train, "--valid_file", valid, "--output_dir", str(out),
+                          "--model_checkpoint", tiny_bert, "--device", "cpu", "--max_steps", "1",
+                          "--validation_metric", "roc_auc"])  # one class in validation: roc_auc is NaN
+    saved = json.loads((out / "valid_metrics.json").read_text())
+    assert saved["roc_auc"] is None and saved["step"] == 1
+    bert_classifier.main(["eval", "--model_checkpoint", str(out), "--input_file", valid, "--json"])
+    assert json.loads(capsys.readouterr().out)["roc_auc"] is None  # valid JSON: null, not NaN
+
+
+def test_training_never_overwrites_another_directory_without_being_asked(tiny_bert, tmp_path, capsys):
+    train = write_jsonl(tmp_path / "train.jsonl", sentiment_rows(20, 3))
+    out = tmp_path / "clf"
+    flags = ["train", "--train_file", train, "--model_checkpoint", tiny_bert, "--device", "cpu", "--max_steps", "1"]
+    bert_classifier.main(flags + ["--output_dir", str(out)])
+    before = (out / "classifier_head.safetensors").read_bytes()
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "training_args.json").write_text("{}")
+    for more, message in ((["--output_dir", str(out)],
+                           "already holds a classifier: give another directory, or --overwrite_output_dir"),
+                          (["--output_dir", str(other), "--overwrite_output_dir"],
+                           "not empty, and not a classifier's directory"),
+                          (["--output_dir", str(run), "--overwrite_output_dir"], "holds a train.py run")):
+        with pytest.raises(SystemExit):
+            bert_classifier.main(flags + more)
+        assert message in capsys.readouterr().err
+    assert (out / "classifier_head.safetensors").read_bytes() == before
+    bert_classifier.main(flags + ["--output_dir", str(out), "--overwrite_output_dir", "--seed", "1"])
+    assert (out / "classifier_head.safetensors").read_bytes() != before
+
+
+def test_a_nan_loss_stops_training_and_keeps_the_saved_classifier(tiny_bert, tmp_path, monkeypatch):
+    train = write_jsonl(tmp_path / "train.jsonl", sentiment_rows(40, 3))
+    out = tmp_path / "clf"
+    real_loss = bert_classifier.loss_fn
+    calls = []
+
+    def loss_fn(*args, **kwargs):  # the third step's loss is NaN
+        calls.append(1)
+        return real_loss(*args, **kwargs) * (float("nan") if len(calls) == 3 else 1.0)
+
+    monkeypatch.setattr(bert_classifier, "loss_fn", loss_fn)
+    with pytest.raises(DataError, match=r"step 3: the loss is nan .* stays in .*clf"):
+        bert_classifier.main(["train", "--train_file", train, "--output_dir", str(out), "--model_checkpoint",
+                              tiny_bert, "--device", "cpu", "--batch_size", "8", "--eval_before_start"])
+    assert json.loads((out / "valid_metrics.json").read_text())["step"] == 0  # the one saved before it
+
+
+def test_reduce_on_plateau_lowers_the_learning_rate_and_it_stays_lowered(tiny_bert, tmp_path, monkeypatch):
+    train = write_jsonl(tmp_path / "train.jsonl", sentiment_rows(16, 3))
+    valid = write_jsonl(tmp_path / "valid.jsonl", sentiment_rows(8, 4))
+    monkeypatch.setattr(bert_classifier, "classification_metrics",  # never better: every validation is a plateau
+                        lambda *a, **k: {"accuracy": 0.5, "f1_macro": 0.5, "roc_auc": 0.5})
+    seen = []
+    real_update = torch.optim.AdamW.step
+
+    def step(self, *args, **kwargs):
+        seen.append(self.param_groups[0]["lr"])
+        return real_update(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    bert_classifier.main(["train", "--train_file", train, "--valid_file", valid, "--output_dir", str(tmp_path / "c"),
+                          "--model_checkpoint", tiny_bert, "--device", "cpu", "--batch_size", "8", "--n_epochs", "3",
+                          "--lr", "1e-3", "--lr_scheduler", "reduceonplateau"])
+    # 2 steps an epoch; the first validation sets the best, each later one halves the rate
+    assert seen == pytest.approx([1e-3, 1e-3, 1e-3, 1e-3, 5e-4, 5e-4])
+
+
+def test_predict_reads_stdin_bytes_that_are_not_utf8_and_refuses_empty_stdin(tiny_bert, tmp_path, monkeypatch,
+                                                                              capsys):
+    import io
+    train = write_jsonl(tmp_path / "train.jsonl", sentiment_rows(20, 3))
+    out = tmp_path / "clf"
+    bert_classifier.main(["train", "--train_file", train, "--output_dir", str(out), "--model_checkpoint", tiny_bert,
+                          "--device", "cpu", "--max_steps", "1"])
+    capsys.readouterr()
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"caf\xe9 au lait\nlovely\n"), encoding="utf-8"))
+    bert_classifier.main(["predict", "--model_checkpoint", str(out)])
+    assert len(capsys.readouterr().out.splitlines()) == 2
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"\n"), encoding="utf-8"))
+    with pytest.raises(DataError, match="<stdin>: no text to classify"):
+        bert_classifier.main(["predict", "--model_checkpoint", str(out)])
+
+
+def test_a_siamese_ranker_needs_distractors_or_a_batch(capsys):
+    with pytest.raises(SystemExit):
+        bert_classifier.get_args(["train", "--ranker", "--output_dir", "d", "--negatives", "0", "--batch_size", "1"])
+    assert "--negatives 0 with --batch_size 1" in capsys.readouterr().err

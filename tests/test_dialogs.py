@@ -3,7 +3,7 @@ import json
 import pytest
 
 from conftest import make_personachat
-from dialogs import DialogFormatError, main, read_dialogs, source_files
+from dialogs import DialogFormatError, main, read_dialogs, read_parlai, source_files
 
 CONVAI2_WITH_CANDS = (
     "1 your persona: i like cats.\n"
@@ -173,3 +173,25 @@ def test_non_utf8_bytes_are_reported_with_their_line(tmp_path):
     path.write_bytes(b"1 hi\tok\n2 caf\xe9\tyes\n")
     with pytest.raises(DialogFormatError, match="latin.txt:2: not UTF-8"):
         read_dialogs(str(path))
+
+
+def test_evaluation_reads_personachat_json_with_a_valid_list_only(tmp_path):
+    data = make_personachat()
+    for train in ("missing", "empty"):
+        obj = {"valid": data["valid"]} if train == "missing" else {"train": [], "valid": data["valid"]}
+        path = write(tmp_path, f"{train}.json", json.dumps(obj))
+        assert len(read_dialogs(path, need_train=False)["valid"]) == len(data["valid"])
+        with pytest.raises(DialogFormatError, match="missing the 'train' list" if train == "missing" else
+                           "the train split has no dialog"):
+            read_dialogs(path)  # training needs the train split
+
+
+def test_a_byte_order_mark_is_not_text(tmp_path):
+    data = make_personachat()
+    json_path = tmp_path / "bom.json"
+    json_path.write_bytes(b"\xef\xbb\xbf" + json.dumps(data).encode())
+    assert len(read_dialogs(json_path)["valid"]) == len(data["valid"])
+    txt = tmp_path / "valid_bom.txt"
+    txt.write_bytes("\ufeff1 your persona: i like cats.\n2 hi\thello|no\n".encode())
+    dialog, = read_parlai(txt)
+    assert dialog["personality"] == ["i like cats."]

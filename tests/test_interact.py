@@ -81,6 +81,17 @@ def test_decoding_flags_out_of_range_are_refused(flags, message, capsys):
             get_args(flags)
         assert message in capsys.readouterr().err
 
+@pytest.mark.parametrize("rerank", [[], ["--rerank", "1"]])
+def test_a_ranker_checkpoint_without_replies_to_rank_is_refused(rerank, capsys):
+    import interact
+    import serve
+
+    for get_args in (interact.get_args, serve.get_args):
+        with pytest.raises(SystemExit):
+            get_args(["--ranker_checkpoint", "r", *rerank])
+        assert "--ranker_checkpoint r: it ranks the replies of --rerank N (N at least 2)" in capsys.readouterr().err
+
+
 def test_same_seed_same_replies(tiny_dirs):
     args = ["--model_checkpoint", tiny_dirs["llama"], "--personality", "i like cats", "--seed", "7",
             "--temperature", "2.0"]

@@ -85,7 +85,7 @@ def test_in_batch_scores_add_the_other_examples_gold_replies(encoder_and_tokeniz
 
 @pytest.mark.parametrize("pair_encoding", ["siamese", "cross"])
 def test_ranker_trains_on_dialogs_and_ranks_in_evaluation_and_chat(tiny_bert_dir, tiny_dirs, personachat_file,
-                                                                   tmp_path, pair_encoding):
+                                                                   tmp_path, pair_encoding, caplog):
     import subprocess
     import sys
 
@@ -105,10 +105,12 @@ def test_ranker_trains_on_dialogs_and_ranks_in_evaluation_and_chat(tiny_bert_dir
                                       "--eval_type", "hits@1", "--ranker", "bert", "--ranker_checkpoint", str(ranker),
                                       "--results_file", str(tmp_path / "r.json"), "--device", "cpu"])
     assert results["ranker"] == "bert" and 0 <= results["hits@1"] <= 1 and results["min_candidates"] == 3
+    assert results["ranker_checkpoint"] == str(ranker)
     baseline = convai_evaluation.main(["--model_checkpoint", tiny_dirs["llama"], "--dataset_path", personachat_file,
                                        "--eval_type", "hits@1", "--ranker", "biencoder", "--ranker_checkpoint",
                                        tiny_bert_dir, "--results_file", str(tmp_path / "b.json"), "--device", "cpu"])
     assert baseline["ranker"] == "biencoder" and 0 <= baseline["hits@1"] <= 1
+    assert baseline["ranker_checkpoint"] == tiny_bert_dir
     done = subprocess.run([sys.executable, f"{ROOT}/interact.py", "--model_checkpoint", tiny_dirs["llama"],
                            "--personality", "i like cats", "--rerank", "3", "--ranker_checkpoint", str(ranker),
                            "--max_length", "5"], input="hello\nhow are you\n", capture_output=True, text=True,
@@ -118,6 +120,29 @@ def test_ranker_trains_on_dialogs_and_ranks_in_evaluation_and_chat(tiny_bert_dir
     from classifier import DataError
     with pytest.raises(DataError, match="is a reply ranker"):
         bert_classifier.main(["predict", "--model_checkpoint", str(ranker), "--input_file", f"{ROOT}/README.md"])
+    # a ranker whose training split is not the one held out here is named as possibly trained on the examples
+    import logging
+    import shutil
+    other_split = tmp_path / "other_split"
+    shutil.copytree(ranker, other_split)
+    config = json.load(open(other_split / "classifier.json"))
+    assert (config["dataset_path"], config["split_seed"]) == (personachat_file, 42)
+    json.dump(dict(config, split_seed=7), open(other_split / "classifier.json", "w"))
+    with caplog.at_level(logging.WARNING):
+        convai_evaluation.main(["--model_checkpoint", tiny_dirs["llama"], "--dataset_path", personachat_file,
+                                "--eval_type", "hits@1", "--ranker", "bert", "--ranker_checkpoint", str(other_split),
+                                "--results_file", str(tmp_path / "o.json"), "--device", "cpu", "--max_examples", "2"])
+    assert "with seed 7" in caplog.text and "it may have trained on some of them" in caplog.text
+    assert "may have trained" not in "".join(r.message for r in caplog.records if "other_split" not in r.message)
+    # and the other way round: a classifier that is not a ranker does not rank replies
+    classifier_dir = tmp_path / "classifier"
+    shutil.copytree(ranker, classifier_dir)
+    json.dump(dict(config, ranker=False, classes=["neg", "pos"]), open(classifier_dir / "classifier.json", "w"))
+    with pytest.raises(DataError, match=r"--ranker_checkpoint .*classifier: a binary classifier of \['neg', 'pos'\], "
+                                        r"not a reply ranker"):
+        convai_evaluation.main(["--model_checkpoint", tiny_dirs["llama"], "--dataset_path", personachat_file,
+                                "--eval_type", "hits@1", "--ranker", "bert", "--ranker_checkpoint",
+                                str(classifier_dir), "--results_file", str(tmp_path / "c.json"), "--device", "cpu"])
 
 
 def test_ranker_defaults_and_the_cross_encoder_needs_distractors(capsys):

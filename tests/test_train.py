@@ -117,6 +117,11 @@ def test_a_directory_holding_a_run_is_not_trained_into_again(tiny_dirs, personac
         train_script.get_args(tiny_args(tiny_dirs, personachat_file, tmp_path, "run", "--lr", "1e-3"))
     assert f"--output_dir {run_dir} already holds a run" in capsys.readouterr().err
     assert train_script.get_args(tiny_args(tiny_dirs, personachat_file, tmp_path, "new")).output_dir
+    (tmp_path / "clf").mkdir()
+    (tmp_path / "clf" / "classifier.json").write_text("{}")  # a BERT classifier's directory: not overwritten either
+    with pytest.raises(SystemExit):
+        train_script.get_args(tiny_args(tiny_dirs, personachat_file, tmp_path, "clf"))
+    assert f"--output_dir {tmp_path / 'clf'} holds a saved model (classifier.json)" in capsys.readouterr().err
 
 
 def test_a_resumed_run_goes_on_rotating_the_checkpoints_saved_before_it(tiny_dirs, personachat_file, tmp_path):
