@@ -95,6 +95,21 @@ def checkpoint_dirs(run_dir):
                   if (m := _CHECKPOINT_DIR.match(p.name)))
 
 
+def has_checkpoint(path):
+    """Whether `path` is a checkpoint to resume from, or a run directory holding one."""
+    path = Path(path)
+    return (path / TRAINING_STATE).is_file() or any((p / TRAINING_STATE).is_file() for _, p in checkpoint_dirs(path))
+
+
+def keep_history_until(run_dir, step):
+    """Drop a run's validation records past `step` (-1: all): a resumed run validates those steps again."""
+    path = Path(run_dir) / "metrics.jsonl"
+    history = read_history(run_dir)
+    kept = [record for record in history if record["step"] <= step]
+    if len(kept) < len(history):
+        atomic_write(path, lambda f: f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in kept), mode="w")
+
+
 def latest_checkpoint(path):
     """The checkpoint directory to resume from: `path` itself when it is one, else its newest checkpoint-<step>."""
     path = Path(path)
@@ -178,6 +193,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.merge and not is_adapter_run(args.run_dir):
         parser.error(f"--merge: {args.run_dir} has no LoRA adapter ({ADAPTER_CONFIG}); it is a plain run already")
+    if args.merge and os.path.exists(args.merge) and (not os.path.isdir(args.merge) or os.listdir(args.merge)):
+        parser.error(f"--merge {args.merge}: already exists and is not an empty directory (the run itself, another "
+                     f"run or other files, which the merged run would overwrite): give a new directory")
     try:
         if args.merge:
             merge_run(args.run_dir, args.merge)

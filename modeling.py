@@ -85,7 +85,7 @@ class DoubleHeads(nn.Module):
                                        use_cache=False)
         mc_logits = None
         if mc_token_ids is not None:
-            mc_logits = self.mc_logits_at(hidden, mc_token_ids.view(-1)).view(batch, n_cand)
+            mc_logits = self.mc_logits_at(hidden, mc_token_ids.reshape(batch, n_cand))
         nll_sum, count = (shifted_nll(hidden, lm_labels.view(-1, length), self.lm.get_output_embeddings())
                           if lm_labels is not None else (None, None))
         return nll_sum, count, mc_logits
@@ -153,7 +153,8 @@ class DoubleHeads(nn.Module):
         per row, or (rows, k), k positions per row (a packed row's candidates)."""
         at = index.reshape(hidden.shape[0], -1, 1).expand(-1, -1, hidden.shape[-1])
         last = hidden.gather(1, at).view(*index.shape, hidden.shape[-1])
-        return self.mc_head(self.mc_dropout(last)).squeeze(-1).float()
+        # a copy, not a view of the head's output: FSDP2 warns of a sharded module returning a view
+        return self.mc_head(self.mc_dropout(last)).squeeze(-1).float().clone()
 
     def step(self, input_ids, token_type_ids, attention_mask, position_ids, cache=None):
         """Next-token logits at the last position, reading and extending the KV cache (for decoding)."""

@@ -22,8 +22,8 @@ from ignite.metrics import Accuracy, RunningAverage
 from torch.nn.parallel import DistributedDataParallel
 
 from adapters import add_lora, has_lora, parameter_counts
-from checkpointing import (RunSaver, holds_run, latest_checkpoint, load_training_state, read_training_args,
-                           restore_rotation)
+from checkpointing import (RunSaver, has_checkpoint, holds_run, keep_history_until, latest_checkpoint,
+                           load_training_state, read_training_args, restore_rotation)
 from dialogs import DialogFormatError
 from inputs import DoubleHeadDataset, LengthGroupedBatchSampler, collate
 from layouts import INPUT_FORMATS, InputFormatError
@@ -58,16 +58,26 @@ def get_args(argv=None):
     """Parse the flags; with --resume, the run's saved flags are the defaults and the given ones override them."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    started_over = False
     if args.resume:
         if args.output_dir:
             parser.error("--output_dir: a resumed run goes on in the directory given to --resume")
-        saved = read_training_args(latest_checkpoint(args.resume).parent)
+        if not has_checkpoint(args.resume) and (Path(args.resume) / "training_args.json").is_file():
+            # stopped before its first checkpoint: nothing to go on from, so the run starts over with its flags
+            logger.warning("%s has no checkpoint yet: starting the run over, with its flags", args.resume)
+            saved, started_over = read_training_args(args.resume), True
+        else:
+            saved = read_training_args(latest_checkpoint(args.resume).parent)
         if not saved:
             logger.warning("No training_args.json beside %s: resuming with the flags given only", args.resume)
         parser.set_defaults(**{k: v for k, v in saved.items() if k in vars(args) and k not in NOT_RESUMED})
         args = parser.parse_args(argv)
-    if args.dataset_path and os.path.exists(args.dataset_path):  # saved so, the run's data is found from anywhere
-        args.dataset_path = os.path.abspath(args.dataset_path)
+        if started_over:
+            args.output_dir, args.resume = str(Path(args.resume)), ""
+    for name in ("dataset_path", "model_checkpoint"):  # saved so, the run's data and base are found from anywhere
+        value = getattr(args, name)
+        if value and os.path.exists(value):
+            setattr(args, name, os.path.abspath(value))
     if args.num_candidates < 2:
         parser.error("--num_candidates: the multiple-choice head needs at least 2 (the gold reply and a distractor)")
     if args.max_reply_len < 0:
@@ -87,15 +97,21 @@ def get_args(argv=None):
     if args.n_epochs < 1 or args.max_steps < 0:
         parser.error(f"--n_epochs {args.n_epochs} / --max_steps {args.max_steps}: at least 1 epoch, and 0 steps "
                      f"(as many as the epochs take) or more")
-    if args.lora_target_modules and not args.lora_r:
-        parser.error("--lora_target_modules: adapters need --lora_r (their rank); without it the whole model trains")
+    if args.lora_r < 0 or args.lora_alpha < 0 or not 0 <= args.lora_dropout < 1:
+        parser.error(f"--lora_r {args.lora_r} / --lora_alpha {args.lora_alpha} / --lora_dropout {args.lora_dropout}: "
+                     f"a rank of 0 (off) or more, an alpha of 0 (2 x rank) or more, a dropout in [0, 1)")
+    for flag, given in (("--lora_target_modules", args.lora_target_modules), ("--lora_alpha", args.lora_alpha)):
+        if given and not args.lora_r:
+            parser.error(f"{flag}: adapters need --lora_r (their rank); without it the whole model trains")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: this torch sees no CUDA GPU (use --device cpu)")
     try:
         amp_dtype(args.fp16)
     except ValueError as e:
         parser.error(str(e))
     if args.fsdp and int(os.environ.get("WORLD_SIZE", 1)) <= 1 and resolve_local_rank(args.local_rank) < 0:
         parser.error("--fsdp: launch with torchrun (e.g. torchrun --nproc_per_node=2 train.py --fsdp ...)")
-    if not args.resume and args.output_dir and holds_run(args.output_dir):
+    if not args.resume and not started_over and args.output_dir and holds_run(args.output_dir):
         parser.error(f"--output_dir {args.output_dir} already holds a run: go on with it with --resume "
                      f"{args.output_dir}, or give a new directory (two runs in one would mix their checkpoints "
                      f"and metrics)")
@@ -162,14 +178,14 @@ def build_parser():
                         help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--fp16", type=str, default="",
                         help="Mixed precision with torch.amp: fp16 (O1/O2/O3 also mean fp16) or bf16 (default: off)")
-    parser.add_argument("--fsdp", action="store_true",
+    parser.add_argument("--fsdp", action=BooleanOptionalAction, default=False,
                         help="Shard parameters, gradients and optimizer state across torchrun's processes (FSDP2); "
-                             "checkpoints are saved whole")
+                             "checkpoints are saved whole (--no-fsdp: resume a sharded run in one process)")
     parser.add_argument("--compile", action=BooleanOptionalAction, default=False,
                         help="torch.compile the transformer stack (inductor, shapes dynamic): fused kernels for a "
                              "GPU that waits on the host; the first step and the first validation compile "
                              "(--no-compile: resume a compiled run without it)")
-    parser.add_argument("--gradient_checkpointing", action="store_true",
+    parser.add_argument("--gradient_checkpointing", action=BooleanOptionalAction, default=False,
                         help="Recompute activations in backward: less memory for long histories and many candidates")
     parser.add_argument("--seed", type=int, default=42, help="Seed of data order, dropout and splits (default: 42)")
     parser.add_argument("--resume", type=str, default="",
@@ -273,18 +289,30 @@ def train(argv=None):
     if total_steps < 1:
         raise RunError(f"--n_epochs {args.n_epochs}: no optimizer step would be taken")
 
-    if args.lora_r and not has_lora(model):
+    if has_lora(model):  # a LoRA run resumed or trained on: its adapter trains, of the rank it has
+        rank_saved = model.lm.peft_config["default"].r
+        if args.lora_r and args.lora_r != rank_saved:
+            raise RunError(f"--lora_r {args.lora_r}: {resume_dir or args.model_checkpoint} has an adapter of rank "
+                           f"{rank_saved}, which goes on training; drop --lora_r or give {rank_saved}")
+        args.lora_r = rank_saved
+    elif args.lora_r:
         if resume_dir:
             raise RunError(f"--lora_r: {resume_dir} was trained without LoRA; resume it without --lora_r")
-        add_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_target_modules,
-                 model.new_token_ids, base_model=args.model_checkpoint)
+        try:
+            add_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_target_modules,
+                     getattr(model, "new_token_ids", ()), base_model=args.model_checkpoint)
+        except ValueError as e:  # GPT-2's heads, or target modules the model lacks (peft's error names them)
+            raise RunError(str(e) if str(e).startswith("--lora_r") else f"--lora_target_modules: {e}") from None
     trainable, total = parameter_counts(model)
     logger.info("Trainable parameters: %d of %d (%.2f%%)", trainable, total, 100 * trainable / total)
     model.to(device)
     if args.gradient_checkpointing:
         model.lm.gradient_checkpointing_enable()
     if args.fsdp:
-        shard_model(model, dtype)
+        try:
+            shard_model(model, dtype)
+        except ValueError as e:  # a model it cannot shard
+            raise RunError(str(e)) from None
     if args.compile:
         compile_decoder(model)
     raw_model = model
@@ -336,16 +364,26 @@ def train(argv=None):
                             global_step_transform=lambda engine, _: step_of(engine))
     saved = {"step": None}  # the optimizer step of the newest checkpoint
     if resume_dir:  # before anything is written: a refused or finished resume leaves the run as it was
+        saved_args = read_training_args(run_dir)
         state = load_training_state(resume_dir)
         saved_groups = len(state["optimizer"]["param_groups"])
         if saved_groups != len(optimizer.param_groups):
             raise RunError(f"--mc_lr: {resume_dir} was trained {'with' if saved_groups > 1 else 'without'} it; "
                            f"resume {'with' if saved_groups > 1 else 'without'} --mc_lr")
+        if args.fsdp and not saved_args.get("fsdp"):
+            raise RunError(f"--fsdp: {resume_dir} was trained without it, and its optimizer state is not a sharded "
+                           f"run's; resume it without --fsdp")
         peak_lrs = [group["peak_lr"] for group in optimizer.param_groups]
         # runs saved before the best checkpoint existed have none to restore
         Checkpoint.load_objects(to_load={k: v for k, v in to_save.items() if k in state}, checkpoint=state)
         for group, peak_lr in zip(optimizer.param_groups, peak_lrs):  # the flags given now, not the saved ones
             group["peak_lr"] = peak_lr
+        if trainer.state.epoch_length != len(train_loader):  # ignite keeps the saved epoch length
+            raise RunError(f"{resume_dir}: its epochs were {trainer.state.epoch_length} batches per process "
+                           f"({saved_args.get('world_size', '?')} processes, --train_batch_size "
+                           f"{saved_args.get('train_batch_size', '?')}); these flags make {len(train_loader)} "
+                           f"({world_size} processes, --train_batch_size {args.train_batch_size}): resume with the "
+                           f"run's")
         saved["step"] = step_of(trainer)
         restore_rotation(checkpoint, newest_saver, step_of(trainer))
         logger.info("Resumed from %s at optimizer step %d", resume_dir, step_of(trainer))
@@ -359,6 +397,8 @@ def train(argv=None):
     RunningAverage(output_transform=lambda o: o["loss"]).attach(trainer, "loss")  # all ranks: it all-reduces
     if main:
         os.makedirs(run_dir, exist_ok=True)
+        # validations past the step it goes on from (logged before a checkpoint that was not saved) are redone
+        keep_history_until(run_dir, saved["step"] if resume_dir else -1)
         write_json(os.path.join(run_dir, "training_args.json"),
                    dict(vars(args), run_dir=str(run_dir), world_size=world_size, max_seq_len_used=max_len,
                         total_steps=total_steps, trainable_parameters=trainable, parameters=total))

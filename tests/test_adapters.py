@@ -116,3 +116,65 @@ def test_lora_cannot_be_added_to_a_resumed_full_run(tiny_dirs, personachat_file,
                                        "--n_epochs", "1"))
     with pytest.raises(ValueError, match="trained without LoRA"):
         train_script.train(["--resume", str(run), "--lora_r", "4", "--max_steps", "2"])
+
+
+def on_model(checkpoint, args):
+    """train.py flags with another --model_checkpoint."""
+    i = args.index("--model_checkpoint")
+    return args[:i + 1] + [checkpoint] + args[i + 2:]
+
+
+def test_merge_never_overwrites_a_directory_that_is_not_new_or_empty(tiny_dirs, tmp_path, capsys):
+    tokenizer, model, _ = lora_model(tiny_dirs["llama"])
+    save_model(model, tokenizer, tmp_path / "run")
+    before = sorted(os.listdir(tmp_path / "run"))
+    for out in (tmp_path / "run", tmp_path / "other"):
+        (tmp_path / "other").mkdir(exist_ok=True)
+        (tmp_path / "other" / "training_args.json").write_text("{}")
+        with pytest.raises(SystemExit):
+            checkpointing_main([str(tmp_path / "run"), "--merge", str(out)])
+        assert "already exists and is not an empty directory" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path / "run")) == before and os.listdir(tmp_path / "other") == ["training_args.json"]
+    (tmp_path / "empty").mkdir()
+    checkpointing_main([str(tmp_path / "run"), "--merge", str(tmp_path / "empty")])
+    assert "model.safetensors" in os.listdir(tmp_path / "empty")
+
+
+def test_a_lora_run_names_its_base_so_that_it_loads_from_anywhere(tiny_dirs, personachat_file, tmp_path,
+                                                                  monkeypatch):
+    import json
+    import shutil
+    shutil.copytree(tiny_dirs["llama"], tmp_path / "base")
+    monkeypatch.chdir(tmp_path)  # the base given relative to here
+    run = train_script.train(on_model("base", tiny_args(tiny_dirs, personachat_file, tmp_path, "run", "--lora_r", "4",
+                                                        "--max_steps", "1", "--n_epochs", "1")))
+    assert json.load(open(run / "training_args.json"))["model_checkpoint"] == str(tmp_path / "base")
+    monkeypatch.chdir(tmp_path / "run")
+    _, model, _ = load_tokenizer_and_model(str(run))
+    assert has_lora(model)
+
+
+def test_lora_flags_that_cannot_apply_are_refused(tiny_dirs, personachat_file, tmp_path, capsys):
+    for extra, message in ((["--lora_r", "-2"], "--lora_r -2 / --lora_alpha 0 / --lora_dropout 0.05: a rank"),
+                           (["--lora_r", "4", "--lora_dropout", "1.5"], "a dropout in [0, 1)"),
+                           (["--lora_alpha", "16"], "--lora_alpha: adapters need --lora_r")):
+        with pytest.raises(SystemExit):
+            train_script.get_args(tiny_args(tiny_dirs, personachat_file, tmp_path, "x", *extra))
+        assert message in capsys.readouterr().err
+    with pytest.raises(train_script.RunError, match="--lora_target_modules: .*foo_proj"):
+        train_script.train(tiny_args(tiny_dirs, personachat_file, tmp_path, "y", "--lora_r", "4",
+                                     "--lora_target_modules", "foo_proj", "--max_steps", "1"))
+    with pytest.raises(train_script.RunError, match="--lora_r: GPT/GPT-2 double-heads models are not supported"):
+        train_script.train(on_model(tiny_dirs["gpt2"], tiny_args(tiny_dirs, personachat_file, tmp_path, "z",
+                                                                 "--lora_r", "4", "--max_steps", "1")))
+
+
+def test_a_resumed_lora_run_keeps_its_rank_and_refuses_another(tiny_dirs, personachat_file, tmp_path):
+    import json
+    run = train_script.train(tiny_args(tiny_dirs, personachat_file, tmp_path, "run", "--lora_r", "4",
+                                       "--max_steps", "1", "--n_epochs", "2"))
+    with pytest.raises(train_script.RunError, match="has an adapter of rank 4, which goes on training"):
+        train_script.train(["--resume", str(run), "--lora_r", "16", "--max_steps", "2"])
+    on_top = train_script.train(on_model(str(run), tiny_args(tiny_dirs, personachat_file, tmp_path, "on_top",
+                                                             "--max_steps", "1")))
+    assert json.load(open(on_top / "training_args.json"))["lora_r"] == 4  # the adapter it trained, as it was

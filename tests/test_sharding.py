@@ -39,7 +39,8 @@ def weights(run_dir, *names):
 def test_fsdp_takes_the_steps_of_ddp_and_saves_whole_checkpoints_that_resume(tiny_dirs, personachat_file, tmp_path):
     common = ("--max_steps", "3", "--n_epochs", "2")
     torchrun(tiny_args(tiny_dirs, personachat_file, tmp_path, "ddp", *common), tmp_path)
-    torchrun(tiny_args(tiny_dirs, personachat_file, tmp_path, "fsdp", "--fsdp", *common), tmp_path)
+    done = torchrun(tiny_args(tiny_dirs, personachat_file, tmp_path, "fsdp", "--fsdp", *common), tmp_path)
+    assert "returned a view tensor" not in done.stderr  # FSDP2's warning on a module's output that is a view
     files = ("model.safetensors", "double_heads.safetensors")
     ddp, fsdp = weights(tmp_path / "ddp", *files), weights(tmp_path / "fsdp", *files)
     assert_same_tensors(fsdp, ddp)  # whole tensors, the same values to fp32 tolerance
@@ -52,6 +53,17 @@ def test_fsdp_takes_the_steps_of_ddp_and_saves_whole_checkpoints_that_resume(tin
     torchrun(["--resume", str(tmp_path / "ddp"), "--max_steps", "5"], tmp_path)
     assert [m["step"] for m in read_metrics(tmp_path / "fsdp")] == [3, 5]
     assert_same_tensors(weights(tmp_path / "fsdp", *files), weights(tmp_path / "ddp", *files))
+
+    # a plain run's optimizer state is not a sharded one's: refused; a sharded run goes on in one process
+    cmd = [sys.executable, *torchrun_launcher(2), os.path.join(ROOT, "train.py"), "--resume", str(tmp_path / "ddp"),
+           "--fsdp", "--max_steps", "6"]
+    refused = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                             env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT))
+    assert refused.returncode and "--fsdp: " in refused.stderr and "resume it without --fsdp" in refused.stderr
+    assert [m["step"] for m in read_metrics(tmp_path / "ddp")] == [3, 5]
+    train_script.train(["--resume", str(tmp_path / "fsdp"), "--no-fsdp", "--max_steps", "6",
+                        "--train_batch_size", "4"])  # one process: batches twice the size keep the epochs' length
+    assert [m["step"] for m in read_metrics(tmp_path / "fsdp")] == [3, 5, 6]
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])

@@ -86,6 +86,10 @@ def test_resume_after_an_interruption_equals_an_uninterrupted_run(tiny_dirs, per
     train_interrupted_in_epoch_2(monkeypatch, tiny_args(tiny_dirs, personachat_file, tmp_path, "cut", "--n_epochs", "2"))
     cut = tmp_path / "cut"
     assert sorted(p.name for p in cut.glob("checkpoint-*")) == ["checkpoint-6"]  # the last good one stays
+    with pytest.raises(train_script.RunError, match=r"its epochs were 12 batches per process .* these flags make 24"):
+        train_script.train(["--resume", str(cut), "--train_batch_size", "1"])  # epochs would misalign
+    with open(cut / "metrics.jsonl", "a") as f:  # a validation logged, then stopped before its checkpoint was saved
+        f.write(json.dumps({"step": 9, "ppl": 1.0}) + "\n")
     resumed = train_script.train(["--resume", str(cut)])  # the saved flags come back
     assert resumed == cut
     a, b = load_file(os.path.join(whole, "model.safetensors")), load_file(os.path.join(cut, "model.safetensors"))
@@ -93,6 +97,40 @@ def test_resume_after_an_interruption_equals_an_uninterrupted_run(tiny_dirs, per
     for name in a:
         assert torch.allclose(a[name], b[name], atol=1e-6), name
     assert [m["step"] for m in read_metrics(cut)] == [6, 12]
+
+
+def test_a_run_stopped_before_its_first_checkpoint_starts_over_on_resume(tiny_dirs, personachat_file, tmp_path,
+                                                                         monkeypatch):
+    flags = ("--n_epochs", "1", "--eval_before_start")
+    whole = train_script.train(tiny_args(tiny_dirs, personachat_file, tmp_path, "whole", *flags))
+    real_make_update = train_script.make_update
+
+    def dies_at_once(*args, **kwargs):
+        def dying(engine, batch):
+            raise KeyboardInterrupt
+        return dying
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train_script, "make_update", dies_at_once)
+        with pytest.raises(KeyboardInterrupt):
+            train_script.train(tiny_args(tiny_dirs, personachat_file, tmp_path, "cut", *flags))
+    cut = tmp_path / "cut"
+    assert not list(cut.glob("checkpoint-*")) and [m["step"] for m in read_metrics(cut)] == [0]
+    assert train_script.make_update is real_make_update
+    assert train_script.train(["--resume", str(cut)]) == cut
+    assert [m["step"] for m in read_metrics(cut)] == [0, 6]  # the step-0 validation once, not twice
+    a, b = load_file(os.path.join(whole, "model.safetensors")), load_file(os.path.join(cut, "model.safetensors"))
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-6), name
+
+
+def test_sharding_and_recomputation_can_be_turned_off_on_resume_and_a_missing_gpu_is_named(capsys):
+    args = train_script.build_parser().parse_args(["--no-fsdp", "--no-gradient_checkpointing"])
+    assert args.fsdp is False and args.gradient_checkpointing is False
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            train_script.get_args(["--device", "cuda"])
+        assert "--device cuda: this torch sees no CUDA GPU" in capsys.readouterr().err
 
 
 def test_resume_after_max_steps_takes_the_remaining_steps_and_a_finished_run_stays(tiny_dirs, personachat_file,
