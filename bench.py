@@ -465,7 +465,7 @@ def bench_quality(args):
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench_quality_"))
     work.mkdir(parents=True, exist_ok=True)
     rows = {}
-    for input_format in ("transfertransfo", "chat_template"):
+    for input_format in INPUT_FORMATS:
         rankers = ["mc", "lm"] + (["biencoder"] if input_format == "transfertransfo" else [])
         row = evaluate(model, args, str(work / f"zero_shot_{input_format}.json"), "--input_format", input_format,
                        "--ranker", *rankers)
@@ -491,10 +491,9 @@ def bench_quality(args):
             "train_seconds": train_seconds, "rows": rows, "deltas": deltas,
             "mc_beats_zero_shot_lm_and_biencoder": rows[trained]["mc_hits@1"] > max(
                 zero_shot["lm_hits@1"], rows["biencoder (untrained MiniLM)"]["biencoder_hits@1"]),
-            "zero_shot_ppl_ratio_transfertransfo_over_chat_template":
-                rows["zero-shot transfertransfo"]["ppl"] / rows["zero-shot chat_template"]["ppl"],
-            "zero_shot_reply_ppl_ratio_transfertransfo_over_chat_template":
-                rows["zero-shot transfertransfo"]["reply_ppl"] / rows["zero-shot chat_template"]["reply_ppl"],
+            **{f"zero_shot_{kind}_ratio_transfertransfo_over_{other}":
+               rows["zero-shot transfertransfo"][kind] / rows[f"zero-shot {other}"][kind]
+               for other in INPUT_FORMATS[1:] for kind in ("ppl", "reply_ppl")},
             "work_dir": str(work)}
 
 
@@ -627,7 +626,7 @@ def main(argv=None):
     serve.add_argument("--clients", type=int, default=8, help="Concurrent clients, and the batch size (default: 8)")
     serve.add_argument("--requests", type=int, default=32, help="Requests sent in each phase (default: 32)")
     serve.add_argument("--max_tokens", type=int, default=32, help="max_tokens of each request (default: 32)")
-    quality = add_command(sub, "quality", "held-out hits@1 / ppl / F1: zero-shot in both formats, then trained")
+    quality = add_command(sub, "quality", "held-out hits@1 / ppl / F1: zero-shot in every format, then trained")
     quality.add_argument("--max_steps", type=int, default=200, help="Optimizer steps of the run (default: 200)")
     quality.add_argument("--max_examples", type=int, default=200,
                          help="Held-out examples every model is scored on (default: 200)")

@@ -11,6 +11,9 @@ and the reply are the bot's), for the speaker embeddings.
 - `chat_template`: the tokenizer's own chat template, as the pretrained model saw its conversations: the persona
   (one line each) is the system message, turns are user/assistant messages and the reply is the last assistant
   message. No tokens are added; token types are BOT and USER, two ids outside any vocabulary.
+- `transcript`: a plain-text transcript, as dialogs appear in the text a model is pretrained on: `Persona: ...`
+  lines, then `A: turn` / `B: turn` lines alternating back from the reply, which is B's and ends with a newline.
+  No tokens are added (but a pad); token types as in chat_template.
 """
 from collections import namedtuple
 from itertools import chain
@@ -21,7 +24,7 @@ ATTR_TO_SPECIAL_TOKEN = {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token"
                          "additional_special_tokens": ["<speaker1>", "<speaker2>"]}
 SpecialIds = namedtuple("SpecialIds", "bos eos speaker1 speaker2 pad")
 BOT_TYPE, USER_TYPE = -1, -2  # chat_template token types; negative, so never a token id (nor the padding)
-INPUT_FORMATS = ("transfertransfo", "chat_template")
+INPUT_FORMATS = ("transfertransfo", "chat_template", "transcript")
 _SENTINEL = "\ue000{}\ue001"  # stands for a message's content while the template is rendered (private-use chars)
 
 
@@ -239,6 +242,51 @@ class ChatTemplateLayout(Layout):
                 + len(self.reply_end))
 
 
+class TranscriptLayout(Layout):
+    """`Persona: line` lines, then `A: turn` and `B: turn` lines; the reply is B's line and ends at its newline.
+
+    The texts' tokens come from the tokenized dataset as they are (no leading space), so `A:` and the space after it
+    are tokenized apart from the text: a little off the tokenization of the whole line. Decoding stops at any token
+    that holds a newline (or a special token).
+    """
+
+    name = "transcript"
+    USER, BOT = "A", "B"
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.bot_type, self.user_type = BOT_TYPE, USER_TYPE
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        if self.pad is None:
+            raise InputFormatError("--input_format transcript: the tokenizer has neither a pad nor an eos token")
+        encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+        with_specials = tokenizer("a")["input_ids"]  # a tokenizer that starts every text with <bos> starts this one
+        self.start = with_specials[:1] if with_specials[:1] == [tokenizer.bos_token_id] else []
+        self.newline = encode("\n")
+        self.prefixes = {kind: encode(f"{name}:") + encode(" ") for kind, name in (
+            ("persona", "Persona"), (self.user_type, self.USER), (self.bot_type, self.BOT))}
+        self.reply_end = self.newline
+        vocab = range(len(tokenizer))
+        self.stop_ids = sorted(set(tokenizer.all_special_ids) | {
+            i for i, text in zip(vocab, tokenizer.batch_decode([[i] for i in vocab])) if "\n" in text})
+
+    def context(self, persona, history):
+        ids, types = list(self.start), [self.bot_type] * len(self.start)
+        lines = [("persona", self.bot_type, p) for p in persona] + [
+            (self.speaker_type(len(history), j), self.speaker_type(len(history), j), t) for j, t in enumerate(history)]
+        for prefix, speaker, text in lines:
+            line = self.prefixes[prefix] + list(text) + self.newline
+            ids += line
+            types += [speaker] * len(line)
+        return ids + self.prefixes[self.bot_type], types + [self.bot_type] * len(self.prefixes[self.bot_type])
+
+    def overhead(self, n_persona, n_history):
+        lines = n_persona * len(self.prefixes["persona"]) + sum(
+            len(self.prefixes[self.speaker_type(n_history, j)]) for j in range(n_history))
+        return (len(self.start) + lines + (n_persona + n_history) * len(self.newline)
+                + len(self.prefixes[self.bot_type]) + len(self.reply_end))
+
+
 def default_input_format(tokenizer):
     """chat_template when the tokenizer has one that lays our turns out, else transfertransfo."""
     if not getattr(tokenizer, "chat_template", None):
@@ -256,4 +304,6 @@ def make_layout(tokenizer, input_format):
         return TransferTransfoLayout(tokenizer)
     if input_format == "chat_template":
         return ChatTemplateLayout(tokenizer)
+    if input_format == "transcript":
+        return TranscriptLayout(tokenizer)
     raise InputFormatError(f"--input_format {input_format!r}: use one of {', '.join(INPUT_FORMATS)}")

@@ -276,8 +276,8 @@ def double_head_loss(outputs, mc_labels, lm_coef=1.0, mc_coef=1.0):
 def prepare_tokenizer_(lm, tokenizer, input_format):
     """Add the tokens the input format needs unless present, and resize the LM's embeddings to match.
 
-    transfertransfo: <bos> <eos> <speaker1> <speaker2> <pad>, and generate() stops at <eos>; chat_template: a pad
-    token only where the tokenizer has none. Returns the ids of the embedding rows it added.
+    transfertransfo: <bos> <eos> <speaker1> <speaker2> <pad>, and generate() stops at <eos>; chat_template and
+    transcript: a pad token only where the tokenizer has none. Returns the ids of the embedding rows it added.
     """
     if input_format == "transfertransfo":
         added = tokenizer.add_special_tokens(ATTR_TO_SPECIAL_TOKEN)
@@ -320,9 +320,9 @@ def choose_input_format(requested, stored, tokenizer, is_gpt, where):
         raise InputFormatError(f"--input_format {requested!r}: use one of {', '.join(INPUT_FORMATS)}")
     if stored and requested and requested != stored:
         raise InputFormatError(f"--input_format {requested}: {where} was trained with --input_format {stored}")
-    if is_gpt and (requested or stored) == "chat_template":
-        raise InputFormatError(f"--input_format chat_template: {where} is a GPT/GPT-2 double-heads model, whose token "
-                         f"types are tokens; use --input_format transfertransfo")
+    if is_gpt and (requested or stored) not in (None, "", "transfertransfo"):
+        raise InputFormatError(f"--input_format {requested or stored}: {where} is a GPT/GPT-2 double-heads model, "
+                               f"whose token types are tokens; use --input_format transfertransfo")
     return stored or requested or ("transfertransfo" if is_gpt else default_input_format(tokenizer))
 
 

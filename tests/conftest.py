@@ -32,11 +32,12 @@ CHAT_TEMPLATE = ("{% for message in messages %}{% if loop.first and messages[0][
 
 
 def make_chat_tokenizer():
-    """The test words plus newline, role names and ChatML's special tokens, with a chat template and no pad token."""
+    """The test words plus newline, role names (ChatML's and the transcript's) and ChatML's special tokens, with a
+    chat template and no pad token."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    words = ["<unk>", "\n", "system", "user", "assistant", "nice", *WORDS]
+    words = ["<unk>", "\n", "system", "user", "assistant", "nice", "A:", "B:", "Persona:", *WORDS]
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split("\n", "isolated"),
                                                  pre_tokenizers.Split(" ", "removed")])

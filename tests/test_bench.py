@@ -17,7 +17,8 @@ def test_quality_scores_zero_shot_and_trained_models_on_the_same_examples(tiny_d
                          "1"])
     rows = result["rows"]
     assert list(rows) == ["biencoder (untrained MiniLM)", "zero-shot transfertransfo", "zero-shot chat_template",
-                          "trained chat_template (2 steps)", "same, F1 of the MC head's best of 3 samples"]
+                          "zero-shot transcript", "trained chat_template (2 steps)",
+                          "same, F1 of the MC head's best of 3 samples"]
     reranked = json.load(open(tmp_path / "work" / "trained_rerank3.json"))
     assert reranked["rerank"] == 3 and reranked["examples"] == 4
     assert rows["same, F1 of the MC head's best of 3 samples"] == {"f1": reranked["f1"]}
@@ -32,6 +33,9 @@ def test_quality_scores_zero_shot_and_trained_models_on_the_same_examples(tiny_d
         rows["zero-shot transfertransfo"]["ppl"] / zero_shot["ppl"])
     assert result["zero_shot_reply_ppl_ratio_transfertransfo_over_chat_template"] == pytest.approx(
         rows["zero-shot transfertransfo"]["reply_ppl"] / zero_shot["reply_ppl"])
+    assert result["zero_shot_ppl_ratio_transfertransfo_over_transcript"] == pytest.approx(
+        rows["zero-shot transfertransfo"]["ppl"] / rows["zero-shot transcript"]["ppl"])
+    assert json.load(open(tmp_path / "work" / "zero_shot_transcript.json"))["input_format"] == "transcript"
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"] == json.loads(json.dumps(rows))
 
 

@@ -255,6 +255,21 @@ def test_chat_template_replies_stop_at_the_end_of_turn(num_beams):
     assert tokenizer.convert_ids_to_tokens(reply) == ["i", "love", "cats"]
 
 
+@pytest.mark.parametrize("num_beams", [1, 2])
+def test_transcript_replies_stop_at_the_end_of_the_line(num_beams):
+    from conftest import make_chat_tokenizer
+    from layouts import TranscriptLayout
+
+    tokenizer = make_chat_tokenizer()
+    layout = TranscriptLayout(tokenizer)
+    context = layout.context_inputs([], [tokenizer("hi", add_special_tokens=False)["input_ids"]], 64, 10)
+    assert tokenizer.convert_ids_to_tokens(context[0]) == ["A:", "hi", "\n", "B:"]
+    model = ChatScriptedModel(tokenizer, ["i", "love", "cats"])
+    model.script = tokenizer.convert_tokens_to_ids(["i", "love", "cats", "\n", "A:", "hi"])  # then the user's line
+    reply = generate(model, [context], layout, DecodingConfig(no_sample=True, num_beams=num_beams, max_length=10))[0]
+    assert tokenizer.convert_ids_to_tokens(reply) == ["i", "love", "cats"]
+
+
 def test_a_reply_cut_inside_a_character_ends_before_it():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast

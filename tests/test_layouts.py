@@ -4,7 +4,7 @@ import pytest
 
 from conftest import CHAT_TEMPLATE, make_chat_tokenizer, make_tokenizer
 from layouts import (BOT_TYPE, IGNORE_INDEX, USER_TYPE, ChatTemplateLayout, InputFormatError, SpecialIds,
-                     TransferTransfoLayout, default_input_format)
+                     TranscriptLayout, TransferTransfoLayout, default_input_format)
 
 SPECIAL = SpecialIds(bos=100, eos=101, speaker1=102, speaker2=103, pad=104)
 LAYOUT = TransferTransfoLayout(SPECIAL)
@@ -170,3 +170,50 @@ def test_chat_layout_adds_no_tokens_and_stops_at_the_end_of_turn(chat):
     assert len(tokenizer) == len(make_chat_tokenizer())
     assert layout.reply_end == ids(tokenizer, "<|im_end|>")
     assert set(layout.reply_end) <= set(layout.stop_ids) and ids(tokenizer, "<|im_start|>")[0] in layout.stop_ids
+
+
+def test_transcript_layout_matches_a_hand_written_sequence(chat):
+    tokenizer, _ = chat
+    layout = TranscriptLayout(tokenizer)
+    enc = lambda text: ids(tokenizer, text)  # noqa: E731
+    persona, history, reply = [enc("i love cats"), enc("i am fine")], [enc("hi"), enc("hello"), enc("what do you like")], enc("music")
+    inst = layout.build(persona, history, reply, lm_labels=True)
+    nl = "\n"
+    expected = ["Persona:", "i", "love", "cats", nl, "Persona:", "i", "am", "fine", nl,  # this tokenizer drops spaces
+                "A:", "hi", nl, "B:", "hello", nl, "A:", "what", "do", "you", "like", nl, "B:", "music", nl]
+    assert tokenizer.convert_ids_to_tokens(inst["input_ids"]) == expected
+    B, U = BOT_TYPE, USER_TYPE
+    assert inst["token_type_ids"] == [B] * 10 + [U] * 3 + [B] * 3 + [U] * 6 + [B] * 3
+    assert inst["lm_labels"] == [IGNORE_INDEX] * 23 + reply + enc(nl)  # the reply and its newline only
+    assert inst["mc_token_ids"] == 24 and layout.reply_end == enc(nl)
+    assert layout.overhead(len(persona), len(history)) == len(inst["input_ids"]) - sum(map(len, persona + history + [reply]))
+    assert set(enc(nl)) <= set(layout.stop_ids) and not set(enc("i love cats")) & set(layout.stop_ids)
+    assert len(tokenizer) == len(make_chat_tokenizer())  # no tokens added
+
+
+def test_transcript_truncation_drops_oldest_turns_first(chat):
+    tokenizer, _ = chat
+    layout = TranscriptLayout(tokenizer)
+    history = [ids(tokenizer, w) for w in ("hi", "hello", "what do you like")]
+    ids_, _ = layout.context_inputs([ids(tokenizer, "i love cats")], history, max_len=16, reply_budget=3)
+    assert tokenizer.convert_ids_to_tokens(ids_) == ["Persona:", "i", "love", "cats", "\n", "A:", "what", "do", "you",
+                                                     "like", "\n", "B:"]
+    assert len(ids_) + 3 + len(layout.reply_end) <= 16
+
+
+def test_transcript_on_a_byte_level_tokenizer_is_the_plain_text_and_stops_at_any_newline():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {c: i for i, c in enumerate(alphabet)}
+    vocab["\u010a\u010a"] = len(vocab)  # "\n\n" as one token, as GPT-2-style vocabularies have
+    byte_level = Tokenizer(models.BPE(vocab=vocab, merges=[("\u010a", "\u010a")]))
+    byte_level.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=byte_level, eos_token="\u0120")
+    layout = TranscriptLayout(tokenizer)
+    enc = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    inst = layout.build([enc("i like cats.")], [enc("hi!"), enc("hello"), enc("how are you?")], enc("good."))
+    assert tokenizer.decode(inst["input_ids"]) == "Persona: i like cats.\nA: hi!\nB: hello\nA: how are you?\nB: good.\n"
+    assert {enc("\n")[0], vocab["\u010a\u010a"]} <= set(layout.stop_ids)

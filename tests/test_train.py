@@ -272,6 +272,13 @@ def test_a_chat_template_run_is_read_back_in_its_format(tiny_dirs, personachat_f
     args[1] = tiny_dirs["llama_chat"]
     tokenizer, _, layout = load_tokenizer_and_model(str(train_script.train(args)))
     assert layout.name == "transfertransfo" and "<speaker1>" in tokenizer.get_vocab()
+    args = tiny_args(tiny_dirs, personachat_file, tmp_path, "tr", "--max_steps", "1", "--input_format", "transcript")
+    args[1] = tiny_dirs["llama_chat"]
+    run_dir = train_script.train(args)
+    tokenizer, model, layout = load_tokenizer_and_model(str(run_dir))
+    assert layout.name == "transcript" == stored_input_format(str(run_dir)) and "<speaker1>" not in tokenizer.get_vocab()
+    with pytest.raises(InputFormatError, match="was trained with --input_format transcript"):
+        load_tokenizer_and_model(str(run_dir), input_format="chat_template")
 
 
 def test_eval_every_validates_mid_epoch_and_keeps_the_best_checkpoint_beside_the_newest(tiny_dirs, personachat_file,
