@@ -25,7 +25,7 @@ against transformers' own `generate` on the same prompt. Then beam search (--num
 of that context decoded in one batch, against one context at a time.
 
 `quality`: is the trained agent better than where it started? On held-out dialogs (train.py's split), the
-zero-shot model in both input formats, then a run of --max_steps optimizer steps from it, each scored by
+zero-shot model in each input format, then a run of --max_steps optimizer steps from it, each scored by
 convai_evaluation.py on the same --max_examples examples (20 candidates): hits@1 by the multiple-choice head and
 by LM likelihood, token and word perplexity (and, apart, the reply's own tokens' perplexity and its end token's
 NLL), and F1 of greedy replies; plus the untrained MiniLM bi-encoder's hits@1. With --rerank N, also the

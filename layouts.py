@@ -1,8 +1,9 @@
-"""How one candidate reply and its context become tokens: TransferTransfo's speaker tokens, or the model's chat template.
+"""How one candidate reply and its context become tokens: TransferTransfo's speaker tokens, the model's chat
+template, or a plain-text transcript.
 
-Both layouts lay a candidate out as `context + reply + end`: the context (persona, then history turns alternating
+Every layout lays a candidate out as `context + reply + end`: the context (persona, then history turns alternating
 back from the reply, which is the bot's) ends where the reply's first token goes, and `end` closes the reply
-(`<eos>`, or the template's end-of-turn token). LM labels cover the reply and `end` only; the multiple-choice
+(`<eos>`, the template's end-of-turn token, or a newline). LM labels cover the reply and `end` only; the multiple-choice
 head reads the last token of `end`; every token's type names whose it is (the bot's or the user's; the persona
 and the reply are the bot's), for the speaker embeddings.
 
@@ -60,7 +61,7 @@ def fit_context(persona, history, reply_len, max_len, overhead):
 
 
 class Layout:
-    """What both layouts share; a subclass gives `context`, `overhead` and the ids below."""
+    """What the layouts share; a subclass gives `context`, `overhead` and the ids below."""
 
     name = ""
     pad = 0  # fills input_ids and token_type_ids past a sequence's end

@@ -134,8 +134,9 @@ def build_parser():
                         help="Hub id, local directory (e.g. a run) or .gguf file (default: the packaged SmolLM2)")
     parser.add_argument("--input_format", type=str, default="", choices=("",) + INPUT_FORMATS,
                         metavar="{" + ",".join(INPUT_FORMATS) + "}",
-                        help="How a candidate is laid out: the tokenizer's chat_template, or transfertransfo's "
-                             "<speaker> tokens (default: a run's own; else chat_template where the tokenizer has one)")
+                        help="How a candidate is laid out: the tokenizer's chat_template, transfertransfo's "
+                             "<speaker> tokens, or a plain-text transcript (A:/B: lines) (default: a run's own; else "
+                             "chat_template where the tokenizer has one)")
     parser.add_argument("--num_candidates", type=int, default=2, help="Candidates per example, gold included (default: 2)")
     parser.add_argument("--max_history", type=int, default=2, help="Previous exchanges kept in history (default: 2)")
     parser.add_argument("--train_batch_size", type=int, default=4, help="Batch size per process for training (default: 4)")

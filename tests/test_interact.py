@@ -40,6 +40,7 @@ def test_a_terminal_gets_line_editing_and_history():
     """In a terminal, arrow keys edit the line and recall earlier messages (readline), not arrive as escape codes."""
     pty = pytest.importorskip("pty")
     import select
+    import time
     main_fd, tty_fd = pty.openpty()
     script = "import interact\nfor line in interact.user_lines('>>> '):\n    print('got', repr(line), flush=True)\n"
     process = subprocess.Popen([sys.executable, "-c", script], stdin=tty_fd, stdout=tty_fd, stderr=tty_fd, cwd=ROOT,
@@ -62,7 +63,14 @@ def test_a_terminal_gets_line_editing_and_history():
         os.write(main_fd, f"{up}!\r".encode())  # the last message recalled, ! added
         read_until("got 'aXbc!\\n'")
         os.write(main_fd, b"\x04")  # Ctrl-D ends
-        assert process.wait(timeout=30) == 0
+        deadline = time.time() + 120
+        while process.poll() is None and time.time() < deadline:  # drained, so the child never blocks on output
+            if select.select([main_fd], [], [], 1)[0]:
+                try:
+                    out += os.read(main_fd, 4096)
+                except OSError:  # the child closed the terminal
+                    break
+        assert process.wait(timeout=30) == 0, out[-500:]
     finally:
         process.kill()
         os.close(main_fd)

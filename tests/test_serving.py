@@ -300,6 +300,9 @@ def test_rerank_without_a_ranker_answers_with_the_sample_the_multiple_choice_hea
     decode_jobs = reranking.decode_jobs
     reranking.decode_jobs = lambda jobs: (seen.extend(j.contexts[0] for j in jobs),
                                           rows.extend(len(j.contexts) for j in jobs), decode_jobs(jobs))
+    drawn = []  # the samples' own tokens (a text drops special tokens, so it may not encode back to them)
+    choose = reranking.choose
+    reranking.choose = lambda job, replies: (drawn.append(list(replies)), choose(job, replies))[1]
     messages = [PERSONA, {"role": "user", "content": "hi how are you"}]
     picked = set()
     with TestClient(create_app(plain)) as plain_client, TestClient(create_app(reranking)) as rerank_client:
@@ -307,8 +310,8 @@ def test_rerank_without_a_ranker_answers_with_the_sample_the_multiple_choice_hea
             samples = [c["message"]["content"] for c in ask(plain_client, *messages, n=4, seed=seed,
                                                             max_tokens=6).json()["choices"]]
             reply = ask(rerank_client, *messages, seed=seed, max_tokens=6).json()["choices"][0]["message"]["content"]
-            mc_logits = score_candidates(reranking.model, seen[-1], [reranking.encode(s) for s in samples],
-                                         reranking.layout)[0]
+            assert [reranking.text(tokens) for tokens in drawn[-1]] == samples
+            mc_logits = score_candidates(reranking.model, seen[-1], drawn[-1], reranking.layout)[0]
             assert reply == samples[int(mc_logits.argmax())]
             picked.add(int(mc_logits.argmax()))
         assert rows == [4] * 6
@@ -317,8 +320,8 @@ def test_rerank_without_a_ranker_answers_with_the_sample_the_multiple_choice_hea
                                                         max_tokens=6).json()["choices"]]
         replies = [c["message"]["content"] for c in ask(rerank_client, *messages, n=2, seed=0,
                                                         max_tokens=6).json()["choices"]]
-        mc_logits = score_candidates(reranking.model, seen[-1], [reranking.encode(s) for s in samples],
-                                     reranking.layout)[0]
+        assert [reranking.text(tokens) for tokens in drawn[-1]] == samples
+        mc_logits = score_candidates(reranking.model, seen[-1], drawn[-1], reranking.layout)[0]
         assert replies == [samples[int(mc_logits[:4].argmax())], samples[4 + int(mc_logits[4:].argmax())]]
         assert rows[-1] == 8
         greedy = [ask(client, *messages, temperature=0, max_tokens=6).json()["choices"][0]["message"]["content"]

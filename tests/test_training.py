@@ -65,12 +65,12 @@ def test_throughput_counts_optimizer_steps_and_non_pad_tokens_of_training_alone(
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     engine = Engine(make_update(model, optimizer, torch.amp.GradScaler("cpu", enabled=False), CPU, None, 2))
     throughput = Throughput(accumulation_steps=2).attach(engine)
-    engine.add_event_handler(Events.ITERATION_COMPLETED, lambda _: time.sleep(0.3))  # stands for validation
+    engine.add_event_handler(Events.ITERATION_COMPLETED, lambda _: time.sleep(1.0))  # stands for validation
     engine.run(batches, max_epochs=1)
     speed = throughput.compute()
     assert throughput.tokens == sum(int(b["attention_mask"].sum()) for b in batches)
     assert throughput.tokens < sum(b["attention_mask"].numel() for b in batches)  # padding is not counted
-    assert speed["train_seconds"] < 0.3  # the sleeps after each iteration are left out
+    assert speed["train_seconds"] < 1.0  # the 2 s of sleeps after the iterations are left out (a loaded CPU's margin)
     assert speed["steps_per_s"] == pytest.approx(1 / speed["train_seconds"])
     assert speed["tokens_per_s"] == pytest.approx(throughput.tokens / speed["train_seconds"])
 
