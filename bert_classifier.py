@@ -13,6 +13,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import shutil
 import sys
 from functools import partial
@@ -271,7 +272,8 @@ def train(args):
                "truncate": args.truncate, "add_cls_token": args.add_cls_token, "sep_last_utt": args.sep_last_utt,
                "ranker": args.ranker, "max_history": args.max_history, "fields": fields(args)}
     if args.ranker:  # which dialogs it trained on, so that an evaluation can tell whether it saw the held-out ones
-        options.update(dataset_path=args.dataset_path, split_seed=args.seed)
+        dataset_path = os.path.abspath(args.dataset_path) if os.path.exists(args.dataset_path) else args.dataset_path
+        options.update(dataset_path=dataset_path, split_seed=args.seed)
     if args.ranker:
         collate = partial(collate_examples, tokenizer, pair_encoding=args.pair_encoding, max_length=args.truncate,
                           add_special_tokens=args.add_cls_token)
@@ -346,7 +348,8 @@ def train(args):
             logger.warning("%s is undefined on this validation data (a class without examples): counted as the "
                            "worst score", args.validation_metric)
             score = -float("inf")
-        if best["saved"] is None or score > best["score"]:  # the best so far (the newest, without validation data) replaces the saved one
+        # the best so far (the newest, without validation data) replaces the saved one
+        if best["saved"] is None or score > best["score"]:
             best["score"] = score
             candidate = output_dir / ".candidate"
             shutil.rmtree(candidate, ignore_errors=True)

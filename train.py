@@ -115,11 +115,11 @@ def get_args(argv=None):
         parser.error(f"--output_dir {args.output_dir} already holds a run: go on with it with --resume "
                      f"{args.output_dir}, or give a new directory (two runs in one would mix their checkpoints "
                      f"and metrics)")
-    saved = [name for name in ("classifier.json", "config.json", "model.safetensors")
-             if not args.resume and args.output_dir and os.path.exists(os.path.join(args.output_dir, name))]
-    if saved:
-        parser.error(f"--output_dir {args.output_dir} holds a saved model ({saved[0]}), which the run's files would "
-                     f"overwrite: give a new directory")
+    model_files = [name for name in ("classifier.json", "config.json", "model.safetensors")
+                   if not args.resume and args.output_dir and os.path.exists(os.path.join(args.output_dir, name))]
+    if model_files:
+        parser.error(f"--output_dir {args.output_dir} holds a saved model ({model_files[0]}), which the run's files "
+                     f"would overwrite: give a new directory")
     return args
 
 
