@@ -103,11 +103,16 @@ def has_checkpoint(path):
 
 def keep_history_until(run_dir, step):
     """Drop a run's validation records past `step` (-1: all): a resumed run validates those steps again."""
-    path = Path(run_dir) / "metrics.jsonl"
     history = read_history(run_dir)
     kept = [record for record in history if record["step"] <= step]
     if len(kept) < len(history):
-        atomic_write(path, lambda f: f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in kept), mode="w")
+        write_history(run_dir, kept)
+
+
+def write_history(run_dir, records):
+    """Replace a run's metrics.jsonl with `records`, atomically."""
+    atomic_write(Path(run_dir) / "metrics.jsonl",
+                 lambda f: f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in records), mode="w")
 
 
 def latest_checkpoint(path):
@@ -180,8 +185,7 @@ def merge_run(run_dir, out_dir):
                    dict(args, lora_r=0, merged_from=str(run_dir), run_dir=str(out_dir)))
     history = read_history(run_dir)
     if history:
-        atomic_write(Path(out_dir) / "metrics.jsonl",
-                     lambda f: f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in history), mode="w")
+        write_history(out_dir, history)
     return out_dir
 
 

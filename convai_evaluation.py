@@ -125,12 +125,12 @@ def main(argv=None):
     trained = read_training_args(checkpoint)
     split_seed = args.split_seed if args.split_seed is not None else trained.get("seed", 42)
     dataset_path = args.dataset_path or trained.get("dataset_path", "")
+    ranker = load_classifier(args.ranker_checkpoint, "--ranker_checkpoint", ranker=True) if "bert" in rankers else None
     tokenizer, model, layout = load_tokenizer_and_model(checkpoint, input_format=args.input_format)
     problem = mc_rerank_error(args.rerank, model, checkpoint)  # get_args refused --rerank without F1
     if problem:
         sys.exit(f"convai_evaluation.py: error: {problem}")
     model.to(args.device).eval()
-    ranker = load_classifier(args.ranker_checkpoint, "--ranker_checkpoint", ranker=True) if "bert" in rankers else None
     if ranker is not None:
         ranker[0].to(args.device)
         ranker_data, ranker_seed = ranker[3].get("dataset_path", ""), ranker[3].get("split_seed")

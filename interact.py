@@ -89,14 +89,15 @@ def user_lines(prompt):
     if not sys.stdin.isatty():
         yield from sys.stdin
         return
-    if sys.stdout.isatty():
+    terminal = sys.stdout.isatty()
+    if terminal:
         try:
             import readline  # noqa: F401  (importing it gives input() line editing and history)
         except ImportError:  # a Python built without it (Windows): input() reads plain lines
             pass
     while True:
         try:
-            if sys.stdout.isatty():
+            if terminal:
                 line = input(prompt) + "\n"
             else:
                 print(prompt, end="", file=sys.stderr, flush=True)
@@ -113,6 +114,8 @@ def run(args):
     checkpoint = checkpoint_or_newest_run(args.model_checkpoint, args.runs_dir, "interact.py")
     set_seed(args.seed)
     persona = choose_persona(args, checkpoint)
+    ranker = load_classifier(args.ranker_checkpoint, "--ranker_checkpoint", ranker=True) \
+        if args.ranker_checkpoint else None
     tokenizer, model, layout = load_tokenizer_and_model(checkpoint, input_format=args.input_format)
     if args.model and args.model != model.config.model_type:
         sys.exit(f"interact.py: --model {args.model}, but {checkpoint} holds a {model.config.model_type} model")
@@ -125,8 +128,6 @@ def run(args):
     encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     persona_ids = [encode(s) for s in persona]
     max_len = model_max_length(model)
-    ranker = load_classifier(args.ranker_checkpoint, "--ranker_checkpoint", ranker=True) \
-        if args.ranker_checkpoint else None
     if ranker is not None:
         ranker[0].to(args.device)
 

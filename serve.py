@@ -61,13 +61,13 @@ def get_args(argv=None):
 def build_app(args):
     """Load the run (once) and make the app, as `python serve.py` would serve it."""
     checkpoint = checkpoint_or_newest_run(args.model_checkpoint, args.runs_dir, "serve.py")
+    ranker = load_classifier(args.ranker_checkpoint, "--ranker_checkpoint", ranker=True) \
+        if args.ranker_checkpoint else None
     tokenizer, model, layout = load_tokenizer_and_model(checkpoint, input_format=args.input_format)
     problem = mc_rerank_error(0 if args.ranker_checkpoint else args.rerank, model, checkpoint)
     if problem:
         sys.exit(f"serve.py: error: {problem}; or give --ranker_checkpoint")
     model.to(args.device).eval()
-    ranker = load_classifier(args.ranker_checkpoint, "--ranker_checkpoint", ranker=True) \
-        if args.ranker_checkpoint else None
     if ranker is not None:
         ranker[0].to(args.device).eval()
     settings = ServerSettings(model_name=args.served_model_name or Path(checkpoint.rstrip("/")).name,
