@@ -154,13 +154,14 @@ def _pick(logits, configs, generators):
 
 
 @torch.no_grad()
-def generate(model, contexts, layout, config, generator=None, on_token=None):
+def generate(model, contexts, layout, config, generator=None, on_token=None, stop_row=None):
     """Replies (token-id lists, end token excluded) to contexts [(input_ids, token_type_ids), ...] of `layout`.
 
     `config` and `generator` are one for all contexts or a list with one per context (a server batches requests
     with their own settings and seeds). A reply ends at any of the layout's stop tokens (<eos> or the template's
     end of turn, and the other special tokens) once its min_length tokens are out, or at its max_length tokens.
     `on_token(row, token)` is called with each reply token as it is picked (beam search: once the beam is chosen).
+    `stop_row(row)`, when true, ends that row's reply where it is (a server's request whose client has left).
     """
     if not contexts:
         return []
@@ -176,7 +177,8 @@ def generate(model, contexts, layout, config, generator=None, on_token=None):
         rest = [row for row in range(len(contexts)) if row not in replies]
         replies.update(zip(rest, generate(model, [contexts[r] for r in rest], layout, [configs[r] for r in rest],
                                           [generators[r] for r in rest],
-                                          on_token and (lambda row, token: on_token(rest[row], token)))))
+                                          on_token and (lambda row, token: on_token(rest[row], token)),
+                                          stop_row and (lambda row: stop_row(rest[row])))))
         return [replies[row] for row in range(len(contexts))]
     device = next(model.parameters()).device
     ids, types, mask, positions = left_pad(contexts, layout.pad, device)
@@ -193,7 +195,7 @@ def generate(model, contexts, layout, config, generator=None, on_token=None):
         for row, token in enumerate(tokens.tolist()):
             if done[row]:
                 continue
-            if token in stop_ids:
+            if token in stop_ids or (stop_row and stop_row(row)):
                 done[row] = True
                 continue
             replies[row].append(token)

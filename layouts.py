@@ -68,6 +68,7 @@ class Layout:
     bot_type = user_type = 0  # token types of the bot's and the user's tokens
     reply_end = ()  # tokens that close a reply
     stop_ids = ()  # decoding ends a reply at any of these
+    one_line = False  # true where a newline in a turn's text would break the layout (transcript)
 
     def context(self, persona, history):
         """(input_ids, token_type_ids) of persona and history, ending where the reply's first token goes."""
@@ -253,6 +254,7 @@ class TranscriptLayout(Layout):
 
     name = "transcript"
     USER, BOT = "A", "B"
+    one_line = True
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer

@@ -25,6 +25,7 @@ from serving import ChatModel, ServerSettings, create_app
 from utils import checkpoint_or_newest_run
 
 logger = logging.getLogger(__file__)
+GRACEFUL_SHUTDOWN_S = 10
 
 
 def get_args(argv=None):
@@ -45,7 +46,8 @@ def get_args(argv=None):
     parser.add_argument("--max_concurrency", type=int, default=32,
                         help="Requests queued or decoding at once; more get HTTP 429 (default: 32)")
     parser.add_argument("--max_batch_size", type=int, default=8,
-                        help="Most replies decoded in one batch (a request's n choices count each) (default: 8)")
+                        help="Most replies decoded in one batch (a request's n choices count each; a request of more is "
+                             "decoded in several) (default: 8)")
     parser.add_argument("--max_tokens_limit", type=int, default=512,
                         help="Largest max_tokens a request may ask for (default: 512)")
     parser.add_argument("--log_level", type=str, default="info", help="uvicorn's log level (default: info)")
@@ -88,4 +90,6 @@ if __name__ == "__main__":
         sys.exit(f"serve.py: error: {e}")
     print(f"Chat page: http://{arguments.host}:{arguments.port}/  API: http://{arguments.host}:{arguments.port}/v1",
           file=sys.stderr, flush=True)
-    uvicorn.run(application, host=arguments.host, port=arguments.port, log_level=arguments.log_level)
+    # on SIGTERM or Ctrl-C, replies being decoded get GRACEFUL_SHUTDOWN_S seconds to finish; then they are dropped
+    uvicorn.run(application, host=arguments.host, port=arguments.port, log_level=arguments.log_level,
+                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)

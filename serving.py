@@ -14,13 +14,14 @@ import urllib.request
 import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from functools import partial
 from typing import Literal, Optional, Union
 
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from decoding import DecodingConfig, generate, reply_text
@@ -59,23 +60,32 @@ class Message(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    include_usage: bool = False
+    include_usage: bool = Field(False, strict=True)
 
 
 class ChatRequest(BaseModel):
-    """The chat-completions fields we read; other fields OpenAI clients send are accepted and ignored."""
+    """The chat-completions fields we read; other fields OpenAI clients send are accepted and ignored.
+
+    Numbers and booleans are strict, as OpenAI's are (`"n": true` or `"max_tokens": "5"` is a 400); a null `n` or
+    `stream`, which some clients send, is the default.
+    """
     model_config = ConfigDict(extra="allow")
     model: Optional[str] = None
     messages: list[Message] = Field(min_length=1)
-    max_tokens: Optional[int] = Field(None, ge=1)
-    max_completion_tokens: Optional[int] = Field(None, ge=1)
-    temperature: Optional[float] = Field(None, ge=0, le=2)
-    top_p: Optional[float] = Field(None, gt=0, le=1)
-    n: int = Field(1, ge=1, le=16)
-    seed: Optional[int] = None
-    stream: bool = False
+    max_tokens: Optional[int] = Field(None, ge=1, strict=True)
+    max_completion_tokens: Optional[int] = Field(None, ge=1, strict=True)
+    temperature: Optional[float] = Field(None, ge=0, le=2, strict=True)
+    top_p: Optional[float] = Field(None, ge=0, le=1, strict=True)  # 0: the likeliest token only, i.e. greedy
+    n: int = Field(1, ge=1, le=16, strict=True)
+    seed: Optional[int] = Field(None, ge=-2 ** 63, lt=2 ** 64, strict=True)  # what torch's generators take
+    stream: bool = Field(False, strict=True)
     stream_options: Optional[StreamOptions] = None
     stop: Optional[Union[str, list[str]]] = None  # refused unless empty: ignoring it would break a client's replies
+
+    @field_validator("n", "stream", mode="before")
+    @classmethod
+    def null_is_the_default(cls, value, info):
+        return cls.model_fields[info.field_name].default if value is None else value
 
 
 def persona_and_turns(messages):
@@ -146,16 +156,19 @@ class Job:
     persona: list = field(default_factory=list)  # for --rerank's ranker
     turns: list = field(default_factory=list)
     samples: int = 1
+    gone: threading.Event = field(default_factory=threading.Event)  # set when its client leaves: its rows stop
 
     def emit(self, *event):
-        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        if not self.gone.is_set():  # no one listens (and its event loop may be closed)
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
 
 class Batcher:
     """One thread owns the model: requests waiting when it is free are decoded in one batch.
 
     At most `max_pending` requests are queued or decoding; beyond that `submit` refuses (HTTP 429), so one
-    long request or a crowd cannot hold the page forever. A failing batch fails its own requests only.
+    long request or a crowd cannot hold the page forever. A request whose client has left is not decoded (and
+    `decode_jobs` stops its rows). A failing batch fails its own requests only.
     """
 
     def __init__(self, decode_jobs, max_batch_rows=8, max_pending=32, gather_s=0.005):
@@ -198,7 +211,7 @@ class Batcher:
         while True:
             jobs = self.take_batch()
             try:
-                self.decode_jobs(jobs)
+                self.decode_jobs([job for job in jobs if not job.gone.is_set()])
             except Exception as e:  # noqa: BLE001  the thread lives on; these requests get a 500
                 logger.exception("decoding failed")
                 for job in jobs:
@@ -257,12 +270,16 @@ class ChatModel:
         changes = {"max_length": max_tokens or config.max_length}
         if request.temperature is not None:
             changes.update(no_sample=request.temperature == 0, temperature=request.temperature or 1.0)
-        if request.top_p is not None:
+        if request.top_p == 0:  # OpenAI's top_p 0 keeps the likeliest token; our top_p 0 would turn nucleus off
+            changes["no_sample"] = True
+        elif request.top_p is not None:
             changes["top_p"] = request.top_p
         return replace(config, **changes)
 
     def job_for(self, request, loop):
         persona, turns = persona_and_turns(request.messages)
+        if self.layout.one_line:  # a newline in a transcript's turn would start a line of no speaker
+            turns = [" ".join(t.split()) for t in turns]
         persona = persona or list(self.settings.persona)
         turns = turns[-(2 * self.settings.max_history + 1):]
         config = self.config_of(request)
@@ -276,23 +293,32 @@ class ChatModel:
         return Job([context] * rows, [config] * rows, generators, loop, asyncio.Queue(),
                    stream=samples == 1 and config.num_beams == 1, persona=persona, turns=turns, samples=samples)
 
-    def decode_jobs(self, jobs):
-        """Decode the jobs' rows in one batch, streaming tokens to jobs that stream, then their replies."""
+    def decode_jobs(self, jobs, max_rows=None):
+        """Decode the jobs' rows in batches of at most max_rows (default: one batch), streaming tokens to jobs that
+        stream, then their replies. The rows of a job whose client has left stop where they are."""
         owners = [(job, i) for job in jobs for i in range(len(job.contexts))]
-
-        def on_token(row, token):
-            job, i = owners[row]
-            if job.stream:
-                job.emit("token", i, token)
-
-        replies = generate(self.model, [c for job in jobs for c in job.contexts],
-                           self.layout, [c for job in jobs for c in job.configs],
-                           [g for job in jobs for g in job.generators], on_token=on_token)
+        replies = []
+        for start in range(0, len(owners), max_rows or len(owners) or 1):
+            rows = owners[start:start + (max_rows or len(owners))]
+            replies += generate(self.model, [job.contexts[i] for job, i in rows], self.layout,
+                                [job.configs[i] for job, i in rows], [job.generators[i] for job, i in rows],
+                                on_token=partial(self._on_token, rows), stop_row=partial(self._client_gone, rows))
         start = 0
         for job in jobs:
             mine = replies[start:start + len(job.contexts)]
             start += len(job.contexts)
-            job.emit("done", self.choose(job, mine))
+            if not job.gone.is_set():
+                job.emit("done", self.choose(job, mine))
+
+    @staticmethod
+    def _on_token(rows, row, token):
+        job, i = rows[row]
+        if job.stream:
+            job.emit("token", i, token)
+
+    @staticmethod
+    def _client_gone(rows, row):
+        return rows[row][0].gone.is_set()
 
     def choose(self, job, replies):
         """One reply per choice: with --rerank, the sample the ranker (a BERT ranker, else the run's multiple-choice
@@ -341,6 +367,12 @@ def launch(argv, log, timeout=240):
         time.sleep(0.5)
 
 
+async def until_disconnected(request):
+    """Returns once the client of a request whose body was read has disconnected."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 def sse(payload):
     return f"data: {json.dumps(payload)}\n\n"
 
@@ -348,7 +380,8 @@ def sse(payload):
 def create_app(chat_model, max_concurrency=32, max_batch_size=8):
     """The FastAPI app over a ChatModel: /v1/chat/completions, /v1/models, /health and the chat page at /."""
     app = FastAPI(title="TransferTransfo chat", docs_url=None, redoc_url=None)
-    batcher = Batcher(chat_model.decode_jobs, max_batch_rows=max_batch_size, max_pending=max_concurrency)
+    batcher = Batcher(partial(chat_model.decode_jobs, max_rows=max_batch_size), max_batch_rows=max_batch_size,
+                      max_pending=max_concurrency)
     app.state.batcher, app.state.chat_model = batcher, chat_model
     name = chat_model.settings.model_name
     created = int(time.time())
@@ -400,21 +433,34 @@ def create_app(chat_model, max_concurrency=32, max_batch_size=8):
         job = chat_model.job_for(body, asyncio.get_running_loop())
         batcher.submit(job)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": name}
-        if body.stream:
+        if body.stream:  # starlette cancels the stream when its client leaves
             return StreamingResponse(stream_events(job, head, body), media_type="text/event-stream")
-        replies = await wait_replies(job)
+        replies = await wait_replies(job, request)
         return {**head, "object": "chat.completion", "usage": chat_model.usage(job, replies), "choices": [
             {"index": i, "message": {"role": "assistant", "content": chat_model.text(reply)},
              "finish_reason": chat_model.finish_reason(reply, job.configs[i]), "logprobs": None}
             for i, reply in enumerate(replies)]}
 
-    async def wait_replies(job):
-        while True:
-            kind, *rest = await job.events.get()
-            if kind == "done":
-                return rest[0]
-            if kind == "error":
-                raise APIError(500, rest[0], type_="server_error")
+    async def wait_replies(job, request):
+        """The job's replies; if the client leaves first, the job stops and the answer (to no one) is a 499."""
+        left = asyncio.ensure_future(until_disconnected(request))
+        try:
+            while True:
+                event = asyncio.ensure_future(job.events.get())
+                await asyncio.wait({event, left}, return_when=asyncio.FIRST_COMPLETED)
+                if not event.done():
+                    event.cancel()
+                    raise APIError(499, "the client closed the request", type_="client_closed_request")
+                kind, *rest = event.result()
+                if kind == "done":
+                    return rest[0]
+                if kind == "error":
+                    raise APIError(500, rest[0], type_="server_error")
+        except asyncio.CancelledError:  # uvicorn's graceful shutdown timed out: answer, not log a traceback
+            raise APIError(503, "the server is shutting down; retry later", type_="server_error") from None
+        finally:
+            left.cancel()
+            job.gone.set()  # too late to matter once done; else (left, or cancelled at shutdown) its rows stop
 
     async def stream_events(job, head, body):
         n = body.n
@@ -422,23 +468,26 @@ def create_app(chat_model, max_concurrency=32, max_batch_size=8):
         yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
                      for i in range(n)])
         streams = [TextStream(chat_model.text) for _ in range(n)]
-        while True:
-            kind, *rest = await job.events.get()
-            if kind == "token":
-                i, token = rest
-                yield chunk([{"index": i, "delta": {"content": streams[i].push(token)}, "finish_reason": None}])
-            elif kind == "done":
-                replies = rest[0]
-                for i, reply in enumerate(replies):
-                    yield chunk([{"index": i, "delta": {"content": streams[i].finish(reply)},
-                                  "finish_reason": chat_model.finish_reason(reply, job.configs[i])}])
-                if body.stream_options and body.stream_options.include_usage:
-                    yield sse({**head, "object": "chat.completion.chunk", "choices": [],
-                               "usage": chat_model.usage(job, replies)})
-                break
-            else:
-                yield sse({"error": {"message": rest[0], "type": "server_error", "param": None, "code": None}})
-                break
+        try:
+            while True:
+                kind, *rest = await job.events.get()
+                if kind == "token":
+                    i, token = rest
+                    yield chunk([{"index": i, "delta": {"content": streams[i].push(token)}, "finish_reason": None}])
+                elif kind == "done":
+                    replies = rest[0]
+                    for i, reply in enumerate(replies):
+                        yield chunk([{"index": i, "delta": {"content": streams[i].finish(reply)},
+                                      "finish_reason": chat_model.finish_reason(reply, job.configs[i])}])
+                    if body.stream_options and body.stream_options.include_usage:
+                        yield sse({**head, "object": "chat.completion.chunk", "choices": [],
+                                   "usage": chat_model.usage(job, replies)})
+                    break
+                else:
+                    yield sse({"error": {"message": rest[0], "type": "server_error", "param": None, "code": None}})
+                    break
+        finally:  # the client left (starlette cancelled the stream), or the server is shutting down
+            job.gone.set()
         yield "data: [DONE]\n\n"
 
     return app

@@ -60,6 +60,19 @@ def test_min_length_holds_then_the_reply_ends(min_length):
     assert generate(EndEagerModel(), [([0, 2], [2, 2])], LAYOUT, config) == [[7] * min_length]
 
 
+def test_stop_row_ends_that_row_where_it_is_and_the_others_go_on():
+    config = DecodingConfig(no_sample=True, min_length=8, max_length=8)  # without the stop: eight 7s each
+    stopped_at = {0: 3}  # row 0's client leaves after its third token
+    seen = {0: 0, 1: 0}
+
+    def on_token(row, token):
+        seen[row] += 1
+
+    replies = generate(EndEagerModel(), [([0, 2], [2, 2])] * 2, LAYOUT, config, on_token=on_token,
+                       stop_row=lambda row: seen[row] >= stopped_at.get(row, 99))
+    assert replies == [[7] * 3, [7] * 8] and seen == {0: 3, 1: 8}
+
+
 def test_max_length_bounds_the_reply():
     config = DecodingConfig(no_sample=True, min_length=50, max_length=6)
     assert generate(EndEagerModel(), [([0, 2], [2, 2])], LAYOUT, config) == [[7] * 6]

@@ -13,9 +13,9 @@ from modeling import load_tokenizer_and_model, model_max_length
 from serving import APIError, Batcher, ChatModel, Job, ServerSettings, TextStream, create_app, persona_and_turns
 
 
-def make_chat_model(directory, **settings):
+def make_chat_model(directory, input_format="", **settings):
     torch.manual_seed(0)
-    tokenizer, model, layout = load_tokenizer_and_model(directory)
+    tokenizer, model, layout = load_tokenizer_and_model(directory, input_format=input_format)
     torch.nn.init.normal_(model.speaker_embeddings)
     defaults = dict(model_name="tiny", decoding=DecodingConfig(max_length=8, temperature=1.0), max_tokens_limit=32)
     return ChatModel(model.eval(), tokenizer, layout, ServerSettings(**{**defaults, **settings}),
@@ -27,7 +27,7 @@ def served(tiny_dirs):
     chat_model = make_chat_model(tiny_dirs["llama_chat"])
     seen = []  # the contexts the model is given, request by request
     decode_jobs = chat_model.decode_jobs
-    chat_model.decode_jobs = lambda jobs: (seen.extend(j.contexts[0] for j in jobs), decode_jobs(jobs))
+    chat_model.decode_jobs = lambda jobs, **kw: (seen.extend(j.contexts[0] for j in jobs), decode_jobs(jobs, **kw))
     app = create_app(chat_model, max_concurrency=16, max_batch_size=8)
     with TestClient(app) as client:
         yield client, chat_model, seen
@@ -128,8 +128,14 @@ def test_the_persona_is_the_system_part_of_the_prompt_the_model_sees(served):
     ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, "max_tokens"),
     ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 33}, "max_tokens"),
     ({"messages": [{"role": "user", "content": "hi"}], "temperature": -1}, "temperature"),
-    ({"messages": [{"role": "user", "content": "hi"}], "top_p": 0}, "top_p"),
+    ({"messages": [{"role": "user", "content": "hi"}], "top_p": 1.5}, "top_p"),
     ({"messages": [{"role": "user", "content": "hi"}], "n": 0}, "n"),
+    ({"messages": [{"role": "user", "content": "hi"}], "n": True}, "n"),  # strict, as OpenAI: no bool for an int
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": "5"}, "max_tokens"),
+    ({"messages": [{"role": "user", "content": "hi"}], "stream": "yes"}, "stream"),
+    ({"messages": [{"role": "user", "content": "hi"}], "temperature": "1"}, "temperature"),
+    ({"messages": [{"role": "user", "content": "hi"}], "seed": 2 ** 64}, "seed"),  # past what a generator takes
+    ({"messages": [{"role": "user", "content": "hi"}], "seed": -2 ** 63 - 1}, "seed"),
     ({"messages": [{"role": "user", "content": "hi"}], "stop": ["\n"]}, "stop"),  # not ignored: refused
 ])
 def test_bad_input_gets_a_400_naming_the_field_and_the_next_request_works(served, body, param):
@@ -139,6 +145,16 @@ def test_bad_input_gets_a_400_naming_the_field_and_the_next_request_works(served
     error = response.json()["error"]
     assert error["param"] == param and error["message"].startswith(param) and error["type"] == "invalid_request_error"
     assert ask(client, {"role": "user", "content": "hi"}, max_tokens=3).status_code == 200
+
+
+def test_null_n_and_stream_are_their_defaults_and_top_p_0_is_greedy(served):
+    client, _, _ = served
+    user = {"role": "user", "content": "do you like cats"}
+    greedy = ask(client, user, temperature=0, max_tokens=6).json()["choices"][0]["message"]["content"]
+    response = ask(client, user, max_tokens=6, top_p=0, n=None, stream=None, seed=2 ** 64 - 1)
+    assert response.status_code == 200
+    (choice,) = response.json()["choices"]
+    assert choice["message"]["content"] == greedy
 
 
 def test_a_lone_surrogate_is_a_400_not_a_server_error(served):
@@ -298,8 +314,8 @@ def test_rerank_without_a_ranker_answers_with_the_sample_the_multiple_choice_hea
     torch.nn.init.normal_(reranking.model.mc_head.weight)  # a trained-looking head, sharp preferences
     seen, rows = [], []
     decode_jobs = reranking.decode_jobs
-    reranking.decode_jobs = lambda jobs: (seen.extend(j.contexts[0] for j in jobs),
-                                          rows.extend(len(j.contexts) for j in jobs), decode_jobs(jobs))
+    reranking.decode_jobs = lambda jobs, **kw: (seen.extend(j.contexts[0] for j in jobs),
+                                                rows.extend(len(j.contexts) for j in jobs), decode_jobs(jobs, **kw))
     drawn = []  # the samples' own tokens (a text drops special tokens, so it may not encode back to them)
     choose = reranking.choose
     reranking.choose = lambda job, replies: (drawn.append(list(replies)), choose(job, replies))[1]
@@ -342,3 +358,72 @@ def test_serve_refuses_rerank_by_an_untrained_multiple_choice_head(tiny_dirs, tm
     with TestClient(app) as client:
         reply = ask(client, {"role": "user", "content": "hi how are you"}, max_tokens=4, seed=1)
     assert reply.status_code == 200 and reply.json()["choices"][0]["message"]["content"] is not None
+
+
+def slow_steps(chat_model, seconds=0.02):
+    """Make each decoding step of chat_model take `seconds` more; returns the list of the steps' batch sizes."""
+    sizes, step = [], chat_model.model.step
+
+    def slow_step(input_ids, *args, **kwargs):
+        sizes.append(input_ids.shape[0])
+        time.sleep(seconds)
+        return step(input_ids, *args, **kwargs)
+
+    chat_model.model.step = slow_step
+    return sizes
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_request_whose_client_leaves_stops_decoding_and_frees_its_place(tiny_dirs, stream):
+    chat_model = make_chat_model(tiny_dirs["llama_chat"], max_tokens_limit=200,
+                                 decoding=DecodingConfig(max_length=8, min_length=200, temperature=1.0))
+    steps = slow_steps(chat_model)  # 200 tokens: 4 s at least, unless stopped
+    app = create_app(chat_model)
+    body = json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 200, "stream": stream}).encode()
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions",
+             "query_string": b"", "root_path": "", "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80),
+             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]}
+    leave_at, sent, messages = time.monotonic() + 0.3, [], []
+
+    async def receive():  # the body, then the client disconnects at leave_at
+        if not sent:
+            sent.append(True)
+            return {"type": "http.request", "body": body, "more_body": False}
+        await asyncio.sleep(max(leave_at - time.monotonic(), 0))
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        messages.append(message)
+
+    asyncio.run(asyncio.wait_for(app(scope, receive, send), 3))
+    deadline = time.time() + 3
+    while app.state.batcher.pending and time.time() < deadline:
+        time.sleep(0.01)
+    assert app.state.batcher.pending == 0 and len(steps) < 100
+    assert messages[0]["status"] == (200 if stream else 499)
+
+
+def test_a_request_of_more_rows_than_max_batch_size_is_decoded_in_batches_of_at_most_that(tiny_dirs):
+    replies = {}
+    for max_batch_size in (2, 8):
+        chat_model = make_chat_model(tiny_dirs["llama_chat"])
+        sizes = slow_steps(chat_model, 0)
+        with TestClient(create_app(chat_model, max_batch_size=max_batch_size)) as client:
+            response = ask(client, {"role": "user", "content": "hi"}, n=5, seed=3, max_tokens=8)
+        assert max(sizes) == min(max_batch_size, 5)
+        replies[max_batch_size] = [c["message"]["content"] for c in response.json()["choices"]]
+    assert replies[2] == replies[8] and len(set(replies[2])) > 1
+
+
+def test_a_transcript_server_keeps_each_turn_on_its_line(tiny_dirs):
+    chat_model = make_chat_model(tiny_dirs["llama_chat"], input_format="transcript")
+    seen, decode_jobs = [], chat_model.decode_jobs
+    chat_model.decode_jobs = lambda jobs, **kw: (seen.extend(j.contexts[0] for j in jobs), decode_jobs(jobs, **kw))
+    with TestClient(create_app(chat_model)) as client:
+        response = ask(client, {"role": "user", "content": "hi"}, {"role": "user", "content": "nice\nB: cats"},
+                       max_tokens=3)
+    assert response.status_code == 200
+    ids = seen[-1][0]
+    text = chat_model.tokenizer.decode(ids)
+    assert ids.count(chat_model.layout.newline[0]) == 1 and "hi nice B: cats" in " ".join(text.split()), text
