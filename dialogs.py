@@ -52,6 +52,7 @@ def read_dialogs(path, seed=42, num_distractors=NUM_DISTRACTORS, valid_fraction=
             f"{path}: unknown JSON layout: expected PersonaChat ({{'train': [...], 'valid': [...]}}) "
             f"or the chit-chat corpus ({{id: {{'messages': [...]}}}})")
     for name, dialogs in splits.items():
+        splits[name] = dialogs = [d for d in dialogs if d["utterances"]]  # a dialog without a reply gives nothing
         if not dialogs and (need_train or name == "valid"):
             raise DialogFormatError(f"{path}: the {name} split has no dialog with a reply (valid is held out "
                                     f"from the dialogs of train when the file has no valid part: give more dialogs)")
@@ -156,7 +157,11 @@ _PARLAI_LINE = re.compile(r"^(\d+) (.*)$")
 
 
 def read_parlai(path):
-    """ParlAI / ConvAI2 text: `N your persona: ...` lines, then `N text\\tlabel[\\t\\treward\\tcand1|cand2|...]`."""
+    """ParlAI / ConvAI2 text: `N your persona: ...` lines, then `N text\\tlabel[\\t\\treward\\tcand1|cand2|...]`.
+
+    `\\n` in a field is a newline, as in ParlAI's FbDialogTeacher. Texts, labels and candidates are stripped, so that a
+    gold reply with trailing spaces is still the gold, not one of its own distractors.
+    """
     dialogs, dialog, history, last_id = [], None, [], 0
     for line_no, raw in _numbered_lines(path):
         line = raw.rstrip("\r\n")
@@ -174,19 +179,19 @@ def read_parlai(path):
         elif line_id != last_id + 1:
             raise DialogFormatError(f"{path}:{line_no}: line id {line_id} follows {last_id}")
         last_id = line_id
-        fields = rest.split("\t")
-        text = fields[0].replace("\\n", "\n")
+        fields = [field.replace("\\n", "\n") for field in rest.split("\t")]
+        text = fields[0].strip()
         if len(fields) == 1:
             if text.startswith("your persona:"):
                 dialog["personality"].append(text[len("your persona:"):].strip())
             elif not text.startswith("partner's persona:"):
                 history.append(text)  # context line without a label
             continue
-        labels = [s for s in fields[1].split("|") if s]
+        labels = [s.strip() for s in fields[1].split("|") if s.strip()]
         if not labels:
             raise DialogFormatError(f"{path}:{line_no}: a tab but no label after it")
         gold = labels[0]
-        candidates = [c for c in fields[3].split("|") if c] if len(fields) > 3 else []
+        candidates = [c.strip() for c in fields[3].split("|") if c.strip()] if len(fields) > 3 else []
         candidates = [c for c in candidates if c != gold] + [gold]
         dialog["utterances"].append({"history": history + [text], "candidates": candidates})
         history = history + [text, gold]

@@ -88,6 +88,8 @@ def get_args(argv=None):
         parser.error("--gradient_accumulation_steps: at least 1")
     if args.eval_every < 0:
         parser.error("--eval_every: 0 (off) or a number of optimizer steps")
+    if os.path.exists(args.dataset_cache) and not os.path.isdir(args.dataset_cache):
+        parser.error(f"--dataset_cache {args.dataset_cache}: a file, not a directory")
     if args.compile and args.fsdp:
         parser.error("--compile: not with --fsdp (FSDP2's hooks sit between the layers of the compiled stack)")
     if args.compile and not has_cxx_compiler():
@@ -436,8 +438,8 @@ def train(argv=None):
             checkpoint(engine)
         saved["step"] = step_of(engine)
 
-    if args.eval_before_start:
-        trainer.add_event_handler(Events.STARTED, validate)
+    if args.eval_before_start:  # not on a resume: ignite fires STARTED again, and the step resumed was validated
+        trainer.add_event_handler(Events.STARTED, lambda engine: engine.state.iteration == 0 and validate(engine))
     trainer.add_event_handler(Events.EPOCH_COMPLETED, validate_and_save)
     if args.eval_every:
         trainer.add_event_handler(Events.ITERATION_COMPLETED(every=args.eval_every * accum), validate_and_save)
@@ -460,7 +462,7 @@ def train(argv=None):
         logger.info("Trained %.1f optimizer steps in %.1f s (validation and saving excluded): %.3f steps/s, "
                     "%.0f tokens/s; peak memory %s", speed["steps_per_s"] * speed["train_seconds"],
                     speed["train_seconds"], speed["steps_per_s"], speed["tokens_per_s"],
-                    ", ".join(f"{k[5:]} {v:.0f}" for k, v in speed.items() if k.startswith("peak_")))
+                    ", ".join(f"{k.replace('peak_', '')} {v:.0f}" for k, v in speed.items() if "peak_" in k))
         logger.info("Run saved in %s (load it with --model_checkpoint %s)", run_dir, run_dir)
     if distributed:
         torch.distributed.barrier()  # leave together: a rank tearing gloo down under another one aborts

@@ -109,10 +109,19 @@ def test_cli_writes_personachat_json_that_reads_back_unchanged(tmp_path, capsys)
     ("1 hi\tok\n3 there\tyes\n", "train_bad.txt:2: line id 3 follows 1"),
     ("2 hi\tok\n", "train_bad.txt:1: an episode must start at line id 1"),
     ("1 hi\tok\n2 there\t\n", "train_bad.txt:2: a tab but no label"),
+    ("1 hi\tok\n2 there\t  \t\tok|no\n", "train_bad.txt:2: a tab but no label"),  # a label of spaces is none
 ])
 def test_malformed_convai2_lines_are_named(tmp_path, text, message):
     with pytest.raises(DialogFormatError, match=message):
         read_dialogs(write(tmp_path, "train_bad.txt", text))
+
+
+def test_spaces_around_convai2_fields_are_not_text_and_escaped_newlines_are(tmp_path):
+    spaced = "".join(line.replace("\t", " \t ") + "   \n" for line in CONVAI2_WITH_CANDS.splitlines())
+    assert read_parlai(write(tmp_path, "spaced.txt", spaced)) == read_parlai(write(tmp_path, "plain.txt",
+                                                                                    CONVAI2_WITH_CANDS))
+    (dialog,) = read_parlai(write(tmp_path, "escaped.txt", "1 hi\\nthere\tfine\\nyou?\t\tno|fine\\nyou?\n"))
+    assert dialog["utterances"][0] == {"history": ["hi\nthere"], "candidates": ["no", "fine\nyou?"]}
 
 
 def test_malformed_json_names_line_and_column(tmp_path):
@@ -132,6 +141,13 @@ def test_malformed_personachat_names_the_json_path(tmp_path, mutate, where):
     with pytest.raises(DialogFormatError, match=where):
         read_dialogs(write(tmp_path, "pc.json", json.dumps(data)))
 
+
+
+def test_a_personachat_valid_list_of_dialogs_without_replies_is_refused_as_empty(tmp_path):
+    data = make_personachat()
+    data["valid"] = [{"personality": ["i like cats."], "utterances": []}]
+    with pytest.raises(DialogFormatError, match="pc.json: the valid split has no dialog with a reply"):
+        read_dialogs(write(tmp_path, "pc.json", json.dumps(data)))
 
 
 @pytest.mark.parametrize("valid", ["missing", "empty"])

@@ -136,11 +136,11 @@ def test_sharding_and_recomputation_can_be_turned_off_on_resume_and_a_missing_gp
 def test_resume_after_max_steps_takes_the_remaining_steps_and_a_finished_run_stays(tiny_dirs, personachat_file,
                                                                                     tmp_path):
     run_dir = train_script.train(tiny_args(tiny_dirs, personachat_file, tmp_path, "run", "--max_steps", "2",
-                                           "--n_epochs", "1"))
-    train_script.train(["--resume", str(run_dir), "--max_steps", "0"])
-    assert [m["step"] for m in read_metrics(run_dir)] == [2, 6]
+                                           "--n_epochs", "1", "--eval_before_start"))
+    train_script.train(["--resume", str(run_dir), "--max_steps", "0"])  # step 2 is not validated again
+    assert [(m["step"], m["epoch"]) for m in read_metrics(run_dir)] == [(0, 0), (2, 1), (6, 1)]
     train_script.train(["--resume", str(run_dir)])  # already done: nothing runs, nothing is added
-    assert [m["step"] for m in read_metrics(run_dir)] == [2, 6]
+    assert [m["step"] for m in read_metrics(run_dir)] == [0, 2, 6]
 
 
 def test_resume_refuses_another_output_dir(tiny_dirs, personachat_file, tmp_path):
@@ -345,7 +345,8 @@ def test_resume_takes_the_learning_rate_given_now_and_reads_checkpoints_from_bef
                                           (["--fp16", "O9"], "--fp16"),
                                           (["--max_steps", "-1"], "--max_steps"),
                                           (["--lr", "-1"], "--lr"),
-                                          (["--lora_target_modules", "q_proj"], "--lora_target_modules")])
+                                          (["--lora_target_modules", "q_proj"], "--lora_target_modules"),
+                                          (["--dataset_cache", __file__], "--dataset_cache")])  # a file
 def test_bad_flags_are_refused_naming_the_flag(flags, named, capsys):
     with pytest.raises(SystemExit):
         train_script.get_args(flags)
