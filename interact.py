@@ -7,11 +7,16 @@
 Type /reset for a new conversation, /persona to see the persona; Ctrl-D or Ctrl-C ends. Replies go to stdout,
 everything else to stderr.
 """
+import signal
+import sys
+
+if __name__ == "__main__":  # Ctrl-C while the imports below load (seconds): exit 130, no traceback
+    signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
+
 import logging
 import os
 import random
 import re
-import sys
 from argparse import ArgumentParser
 
 import torch
@@ -171,6 +176,7 @@ def run(args):
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # from here Ctrl-C is a KeyboardInterrupt
     logging.basicConfig(level=logging.WARNING)
     try:
         run(get_args())

@@ -9,8 +9,13 @@ A system message is the persona (one sentence per line); user and assistant mess
 below are the defaults of every request; a request's max_tokens, temperature (0: greedy), top_p, seed and n
 override them. Requests waiting when the model is free are decoded in one batch.
 """
-import logging
+import signal
 import sys
+
+if __name__ == "__main__":  # Ctrl-C while the imports below load (seconds): exit 130, no traceback
+    signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
+
+import logging
 from argparse import ArgumentParser
 from pathlib import Path
 
@@ -82,12 +87,15 @@ def build_app(args):
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # from here Ctrl-C is a KeyboardInterrupt
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     arguments = get_args()
     try:
         application = build_app(arguments)
     except (DataError, FileNotFoundError, IsADirectoryError, InputFormatError) as e:
         sys.exit(f"serve.py: error: {e}")
+    except KeyboardInterrupt:  # while the run loads
+        sys.exit(130)
     print(f"Chat page: http://{arguments.host}:{arguments.port}/  API: http://{arguments.host}:{arguments.port}/v1",
           file=sys.stderr, flush=True)
     # on SIGTERM or Ctrl-C, replies being decoded get GRACEFUL_SHUTDOWN_S seconds to finish; then they are dropped

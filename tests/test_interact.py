@@ -1,6 +1,8 @@
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -113,6 +115,18 @@ def test_same_seed_same_replies(tiny_dirs):
 def test_without_runs_it_says_how_to_make_one(tmp_path):
     done = run_interact(["--runs_dir", str(tmp_path / "runs")], "hi\n")
     assert done.returncode == 1 and "make demo" in done.stderr
+
+
+@pytest.mark.parametrize("script", ["interact.py", "serve.py"])
+def test_ctrl_c_while_the_imports_load_exits_130_without_a_traceback(script, tmp_path):
+    process = subprocess.Popen([sys.executable, os.path.join(ROOT, script), "--model_checkpoint", str(tmp_path)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    maps = f"/proc/{process.pid}/maps"
+    while process.poll() is None and "libtorch" not in open(maps).read():  # torch loading: transformers follows
+        time.sleep(0.01)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130 and "Traceback" not in err, err
 
 
 def test_newest_run_is_the_last_written(tmp_path):
