@@ -44,6 +44,7 @@ import argparse
 import copy
 import json
 import resource
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -57,8 +58,9 @@ import torch
 from ignite.engine import Engine
 
 from decoding import DecodingConfig, generate
+from dialogs import DialogFormatError
 from inputs import DoubleHeadDataset, LengthGroupedBatchSampler, collate
-from layouts import INPUT_FORMATS
+from layouts import INPUT_FORMATS, InputFormatError
 from modeling import compile_decoder, load_tokenizer_and_model
 from ranking import score_candidates
 from tokenized import get_dataset
@@ -408,6 +410,9 @@ def bench_rank(args):
             examples.append((context, (persona, history), candidates))
         if len(examples) == args.examples:
             break
+    if not examples:
+        sys.exit(f"bench.py rank: no validation example has a context of {args.context_tokens} to "
+                 f"{int(1.3 * args.context_tokens)} tokens: change --context_tokens")
 
     def shared():  # ranking by the MC head: no LM projection needed
         return [score_candidates(model, context, candidates, layout, lm_rows=[])[0]
@@ -427,20 +432,24 @@ def bench_rank(args):
         agree = max(float((a - b).abs().max()) for a, b in zip(shared(), full()))
         t_shared, t_full = best_time(shared, args.repeats), best_time(full, args.repeats)
     context_tokens = sum(len(c[0]) for c, _, _ in examples) / len(examples)
-    candidate_tokens = sum(len(c) + 1 for _, _, cands in examples for c in cands) / len(examples) / args.num_candidates
-    return {"device": str(args.device), "examples": len(examples), "candidates": args.num_candidates,
+    n_candidates = sum(len(cands) for _, _, cands in examples)  # the data's, where it has fewer than asked
+    candidate_tokens = sum(len(c) + 1 for _, _, cands in examples for c in cands) / n_candidates
+    return {"device": str(args.device), "examples": len(examples), "candidates": n_candidates / len(examples),
             "mean_context_tokens": context_tokens, "mean_candidate_tokens": candidate_tokens, "max_abs_score_difference": agree,
             "examples_per_s": len(examples) / t_shared, "full_sequences_examples_per_s": len(examples) / t_full,
             "speedup_vs_full_sequences": t_full / t_shared}
 
 
+AT_LEAST_ONE = ("examples", "batch_size", "num_candidates", "max_seq_len", "baseline_batches", "context_tokens",
+                "reply_tokens", "repeats", "num_beams", "beam_contexts", "clients", "requests", "max_tokens",
+                "max_steps", "max_examples", "max_valid_examples")  # the sizes of the benchmarks' flags
 QUALITY_METRICS = ("mc_hits@1", "lm_hits@1", "ppl", "word_ppl", "reply_ppl", "end_nll", "f1")
 
 
 def run_script(script, argv, launcher=()):
     """Run one of the repo's entry scripts as a user would (under `launcher`, e.g. torchrun's); output to this terminal."""
     command = [sys.executable, *launcher, str(Path(__file__).parent / script), *argv]
-    print("$ " + " ".join(command), file=sys.stderr, flush=True)
+    print("$ " + shlex.join(command), file=sys.stderr, flush=True)
     subprocess.run(command, check=True)
 
 
@@ -463,6 +472,9 @@ def bench_quality(args):
 
     model = args.model_checkpoint or default_model_checkpoint()
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench_quality_"))
+    run_dir = work / "run"
+    if run_dir.exists():  # found now, not after the zero-shot evaluations (train.py would refuse it then)
+        sys.exit(f"bench.py quality: {run_dir} exists (an earlier benchmark's run): give another --work_dir")
     work.mkdir(parents=True, exist_ok=True)
     rows = {}
     for input_format in INPUT_FORMATS:
@@ -472,7 +484,6 @@ def bench_quality(args):
         if "biencoder_hits@1" in row:
             rows["biencoder (untrained MiniLM)"] = {"biencoder_hits@1": row.pop("biencoder_hits@1")}
         rows[f"zero-shot {input_format}"] = row
-    run_dir = work / "run"
     start = time.perf_counter()
     run_script("train.py", ["--model_checkpoint", model, "--input_format", args.input_format, "--output_dir",
                             str(run_dir), "--max_steps", str(args.max_steps), "--dataset_path", args.dataset_path,
@@ -556,7 +567,8 @@ def bench_serve(args):
     model = args.model_checkpoint or default_model_checkpoint()
     with tempfile.NamedTemporaryFile("w", suffix=".log") as log:
         process, url = launch(["--model_checkpoint", model, "--device", args.device, "--max_batch_size",
-                               str(args.clients), "--log_level", "warning"]
+                               str(args.clients), "--max_concurrency", str(max(args.clients, 32)),
+                               "--max_tokens_limit", str(max(args.max_tokens, 512)), "--log_level", "warning"]
                               + (["--input_format", args.input_format] if args.input_format else []), log)
         try:
             stream_request(url, bodies[0])  # warm-up
@@ -640,6 +652,9 @@ def main(argv=None):
     quality.add_argument("train_args", nargs=argparse.REMAINDER,
                          help="After --: more train.py flags (e.g. -- --lr 1e-4 --num_candidates 4)")
     args = parser.parse_args(argv)
+    for name in AT_LEAST_ONE:
+        if getattr(args, name, 1) < 1:
+            parser.error(f"--{name} {getattr(args, name)}: at least 1")
     if args.command == "quality":
         args.train_args = [a for a in args.train_args if a != "--"]
         args.input_format = args.input_format or "chat_template"
@@ -662,4 +677,10 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except subprocess.CalledProcessError as e:  # the script's own error is above
+        script = next((Path(a).name for a in e.cmd if a.endswith(".py")), e.cmd[0])
+        sys.exit(f"bench.py: error: {script} failed (exit {e.returncode}); its error is above")
+    except (DialogFormatError, FileNotFoundError, InputFormatError) as e:  # FileNotFoundError: a CheckpointError too
+        sys.exit(f"bench.py: error: {e}")

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from ignite.handlers.checkpoint import BaseSaveHandler
 
-from adapters import ADAPTER_CONFIG, has_lora, is_adapter_run, merge_lora
+from adapters import ADAPTER_CONFIG, has_lora, is_adapter_run, merge_lora, parameter_counts
 from modeling import load_tokenizer_and_model, save_model
 from utils import atomic_write, write_json
 
@@ -178,11 +178,14 @@ def merge_run(run_dir, out_dir):
     tokenizer, model, _ = load_tokenizer_and_model(str(run_dir))
     if not has_lora(model):
         raise ValueError(f"--merge: {run_dir} has no LoRA adapter ({ADAPTER_CONFIG}); it is a plain run already")
-    save_model(merge_lora(model), tokenizer, out_dir)
+    merged = merge_lora(model)
+    save_model(merged, tokenizer, out_dir)
     args = read_training_args(run_dir)
-    if args:  # the run's flags, as a plain run's: the adapter is in the weights now
+    if args:  # the run's flags, as a plain run's: the adapter is in the weights now, all of them trainable
+        trainable, total = parameter_counts(merged)
         write_json(Path(out_dir) / "training_args.json",
-                   dict(args, lora_r=0, merged_from=str(run_dir), run_dir=str(out_dir)))
+                   dict(args, lora_r=0, merged_from=os.path.abspath(run_dir), run_dir=os.path.abspath(out_dir),
+                        parameters=total, trainable_parameters=trainable))
     history = read_history(run_dir)
     if history:
         write_history(out_dir, history)
@@ -195,6 +198,8 @@ def main(argv=None):
     parser.add_argument("--merge", default="", metavar="OUT",
                         help="Write the run with its LoRA adapter merged into the LM's weights to OUT")
     args = parser.parse_args(argv)
+    if args.merge and not os.path.exists(args.run_dir):
+        parser.error(f"{args.run_dir}: no such directory or file (give a run directory written by train.py)")
     if args.merge and not is_adapter_run(args.run_dir):
         parser.error(f"--merge: {args.run_dir} has no LoRA adapter ({ADAPTER_CONFIG}); it is a plain run already")
     if args.merge and os.path.exists(args.merge) and (not os.path.isdir(args.merge) or os.listdir(args.merge)):

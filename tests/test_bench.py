@@ -37,6 +37,19 @@ def test_quality_scores_zero_shot_and_trained_models_on_the_same_examples(tiny_d
         rows["zero-shot transfertransfo"]["ppl"] / rows["zero-shot transcript"]["ppl"])
     assert json.load(open(tmp_path / "work" / "zero_shot_transcript.json"))["input_format"] == "transcript"
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"] == json.loads(json.dumps(rows))
+    zero_shot_file = tmp_path / "work" / "zero_shot_transfertransfo.json"
+    before = zero_shot_file.stat().st_mtime_ns
+    with pytest.raises(SystemExit, match="work/run exists"):  # refused before any evaluation, not after them
+        bench.main(["quality", "--model_checkpoint", tiny_dirs["llama_chat"], "--work_dir", str(tmp_path / "work")])
+    assert zero_shot_file.stat().st_mtime_ns == before
+
+
+@pytest.mark.parametrize("argv", [["rank", "--examples", "0"], ["serve", "--requests", "0"],
+                                  ["serve", "--clients", "0"], ["quality", "--max_steps", "0"]])
+def test_sizes_below_one_are_refused_naming_the_flag(argv, capsys):
+    with pytest.raises(SystemExit):
+        bench.main(argv)
+    assert f"{argv[1]} 0: at least 1" in capsys.readouterr().err
 
 
 def test_serve_sends_the_same_requests_one_at_a_time_and_concurrently(tiny_dirs, personachat_file, tmp_path):

@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 
@@ -22,7 +23,10 @@ def test_a_checkpoint_and_a_merged_lora_run_summarize_as_their_run_does(tiny_dir
     printed = capsys.readouterr().out
     assert "step     1: ppl" in printed and "step     2: ppl" in printed
     merged_args = read_training_args(tmp_path / "merged")
-    assert merged_args["lora_r"] == 0 and merged_args["merged_from"] == str(run_dir)
+    assert merged_args["lora_r"] == 0 and merged_args["merged_from"] == os.path.abspath(run_dir)
+    assert merged_args["run_dir"] == os.path.abspath(tmp_path / "merged")
+    lora_args = read_training_args(run_dir)  # the merged model has the LM's parameters, all trainable
+    assert merged_args["parameters"] == merged_args["trainable_parameters"] < lora_args["parameters"]
     assert json.loads((run_dir / "training_args.json").read_text())["lora_r"] == 4  # the LoRA run itself unchanged
     checkpointing_main([str(run_dir / "checkpoint-1"), "--merge", str(tmp_path / "merged-1")])
     _, history = summarize_run(tmp_path / "merged-1")
@@ -39,3 +43,6 @@ def test_a_missing_run_is_named_without_a_flag_this_script_lacks(tmp_path, capsy
         checkpointing_main([str(tmp_path / "nope")])
     err = capsys.readouterr().err
     assert f"error: {tmp_path / 'nope'}: no such directory or file" in err and "--model_checkpoint" not in err
+    with pytest.raises(SystemExit):  # not "has no LoRA adapter"
+        checkpointing_main([str(tmp_path / "nope"), "--merge", str(tmp_path / "out")])
+    assert f"error: {tmp_path / 'nope'}: no such directory or file" in capsys.readouterr().err
