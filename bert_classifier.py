@@ -270,7 +270,8 @@ def train(args):
         weights = torch.tensor(args.class_weights, device=args.device)
     options = {"pooling": args.pooling, "pair_encoding": args.pair_encoding, "threshold": args.threshold,
                "truncate": args.truncate, "add_cls_token": args.add_cls_token, "sep_last_utt": args.sep_last_utt,
-               "ranker": args.ranker, "max_history": args.max_history, "fields": fields(args)}
+               "ranker": args.ranker, "max_history": args.max_history, "fields": fields(args),
+               "text_pairs": args.ranker or any(r["text_pair"] is not None for r in rows)}  # what predict must give
     if args.ranker:  # which dialogs it trained on, so that an evaluation can tell whether it saw the held-out ones
         dataset_path = os.path.abspath(args.dataset_path) if os.path.exists(args.dataset_path) else args.dataset_path
         options.update(dataset_path=dataset_path, split_seed=args.seed)
@@ -406,6 +407,11 @@ def evaluate_or_predict(args):
         columns = {key: name for key, name in columns.items() if key not in ("label", "labels")}
     rows = read_rows(args.input_file, columns, labelled=args.command == "eval") if args.input_file \
         else rows_from_stdin()
+    if options.get("text_pairs") and all(r["text_pair"] is None for r in rows):  # it never saw a text alone
+        raise DataError(f"{args.model_checkpoint} was trained on text pairs, and "
+                        + (f"{args.input_file} has no {columns['text_pair']!r} column with text (--text_pair_field "
+                           f"names it)" if args.input_file else "stdin holds one text per line: give --input_file "
+                           f"with a {columns['text_pair']!r} column"))
     encoded = encode_rows(tokenizer, rows, max_length=options.get("truncate", 256),
                           add_special_tokens=options.get("add_cls_token", True),
                           sep_last_utt=options.get("sep_last_utt", False),

@@ -1,3 +1,4 @@
+import io
 import json
 import logging
 import random
@@ -267,6 +268,20 @@ def test_siamese_pair_classification_survives_save_and_load(tiny_bert, tmp_path)
                                   "--output_file", str(tmp_path / "b.jsonl"), "--device", "cpu"])
     assert torch.equal(first, again)
     assert (tmp_path / "a.jsonl").read_text() == (tmp_path / "b.jsonl").read_text()
+
+
+@pytest.mark.parametrize("pair_encoding", ["cross", "siamese"])
+def test_a_pair_classifier_refuses_texts_without_their_pairs(tiny_bert, tmp_path, monkeypatch, pair_encoding):
+    train = write_jsonl(tmp_path / "train.jsonl", pair_rows(8, 5))
+    out = str(tmp_path / "clf")
+    bert_classifier.main(["train", "--train_file", train, "--output_dir", out, "--model_checkpoint", tiny_bert,
+                          "--max_steps", "1", "--device", "cpu", "--pair_encoding", pair_encoding])
+    alone = write_jsonl(tmp_path / "alone.jsonl", [{"text": "i like it"}])
+    with pytest.raises(DataError, match="trained on text pairs, and .*alone.jsonl has no 'text_pair' column"):
+        bert_classifier.main(["predict", "--model_checkpoint", out, "--input_file", alone, "--device", "cpu"])
+    monkeypatch.setattr("sys.stdin", io.StringIO("i like it\n"))
+    with pytest.raises(DataError, match="stdin holds one text per line: give --input_file with a 'text_pair' column"):
+        bert_classifier.main(["predict", "--model_checkpoint", out, "--device", "cpu"])
 
 
 def test_siamese_classification_needs_text_pairs(tiny_bert, tmp_path):
