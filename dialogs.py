@@ -187,11 +187,11 @@ def read_parlai(path):
             elif not text.startswith("partner's persona:"):
                 history.append(text)  # context line without a label
             continue
-        labels = [s.strip() for s in fields[1].split("|") if s.strip()]
+        labels = _bar_separated(fields[1])
         if not labels:
             raise DialogFormatError(f"{path}:{line_no}: a tab but no label after it")
         gold = labels[0]
-        candidates = [c.strip() for c in fields[3].split("|") if c.strip()] if len(fields) > 3 else []
+        candidates = _bar_separated(fields[3]) if len(fields) > 3 else []
         candidates = [c for c in candidates if c != gold] + [gold]
         dialog["utterances"].append({"history": history + [text], "candidates": candidates})
         history = history + [text, gold]
@@ -199,6 +199,11 @@ def read_parlai(path):
     if not dialogs:
         raise DialogFormatError(f"{path}: no dialog with a labelled line ('N text<tab>label')")
     return dialogs
+
+
+def _bar_separated(field):
+    """The non-empty texts of a `a|b|c` field, stripped."""
+    return [s.strip() for s in field.split("|") if s.strip()]
 
 
 def _numbered_lines(path):

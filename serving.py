@@ -13,8 +13,8 @@ import time
 import urllib.request
 import uuid
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from functools import partial
+from pathlib import Path
 from typing import Literal, Optional, Union
 
 import torch
@@ -297,9 +297,9 @@ class ChatModel:
         """Decode the jobs' rows in batches of at most max_rows (default: one batch), streaming tokens to jobs that
         stream, then their replies. The rows of a job whose client has left stop where they are."""
         owners = [(job, i) for job in jobs for i in range(len(job.contexts))]
-        replies = []
-        for start in range(0, len(owners), max_rows or len(owners) or 1):
-            rows = owners[start:start + (max_rows or len(owners))]
+        size, replies = max_rows or max(len(owners), 1), []
+        for start in range(0, len(owners), size):
+            rows = owners[start:start + size]
             replies += generate(self.model, [job.contexts[i] for job, i in rows], self.layout,
                                 [job.configs[i] for job, i in rows], [job.generators[i] for job, i in rows],
                                 on_token=partial(self._on_token, rows), stop_row=partial(self._client_gone, rows))
