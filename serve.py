@@ -15,6 +15,7 @@ import sys
 if __name__ == "__main__":  # Ctrl-C while the imports below load (seconds): exit 130, no traceback
     signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
 
+import asyncio
 import logging
 from argparse import ArgumentParser
 from pathlib import Path
@@ -30,7 +31,19 @@ from serving import ChatModel, ServerSettings, create_app
 from utils import checkpoint_or_newest_run
 
 logger = logging.getLogger(__file__)
-GRACEFUL_SHUTDOWN_S = 10
+GRACEFUL_SHUTDOWN_S = 10  # on SIGTERM or Ctrl-C, replies being decoded get this long to finish
+
+
+class Server(uvicorn.Server):
+    """uvicorn's server, whose shutdown ends the replies still unfinished after GRACEFUL_SHUTDOWN_S with an answer
+    (a 503, or a streamed error event and `data: [DONE]`) before it closes their connections."""
+
+    async def shutdown(self, sockets=None):
+        ending = asyncio.ensure_future(self.config.app.state.end_replies(GRACEFUL_SHUTDOWN_S))
+        try:
+            await super().shutdown(sockets)
+        finally:
+            ending.cancel()
 
 
 def get_args(argv=None):
@@ -98,6 +111,12 @@ if __name__ == "__main__":
         sys.exit(130)
     print(f"Chat page: http://{arguments.host}:{arguments.port}/  API: http://{arguments.host}:{arguments.port}/v1",
           file=sys.stderr, flush=True)
-    # on SIGTERM or Ctrl-C, replies being decoded get GRACEFUL_SHUTDOWN_S seconds to finish; then they are dropped
-    uvicorn.run(application, host=arguments.host, port=arguments.port, log_level=arguments.log_level,
-                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
+    # uvicorn's own limit is a backstop: by then the replies have their answers
+    server = Server(uvicorn.Config(application, host=arguments.host, port=arguments.port,
+                                   log_level=arguments.log_level, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S + 5))
+    try:
+        server.run()
+    except KeyboardInterrupt:  # uvicorn raises the Ctrl-C it caught again, once it has shut down
+        pass
+    if not server.started:
+        sys.exit(3)  # as uvicorn.run: it could not start (the port is taken, ...) and logged why

@@ -144,7 +144,7 @@ class TextStream:
         return piece
 
 
-@dataclass
+@dataclass(eq=False)  # a request: equal to itself alone (and kept in sets)
 class Job:
     """One request's rows (its choices, or its --rerank samples) and where its events go."""
     contexts: list
@@ -373,6 +373,9 @@ async def until_disconnected(request):
         pass
 
 
+SHUTTING_DOWN = "the server is shutting down before this reply was finished; retry later"
+
+
 def sse(payload):
     return f"data: {json.dumps(payload)}\n\n"
 
@@ -383,6 +386,17 @@ def create_app(chat_model, max_concurrency=32, max_batch_size=8):
     batcher = Batcher(partial(chat_model.decode_jobs, max_rows=max_batch_size), max_batch_rows=max_batch_size,
                       max_pending=max_concurrency)
     app.state.batcher, app.state.chat_model = batcher, chat_model
+    waiting = set()  # jobs whose client waits for an answer
+
+    async def end_replies(after_s):
+        """For a server shutting down: replies still unfinished after `after_s` seconds end then, each with an
+        answer (a 503, or the stream's error event and `data: [DONE]`) rather than a dropped connection."""
+        await asyncio.sleep(after_s)
+        for job in list(waiting):
+            job.events.put_nowait(("shutdown",))
+            job.gone.set()  # its rows stop; not decoded at all if still queued
+
+    app.state.end_replies = end_replies
     name = chat_model.settings.model_name
     created = int(time.time())
 
@@ -444,6 +458,7 @@ def create_app(chat_model, max_concurrency=32, max_batch_size=8):
     async def wait_replies(job, request):
         """The job's replies; if the client leaves first, the job stops and the answer (to no one) is a 499."""
         left = asyncio.ensure_future(until_disconnected(request))
+        waiting.add(job)
         try:
             while True:
                 event = asyncio.ensure_future(job.events.get())
@@ -456,9 +471,12 @@ def create_app(chat_model, max_concurrency=32, max_batch_size=8):
                     return rest[0]
                 if kind == "error":
                     raise APIError(500, rest[0], type_="server_error")
+                if kind == "shutdown":
+                    raise APIError(503, SHUTTING_DOWN, type_="server_error")
         except asyncio.CancelledError:  # uvicorn's graceful shutdown timed out: answer, not log a traceback
-            raise APIError(503, "the server is shutting down; retry later", type_="server_error") from None
+            raise APIError(503, SHUTTING_DOWN, type_="server_error") from None
         finally:
+            waiting.discard(job)
             left.cancel()
             job.gone.set()  # too late to matter once done; else (left, or cancelled at shutdown) its rows stop
 
@@ -468,6 +486,7 @@ def create_app(chat_model, max_concurrency=32, max_batch_size=8):
         yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
                      for i in range(n)])
         streams = [TextStream(chat_model.text) for _ in range(n)]
+        waiting.add(job)
         try:
             while True:
                 kind, *rest = await job.events.get()
@@ -483,10 +502,12 @@ def create_app(chat_model, max_concurrency=32, max_batch_size=8):
                         yield sse({**head, "object": "chat.completion.chunk", "choices": [],
                                    "usage": chat_model.usage(job, replies)})
                     break
-                else:
-                    yield sse({"error": {"message": rest[0], "type": "server_error", "param": None, "code": None}})
+                else:  # "error", or "shutdown"
+                    message = rest[0] if kind == "error" else SHUTTING_DOWN
+                    yield sse({"error": {"message": message, "type": "server_error", "param": None, "code": None}})
                     break
-        finally:  # the client left (starlette cancelled the stream), or the server is shutting down
+        finally:  # done, or the client left (starlette cancelled the stream), or the server is shutting down
+            waiting.discard(job)
             job.gone.set()
         yield "data: [DONE]\n\n"
 

@@ -31,7 +31,7 @@ from metrics import TokenNLL, perplexity
 from modeling import compile_decoder, has_cxx_compiler, load_tokenizer_and_model, model_max_length
 from sharding import WholeOptimizer, shard_model, whole_model_state
 from tokenized import get_dataset
-from training import StepsBar, Throughput, amp_dtype, linear_lr, make_inference, make_update
+from training import QUIET_STOP, StepsBar, Throughput, amp_dtype, linear_lr, make_inference, make_update
 from utils import (append_jsonl, is_main_process, make_run_dir, resolve_local_rank, set_seed, setup_distributed,
                    setup_logging, write_json)
 
@@ -332,6 +332,8 @@ def train(argv=None):
     trainer = Engine(make_update(model, optimizer, scaler, device, dtype, accum, args.lm_coef, args.mc_coef,
                                  args.max_norm, where=f"The last good checkpoint stays in {run_dir}"))
     evaluator = Engine(make_inference(raw_model, device, dtype))
+    for engine in (trainer, evaluator):
+        engine.logger.addFilter(QUIET_STOP)
     TokenNLL(output_transform=lambda o: o["nll"], device=device).attach(evaluator, "nll")
     Accuracy(output_transform=lambda o: o["mc"], device=device).attach(evaluator, "mc_accuracy")
 

@@ -4,8 +4,10 @@ Kept out of train.py so that their mechanics (autocast, loss, gradient accumulat
 non-finite-loss stop) are tested on their own.
 """
 import contextlib
+import logging
 import re
 import resource
+import sys
 from pathlib import Path
 
 import ignite.distributed as idist
@@ -174,6 +176,17 @@ class StepsBar(ProgressBar):
             left = self.last_iteration - (state.epoch - 1) * state.epoch_length
             pbar_total = max(1, min(pbar_total, left))
         super()._reset(pbar_total)
+
+
+class QuietStop(logging.Filter):
+    """Drops ignite's ERROR "Engine run is terminating due to exception" when the exception is Ctrl-C or SIGTERM:
+    a stop the user asked for is no error, and train.py says what the run kept."""
+
+    def filter(self, record):
+        return not isinstance(sys.exc_info()[1], KeyboardInterrupt)  # logged inside ignite's `except` block
+
+
+QUIET_STOP = QuietStop()  # one instance: addFilter skips a filter already added, so repeated runs add it once
 
 
 def make_inference(model, device, dtype=None):

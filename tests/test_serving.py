@@ -10,7 +10,8 @@ from fastapi.testclient import TestClient
 
 from decoding import DecodingConfig
 from modeling import load_tokenizer_and_model, model_max_length
-from serving import APIError, Batcher, ChatModel, Job, ServerSettings, TextStream, create_app, persona_and_turns
+from serving import (SHUTTING_DOWN, APIError, Batcher, ChatModel, Job, ServerSettings, TextStream, create_app,
+                     persona_and_turns)
 
 
 def make_chat_model(directory, input_format="", **settings):
@@ -373,35 +374,67 @@ def slow_steps(chat_model, seconds=0.02):
     return sizes
 
 
-@pytest.mark.parametrize("stream", [False, True])
-def test_a_request_whose_client_leaves_stops_decoding_and_frees_its_place(tiny_dirs, stream):
+def slow_server(tiny_dirs):
+    """An app over the tiny model whose replies take 200 tokens of 0.02 s each (4 s at least), unless stopped."""
     chat_model = make_chat_model(tiny_dirs["llama_chat"], max_tokens_limit=200,
                                  decoding=DecodingConfig(max_length=8, min_length=200, temperature=1.0))
-    steps = slow_steps(chat_model)  # 200 tokens: 4 s at least, unless stopped
-    app = create_app(chat_model)
+    return create_app(chat_model), slow_steps(chat_model)
+
+
+def post_raw(app, stream, leave_after=None, meanwhile=None):
+    """POST a 200-token request to the ASGI app with no HTTP client in between; the client leaves after
+    `leave_after` seconds, if given, and the coroutine `meanwhile` runs beside the request. The ASGI messages sent."""
     body = json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 200, "stream": stream}).encode()
     scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
              "method": "POST", "scheme": "http", "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions",
              "query_string": b"", "root_path": "", "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80),
              "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]}
-    leave_at, sent, messages = time.monotonic() + 0.3, [], []
+    sent, messages = [], []
 
-    async def receive():  # the body, then the client disconnects at leave_at
+    async def receive():  # the body, then the client disconnects after leave_after, or waits
         if not sent:
             sent.append(True)
             return {"type": "http.request", "body": body, "more_body": False}
-        await asyncio.sleep(max(leave_at - time.monotonic(), 0))
+        await asyncio.sleep(leave_after if leave_after is not None else 60)
         return {"type": "http.disconnect"}
 
     async def send(message):
         messages.append(message)
 
-    asyncio.run(asyncio.wait_for(app(scope, receive, send), 3))
+    async def both():
+        await asyncio.gather(app(scope, receive, send), *([meanwhile] if meanwhile else []))
+
+    asyncio.run(asyncio.wait_for(both(), 3))
+    return messages
+
+
+def wait_until_free(app):
     deadline = time.time() + 3
     while app.state.batcher.pending and time.time() < deadline:
         time.sleep(0.01)
-    assert app.state.batcher.pending == 0 and len(steps) < 100
+    return app.state.batcher.pending == 0
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_request_whose_client_leaves_stops_decoding_and_frees_its_place(tiny_dirs, stream):
+    app, steps = slow_server(tiny_dirs)
+    messages = post_raw(app, stream, leave_after=0.3)
+    assert wait_until_free(app) and len(steps) < 100
     assert messages[0]["status"] == (200 if stream else 499)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_reply_unfinished_at_shutdown_gets_an_answer_and_stops_decoding(tiny_dirs, stream):
+    app, steps = slow_server(tiny_dirs)
+    messages = post_raw(app, stream, meanwhile=app.state.end_replies(0.3))  # serve.py's shutdown calls it
+    assert wait_until_free(app) and len(steps) < 100
+    body = b"".join(m.get("body", b"") for m in messages).decode()
+    if stream:  # the tokens so far, then an error event and the end of the stream, as OpenAI's clients expect
+        events = [line[len("data: "):] for line in body.split("\n\n") if line]
+        assert messages[0]["status"] == 200 and events[-1] == "[DONE]" and len(events) > 3
+        assert json.loads(events[-2])["error"]["message"] == SHUTTING_DOWN
+    else:
+        assert messages[0]["status"] == 503 and json.loads(body)["error"]["message"] == SHUTTING_DOWN
 
 
 def test_a_request_of_more_rows_than_max_batch_size_is_decoded_in_batches_of_at_most_that(tiny_dirs):

@@ -13,7 +13,7 @@ from inputs import DoubleHeadDataset, collate
 from layouts import TransferTransfoLayout
 from modeling import DoubleHeads, load_tokenizer_and_model
 from tokenized import tokenize_dialogs
-from training import StepsBar, Throughput, amp_dtype, linear_lr, make_inference, make_update
+from training import QUIET_STOP, StepsBar, Throughput, amp_dtype, linear_lr, make_inference, make_update
 
 CPU = torch.device("cpu")
 
@@ -172,3 +172,19 @@ def test_steps_bar_ends_where_max_steps_ends_the_run(last_iteration, totals):
 
     engine.run(range(10), max_epochs=2)
     assert [seen[e] for e in sorted(seen)] == totals
+
+
+@pytest.mark.parametrize("stop, logged", [(KeyboardInterrupt, False), (ValueError, True)])
+def test_a_stop_the_user_asked_for_is_not_logged_as_an_error(stop, logged, caplog):
+    def process(engine, batch):
+        raise stop("boom")
+
+    engine = Engine(process)
+    engine.logger.addFilter(QUIET_STOP)
+    try:
+        with pytest.raises(stop):
+            engine.run([0])
+    finally:
+        engine.logger.removeFilter(QUIET_STOP)
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert any("terminating due to exception" in m for m in errors) is logged, errors
