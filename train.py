@@ -31,7 +31,8 @@ from metrics import TokenNLL, perplexity
 from modeling import compile_decoder, has_cxx_compiler, load_tokenizer_and_model, model_max_length
 from sharding import WholeOptimizer, shard_model, whole_model_state
 from tokenized import get_dataset
-from training import QUIET_STOP, StepsBar, Throughput, amp_dtype, linear_lr, make_inference, make_update
+from training import (QUIET_STOP, StepsBar, Throughput, amp_dtype, linear_lr, make_inference, make_update,
+                      slow_bf16)
 from utils import (append_jsonl, is_main_process, make_run_dir, resolve_local_rank, set_seed, setup_distributed,
                    setup_logging, write_json)
 
@@ -275,6 +276,9 @@ def train(argv=None):
     logger.info("Arguments: %s", pformat(vars(args)))
     set_seed(args.seed)
     dtype = amp_dtype(args.fp16)
+    if slow_bf16(device, dtype):
+        logger.warning("--fp16 %s: this CPU has no bf16 instructions (AVX512-BF16, AMX or Arm's BF16), so autocast "
+                       "emulates them, many times slower than fp32; leave --fp16 out here", args.fp16)
 
     resume_dir = latest_checkpoint(args.resume) if args.resume else None
     tokenizer, model, layout = load_tokenizer_and_model(str(resume_dir) if resume_dir else args.model_checkpoint,

@@ -41,6 +41,15 @@ def linear_lr(step, lr, total_steps, warmup_steps=0):
     return lr * max(total_steps - step, 0) / max(total_steps - warmup_steps, 1)
 
 
+def slow_bf16(device, dtype):
+    """Whether bf16 autocast would run on a CPU without bf16 instructions (AVX512-BF16 or AMX on x86, BF16 on Arm),
+    where its matmuls are emulated and many times slower than fp32 (`bench.py train` prints bf16_speedup)."""
+    if device.type != "cpu" or dtype is not torch.bfloat16:
+        return False
+    capabilities = torch.cpu.get_capabilities()
+    return not any(capabilities.get(name) for name in ("avx512_bf16", "amx_bf16", "bf16", "sve_bf16"))
+
+
 def autocast(device, dtype):
     return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 

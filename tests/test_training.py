@@ -13,7 +13,8 @@ from inputs import DoubleHeadDataset, collate
 from layouts import TransferTransfoLayout
 from modeling import DoubleHeads, load_tokenizer_and_model
 from tokenized import tokenize_dialogs
-from training import QUIET_STOP, StepsBar, Throughput, amp_dtype, linear_lr, make_inference, make_update
+from training import (QUIET_STOP, StepsBar, Throughput, amp_dtype, linear_lr, make_inference, make_update,
+                      slow_bf16)
 
 CPU = torch.device("cpu")
 
@@ -188,3 +189,12 @@ def test_a_stop_the_user_asked_for_is_not_logged_as_an_error(stop, logged, caplo
         engine.logger.removeFilter(QUIET_STOP)
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert any("terminating due to exception" in m for m in errors) is logged, errors
+
+
+@pytest.mark.parametrize("capabilities, slow", [({"avx2": True}, True), ({"avx2": True, "avx512_bf16": True}, False),
+                                                ({"amx_bf16": True}, False), ({"bf16": True}, False)])
+def test_bf16_on_a_cpu_without_bf16_instructions_is_called_slow(capabilities, slow, monkeypatch):
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: capabilities)
+    assert slow_bf16(CPU, torch.bfloat16) is slow
+    assert not slow_bf16(CPU, None) and not slow_bf16(CPU, torch.float16)
+    assert not slow_bf16(torch.device("cuda"), torch.bfloat16)
