@@ -437,6 +437,51 @@ def test_a_reply_unfinished_at_shutdown_gets_an_answer_and_stops_decoding(tiny_d
         assert messages[0]["status"] == 503 and json.loads(body)["error"]["message"] == SHUTTING_DOWN
 
 
+def test_serve_py_shutting_down_answers_the_replies_it_cuts(tiny_dirs, monkeypatch):
+    import threading
+    import urllib.error
+    import urllib.request
+
+    import uvicorn
+
+    import serve
+    from utils import free_port
+
+    app, steps = slow_server(tiny_dirs)
+    monkeypatch.setattr(serve, "GRACEFUL_SHUTDOWN_S", 0.5)
+    port = free_port()
+    server = serve.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                        timeout_graceful_shutdown=30))
+    running = threading.Thread(target=server.run)  # off the main thread: uvicorn leaves signals alone
+    running.start()
+    deadline = time.time() + 30
+    while not server.started and time.time() < deadline:
+        time.sleep(0.05)
+    answer = {}
+
+    def post():
+        body = json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 200}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", body,
+                                         {"Content-Type": "application/json"})
+        try:
+            urllib.request.urlopen(request, timeout=30)
+        except urllib.error.HTTPError as e:
+            answer["status"], answer["body"] = e.code, json.loads(e.read())
+
+    client = threading.Thread(target=post)
+    client.start()
+    while not steps and time.time() < deadline:
+        time.sleep(0.01)
+    started = time.time()
+    server.should_exit = True  # what SIGTERM or Ctrl-C sets
+    client.join(30)
+    running.join(30)
+    assert not running.is_alive() and time.time() - started < 5  # not uvicorn's 30 s: the reply was answered
+    assert answer == {"status": 503, "body": {"error": {"message": SHUTTING_DOWN, "type": "server_error",
+                                                        "param": None, "code": None}}}
+    assert wait_until_free(app) and len(steps) < 100
+
+
 def test_a_request_of_more_rows_than_max_batch_size_is_decoded_in_batches_of_at_most_that(tiny_dirs):
     replies = {}
     for max_batch_size in (2, 8):
