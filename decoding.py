@@ -55,7 +55,9 @@ def check_decoding_ranges(parser, args):
     problems = [(args.max_length < 1, f"--max_length {args.max_length}: at least 1"),
                 (args.min_length > args.max_length,
                  f"--min_length {args.min_length}: more than --max_length {args.max_length}"),
-                (args.temperature <= 0, "--temperature: must be above 0 (use --no_sample for greedy decoding)"),
+                (args.temperature <= 0, "--temperature: must be above 0 (" + (
+                    "use --no_sample for greedy decoding)" if hasattr(args, "no_sample") else
+                    "replies are greedy unless --sample or --rerank)")),
                 (not 0 <= args.top_p <= 1, f"--top_p {args.top_p}: a probability mass between 0 and 1 (0: off)"),
                 (args.top_k < 0, f"--top_k {args.top_k}: at least 0 (0: off)"),
                 (args.num_beams < 1, f"--num_beams {args.num_beams}: at least 1"),

@@ -119,6 +119,7 @@ def read_personachat(obj, path):
                     _require_strings(utterance[key], f"{u_where}.{key}")
                 if not utterance["candidates"]:
                     raise DialogFormatError(f"{u_where}.candidates: empty (the gold reply must be the last one)")
+                utterance["candidates"] = gold_last(utterance["candidates"][:-1], [utterance["candidates"][-1]])
         splits[split] = obj[split]
     return splits
 
@@ -190,15 +191,22 @@ def read_parlai(path):
         labels = _bar_separated(fields[1])
         if not labels:
             raise DialogFormatError(f"{path}:{line_no}: a tab but no label after it")
-        gold = labels[0]
-        candidates = _bar_separated(fields[3]) if len(fields) > 3 else []
-        candidates = [c for c in candidates if c != gold] + [gold]
-        dialog["utterances"].append({"history": history + [text], "candidates": candidates})
-        history = history + [text, gold]
+        candidates = gold_last(_bar_separated(fields[3]) if len(fields) > 3 else [], labels)
+        utterance = {"history": history + [text], "candidates": candidates}
+        if len(labels) > 1:  # the other right answers: F1 takes the best of them, as ParlAI's does
+            utterance["labels"] = labels
+        dialog["utterances"].append(utterance)
+        history = history + [text, labels[0]]
     dialogs = [d for d in dialogs if d["utterances"]]
     if not dialogs:
         raise DialogFormatError(f"{path}: no dialog with a labelled line ('N text<tab>label')")
     return dialogs
+
+
+def gold_last(candidates, labels):
+    """The candidates with the first label, the gold, last, and no label among the others: a right answer is
+    never one of its own distractors (to train against, or to count as a miss when ranked first)."""
+    return [c for c in candidates if c not in labels] + [labels[0]]
 
 
 def _bar_separated(field):

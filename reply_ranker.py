@@ -106,15 +106,23 @@ def score_pairs(model, tokenizer, options, context, candidates, device):
 
 
 @torch.no_grad()
-def embed_texts(encoder, tokenizer, texts, device, max_length=256):
-    """Mean-pooled, L2-normalised sentence embeddings (sentence-transformers' recipe for MiniLM)."""
-    batch = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+def embed_texts(encoder, tokenizer, texts, device, max_length=256, keep_end=False):
+    """Mean-pooled, L2-normalised sentence embeddings (sentence-transformers' recipe for MiniLM). With `keep_end`,
+    a text too long loses its start rather than its end (a context: its end is the turn being answered)."""
+    side = tokenizer.truncation_side
+    try:
+        tokenizer.truncation_side = "left" if keep_end else "right"
+        batch = tokenizer(list(texts), padding=True, truncation=True, return_tensors="pt",
+                          max_length=min(max_length, encoder.config.max_position_embeddings))
+    finally:
+        tokenizer.truncation_side = side
     batch = {k: v.to(device) for k, v in batch.items()}
     return F.normalize(mean_pool(encoder(**batch).last_hidden_state, batch["attention_mask"]), dim=-1)
 
 
-def biencoder_scores(encoder, tokenizer, context, candidates, device):
-    """Cosine similarity of each candidate's embedding with the context's: the untrained bi-encoder baseline."""
-    vectors = embed_texts(encoder, tokenizer, [context] + [c or " " for c in candidates], device)
-    return vectors[1:] @ vectors[0]
+def biencoder_scores(encoder, tokenizer, context, candidates, device, max_length=256):
+    """Cosine similarity of each candidate's embedding with the context's: the untrained bi-encoder baseline. A
+    long context keeps its end, as the trained ranker's does (collate_examples)."""
+    context_vector = embed_texts(encoder, tokenizer, [context], device, max_length, keep_end=True)[0]
+    return embed_texts(encoder, tokenizer, [c or " " for c in candidates], device, max_length) @ context_vector
 

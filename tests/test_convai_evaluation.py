@@ -173,7 +173,7 @@ def test_max_examples_sample_every_held_out_dialog_not_the_first_ones():
                                                          for u in range(10)]} for d in range(5)]
     picked = convai_evaluation.examples_of(dialogs, 5)
     assert [e[0] for e in picked] == ["0:0", "1:0", "2:0", "3:0", "4:0"]
-    assert picked[3] == ("3:0", ["p3"], ["h3.0"], ["r3.0"])
+    assert picked[3] == ("3:0", ["p3"], ["h3.0"], ["r3.0"], ["r3.0"])  # the last: its labels
     assert len(convai_evaluation.examples_of(dialogs, 0)) == 50
 
 
@@ -199,6 +199,42 @@ def test_a_run_trained_on_a_parlai_train_file_is_scored_on_what_it_held_out(chat
     assert results["examples"] == 12
 
 
-def test_an_output_file_in_a_missing_directory_is_refused_before_scoring(chatty, convai_file, tmp_path):
-    with pytest.raises(SystemExit, match="--save_predictions .*: its directory does not exist"):
-        evaluate(chatty, convai_file, tmp_path, "--save_predictions", str(tmp_path / "no" / "p.jsonl"))
+@pytest.mark.parametrize("flags, message", [
+    (["--save_predictions", "{tmp}/no/p.jsonl"], "--save_predictions {tmp}/no/p.jsonl: its directory does not exist"),
+    (["--results_file", "{tmp}"], "--results_file {tmp}: a directory; name a file"),
+    (["--save_predictions", "{tmp}"], "--save_predictions {tmp}: a directory; name a file"),
+    (["--num_candidates", "0"], "--num_candidates 0: at least 1"),
+    (["--num_candidates", "-1"], "--num_candidates -1: at least 1"),
+    (["--max_history", "-1"], "--max_history -1: at least 0"),
+    (["--max_examples", "-1"], "--max_examples -1: at least 0"),
+    (["--batch_size", "0"], "--batch_size 0: at least 1"),
+    (["--ranker", "lm", "--ranker_checkpoint", "r"], "--ranker_checkpoint r: only --ranker bert or biencoder reads it"),
+    (["--temperature", "0"], "--temperature: must be above 0 (replies are greedy unless --sample or --rerank)")])
+def test_bad_flags_are_refused_before_anything_loads(flags, message, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        convai_evaluation.get_args([flag.format(tmp=tmp_path) for flag in flags])
+    assert message.format(tmp=tmp_path) in capsys.readouterr().err
+
+
+def test_a_biencoder_checkpoint_that_is_not_there_is_one_line(chatty, convai_file, tmp_path):
+    with pytest.raises(SystemExit, match=r"^convai_evaluation.py: error: --ranker_checkpoint /nonexistent: "):
+        evaluate(chatty, convai_file, tmp_path, "--eval_type", "hits@1", "--ranker", "biencoder",
+                 "--ranker_checkpoint", "/nonexistent")
+
+
+def test_f1_takes_the_best_of_a_lines_labels(chatty, convai_file, tmp_path):
+    """ParlAI's F1 is the best over a line's labels: here the model's greedy reply is each line's second label."""
+    lines = []
+    for line in open(convai_file).read().splitlines():
+        fields = line.split("\t")
+        if len(fields) > 1:
+            fields[1] = "zebra quartz|" + fields[1]
+        lines.append("\t".join(fields))
+    several = tmp_path / "valid_several_labels.txt"
+    several.write_text("\n".join(lines) + "\n")
+    predictions = tmp_path / "pred.jsonl"
+    results = evaluate(chatty, str(several), tmp_path, "--eval_type", "f1", "--max_length", "4", "--min_length", "4",
+                       "--save_predictions", str(predictions))
+    rows = [json.loads(line) for line in open(predictions)]
+    assert results["f1"] == 1.0 and all(row["gold"] == "zebra quartz" and row["reply"] == row["labels"][1]
+                                        for row in rows)

@@ -116,6 +116,20 @@ def test_malformed_convai2_lines_are_named(tmp_path, text, message):
         read_dialogs(write(tmp_path, "train_bad.txt", text))
 
 
+def test_a_right_answer_is_never_one_of_its_own_distractors(tmp_path):
+    several = write(tmp_path, "valid.txt", "1 hi\thello there|hi there\t\tbye now|hi there|hello there\n"
+                                          "2 how are you ?\tfine\t\tfine|bad|fine\n")
+    first, second = read_parlai(several)[0]["utterances"]
+    assert first["candidates"] == ["bye now", "hello there"] and first["labels"] == ["hello there", "hi there"]
+    assert second["candidates"] == ["bad", "fine"] and "labels" not in second
+    assert second["history"] == ["hi", "hello there", "how are you ?"]  # the first label is the turn said
+    duplicated = tmp_path / "dup.json"
+    duplicated.write_text(json.dumps({"train": [], "valid": [{"personality": ["i like cats ."], "utterances": [
+        {"history": ["hi"], "candidates": ["i am a pilot .", "i like cats .", "bad .", "i like cats ."]}]}]}))
+    valid = read_dialogs(str(duplicated), need_train=False)["valid"]
+    assert valid[0]["utterances"][0]["candidates"] == ["i am a pilot .", "bad .", "i like cats ."]
+
+
 def test_spaces_around_convai2_fields_are_not_text_and_escaped_newlines_are(tmp_path):
     spaced = "".join(line.replace("\t", " \t ") + "   \n" for line in CONVAI2_WITH_CANDS.splitlines())
     assert read_parlai(write(tmp_path, "spaced.txt", spaced)) == read_parlai(write(tmp_path, "plain.txt",

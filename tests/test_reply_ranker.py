@@ -46,13 +46,24 @@ def test_biencoder_scores_are_cosines_of_mean_pooled_embeddings(encoder_and_toke
     assert scores[1].item() == pytest.approx(float(vectors[0] @ vectors[1]), abs=1e-5)
 
 
-def test_a_siamese_ranker_started_from_cosine_scores_as_the_biencoder(encoder_and_tokenizer):
+LONG_CONTEXT = "i like cats\n" * 30 + "what do you do for fun?"  # past the 48 tokens kept below
+
+
+@pytest.mark.parametrize("context", [CONTEXT, LONG_CONTEXT])
+def test_a_siamese_ranker_started_from_cosine_scores_as_the_biencoder(encoder_and_tokenizer, context):
     encoder, tokenizer = encoder_and_tokenizer
     model = siamese(encoder)
     start_from_cosine(model, scale=20.0)
-    scores = score_pairs(model, tokenizer, {"pair_encoding": "siamese"}, CONTEXT, CANDIDATES, "cpu")
-    cosines = biencoder_scores(encoder, tokenizer, CONTEXT, CANDIDATES, "cpu")
+    scores = score_pairs(model, tokenizer, {"pair_encoding": "siamese", "truncate": 48}, context, CANDIDATES, "cpu")
+    cosines = biencoder_scores(encoder, tokenizer, context, CANDIDATES, "cpu", max_length=48)
     assert torch.allclose(scores, 20.0 * cosines, atol=1e-4)
+
+
+def test_the_biencoder_reads_the_end_of_a_long_context(encoder_and_tokenizer):
+    encoder, tokenizer = encoder_and_tokenizer
+    other_end = LONG_CONTEXT.replace("what do you do for fun?", "where is the city?")
+    assert not torch.allclose(biencoder_scores(encoder, tokenizer, LONG_CONTEXT, CANDIDATES, "cpu", max_length=48),
+                              biencoder_scores(encoder, tokenizer, other_end, CANDIDATES, "cpu", max_length=48))
 
 
 @pytest.mark.parametrize("pair_encoding", ["cross", "siamese"])
