@@ -334,7 +334,7 @@ def train(argv=None):
         return engine.state.iteration // accum
 
     trainer = Engine(make_update(model, optimizer, scaler, device, dtype, accum, args.lm_coef, args.mc_coef,
-                                 args.max_norm, where=f"The last good checkpoint stays in {run_dir}"))
+                                 args.max_norm))
     evaluator = Engine(make_inference(raw_model, device, dtype))
     for engine in (trainer, evaluator):
         engine.logger.addFilter(QUIET_STOP)
@@ -388,11 +388,14 @@ def train(argv=None):
         for group, peak_lr in zip(optimizer.param_groups, peak_lrs):  # the flags given now, not the saved ones
             group["peak_lr"] = peak_lr
         if trainer.state.epoch_length != len(train_loader):  # ignite keeps the saved epoch length
+            saved_world, saved_batch = saved_args.get("world_size", 1), saved_args.get("train_batch_size", 0)
+            same = saved_world * saved_batch // world_size if saved_world * saved_batch % world_size == 0 else 0
             raise RunError(f"{resume_dir}: its epochs were {trainer.state.epoch_length} batches per process "
-                           f"({saved_args.get('world_size', '?')} processes, --train_batch_size "
-                           f"{saved_args.get('train_batch_size', '?')}); these flags make {len(train_loader)} "
-                           f"({world_size} processes, --train_batch_size {args.train_batch_size}): resume with the "
-                           f"run's")
+                           f"({saved_world} processes, --train_batch_size {saved_batch}); these flags make "
+                           f"{len(train_loader)} ({world_size} processes, --train_batch_size "
+                           f"{args.train_batch_size}): resume with {saved_world} processes and --train_batch_size "
+                           f"{saved_batch}" + (f", or with --train_batch_size {same} on these {world_size}" if same
+                                               and world_size != saved_world else ""))
         saved["step"] = step_of(trainer)
         restore_rotation(checkpoint, newest_saver, step_of(trainer))
         logger.info("Resumed from %s at optimizer step %d", resume_dir, step_of(trainer))
@@ -451,15 +454,18 @@ def train(argv=None):
         trainer.add_event_handler(Events.ITERATION_COMPLETED(every=args.eval_every * accum), validate_and_save)
     trainer.add_event_handler(Events.COMPLETED, validate_and_save)
 
+    kept = lambda: (f"the checkpoint of step {saved['step']} stays" if saved["step"] is not None  # noqa: E731
+                    else "nothing saved yet") + f" in {run_dir}"
     try:
         trainer.run(train_loader, max_epochs=args.n_epochs)
     except KeyboardInterrupt as stop:
         if main:
-            kept = f"the checkpoint of step {saved['step']} stays" if saved["step"] is not None else "nothing saved yet"
-            logger.warning("%s at optimizer step %d: %s in %s; go on with --resume %s",
+            logger.warning("%s at optimizer step %d: %s; go on with --resume %s",
                            "Terminated (SIGTERM)" if isinstance(stop, Terminated) else "Interrupted",
-                           step_of(trainer), kept, run_dir, run_dir)
+                           step_of(trainer), kept(), run_dir)
         raise
+    except FloatingPointError as e:
+        raise RunError(f"{e}: stopped; {kept()} (lower --lr or --mc_lr, or use bf16 rather than fp16)") from None
     if distributed and not args.fsdp:  # FSDP's processes hold different shards by design
         check_replicas_agree(raw_model)
     speed = throughput.compute()

@@ -60,12 +60,13 @@ def forward(model, batch):
 
 
 def make_update(model, optimizer, scaler, device, dtype=None, accumulation_steps=1, lm_coef=1.0, mc_coef=1.0,
-                max_norm=1.0, where=""):
+                max_norm=1.0):
     """Process function of the trainer: backward on every batch, an optimizer step every `accumulation_steps`.
 
     Each batch's loss is divided by accumulation_steps, so k batches of b examples step as one batch of k*b
     (exactly, when the batches hold equal numbers of reply tokens). Under DDP or FSDP, gradients are only
-    reduced on the stepping batch. A non-finite loss raises FloatingPointError naming the step, before anything is saved.
+    reduced on the stepping batch. A non-finite loss raises FloatingPointError naming the step, before anything is saved
+    (on every process: one stopping alone would leave the others waiting in the gradients' all-reduce).
     """
     distributed = isinstance(model, torch.nn.parallel.DistributedDataParallel)
     sharded = hasattr(model, "set_requires_gradient_sync")  # FSDP2
@@ -81,10 +82,13 @@ def make_update(model, optimizer, scaler, device, dtype=None, accumulation_steps
                 with autocast(device, dtype):
                     outputs = forward(model, batch)
                 loss, lm_loss, mc_loss = double_head_loss(outputs, batch["mc_labels"], lm_coef, mc_coef)
-            if not torch.isfinite(loss):
+            finite = torch.isfinite(loss.detach()).float()
+            if idist.get_world_size() > 1:
+                finite = idist.all_reduce(finite, op="MIN")
+            if not finite:
                 raise FloatingPointError(
-                    f"loss is {loss.item()} at iteration {engine.state.iteration} (optimizer step "
-                    f"{engine.state.iteration // accumulation_steps}); stopping. {where}")
+                    f"loss is {loss.item() if not torch.isfinite(loss) else 'non-finite in another process'} at "
+                    f"iteration {engine.state.iteration} (optimizer step {engine.state.iteration // accumulation_steps})")
             with record_function(PHASES[1]):
                 scaler.scale(loss / accumulation_steps).backward()
         if stepping:
@@ -188,11 +192,11 @@ class StepsBar(ProgressBar):
 
 
 class QuietStop(logging.Filter):
-    """Drops ignite's ERROR "Engine run is terminating due to exception" when the exception is Ctrl-C or SIGTERM:
-    a stop the user asked for is no error, and train.py says what the run kept."""
+    """Drops ignite's ERROR "Engine run is terminating due to exception" when train.py reports the stop itself, with
+    what the run kept: Ctrl-C or SIGTERM (no error: the user asked for it), or a non-finite loss."""
 
     def filter(self, record):
-        return not isinstance(sys.exc_info()[1], KeyboardInterrupt)  # logged inside ignite's `except` block
+        return not isinstance(sys.exc_info()[1], (KeyboardInterrupt, FloatingPointError))  # inside ignite's except
 
 
 QUIET_STOP = QuietStop()  # one instance: addFilter skips a filter already added, so repeated runs add it once

@@ -61,6 +61,9 @@ def test_fsdp_takes_the_steps_of_ddp_and_saves_whole_checkpoints_that_resume(tin
                              env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT))
     assert refused.returncode and "--fsdp: " in refused.stderr and "resume it without --fsdp" in refused.stderr
     assert [m["step"] for m in read_metrics(tmp_path / "ddp")] == [3, 5]
+    with pytest.raises(train_script.RunError, match=r"resume with 2 processes and --train_batch_size 2, or with "
+                                                    r"--train_batch_size 4 on these 1$"):
+        train_script.train(["--resume", str(tmp_path / "fsdp"), "--no-fsdp", "--max_steps", "6"])
     train_script.train(["--resume", str(tmp_path / "fsdp"), "--no-fsdp", "--max_steps", "6",
                         "--train_batch_size", "4"])  # one process: batches twice the size keep the epochs' length
     assert [m["step"] for m in read_metrics(tmp_path / "fsdp")] == [3, 5, 6]
