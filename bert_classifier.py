@@ -22,13 +22,12 @@ from pathlib import Path
 import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import ProgressBar
-from transformers import AutoModel, AutoTokenizer
 
 from checkpointing import holds_run, publish
 from classifier import (CONFIG_FILE, FIELDS, PAIR_ENCODINGS, POOLINGS, TASKS, TRAINABLE, BertClassifier, DataError,
                         LabelSpace, classes_from_rows, classification_metric_names, classification_metrics, decide,
-                        encode_rows, load_classifier, loss_fn, model_inputs, pad_batch, probabilities, read_rows,
-                        read_text, save_classifier, set_trainable)
+                        encode_rows, load_classifier, load_encoder, loss_fn, model_inputs, pad_batch, probabilities,
+                        read_rows, read_text, save_classifier, set_trainable)
 from dialogs import DialogFormatError, read_dialogs
 from ranking import HITS_AT, rank_metrics, rank_of_gold
 from reply_ranker import (RANKER_CLASSES, collate_examples, example_scores, multiple_choice_loss, ranker_examples,
@@ -254,9 +253,8 @@ def train(args):
     if (Path(checkpoint) / CONFIG_FILE).is_file():
         logger.warning("%s is a trained classifier: training starts from its encoder, not its head or classes",
                        checkpoint)
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-    model = BertClassifier(AutoModel.from_pretrained(checkpoint, use_kernels=False), space.n_outputs, args.pooling, args.dropout,
-                           args.pair_encoding)
+    tokenizer, encoder = load_encoder(checkpoint)
+    model = BertClassifier(encoder, space.n_outputs, args.pooling, args.dropout, args.pair_encoding)
     if args.ranker and args.pair_encoding == "siamese":
         start_from_cosine(model)  # begin as the untrained bi-encoder ranks, and learn from there
     set_trainable(model, args.type_optimization)
@@ -449,5 +447,5 @@ if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         main()
-    except (DataError, DialogFormatError, FileNotFoundError) as e:
+    except (DataError, DialogFormatError, FileNotFoundError, IsADirectoryError) as e:
         sys.exit(f"bert_classifier.py: error: {e}")

@@ -15,6 +15,7 @@ import torch
 from ignite.handlers.checkpoint import BaseSaveHandler
 
 from adapters import ADAPTER_CONFIG, has_lora, is_adapter_run, merge_lora, parameter_counts
+from classifier import CONFIG_FILE as CLASSIFIER_CONFIG
 from modeling import load_tokenizer_and_model, save_model
 from utils import atomic_write, write_json
 
@@ -198,6 +199,9 @@ def main(argv=None):
     parser.add_argument("--merge", default="", metavar="OUT",
                         help="Write the run with its LoRA adapter merged into the LM's weights to OUT")
     args = parser.parse_args(argv)
+    if os.path.isfile(os.path.join(args.run_dir, CLASSIFIER_CONFIG)):
+        parser.error(f"{args.run_dir}: a classifier of bert_classifier.py, not a train.py run (its metrics: "
+                     f"bert_classifier.py eval --model_checkpoint {args.run_dir} --input_file FILE)")
     if args.merge and not os.path.exists(args.run_dir):
         parser.error(f"{args.run_dir}: no such directory or file (give a run directory written by train.py)")
     if args.merge and not is_adapter_run(args.run_dir):

@@ -38,6 +38,8 @@ csv.field_size_limit(max(csv.field_size_limit(), 2 ** 31 - 1))
 
 def read_text(path):
     """A UTF-8 file's text (a leading BOM dropped); a byte that is not UTF-8 is a DataError naming its line."""
+    if Path(path).is_dir():
+        raise DataError(f"{path}: a directory; give a file")
     data = Path(path).read_bytes()
     try:
         return data.decode("utf-8-sig")
@@ -79,20 +81,24 @@ def read_rows(path, fields=None, labelled=False):
     else:
         # GLUE's TSV files are unquoted: a '"' is text, as in transformers' and datasets' GLUE readers
         reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t", quoting=csv.QUOTE_NONE) \
-            if path.endswith(".tsv") else csv.DictReader(io.StringIO(text, newline=""))
+            if path.endswith(".tsv") else csv.DictReader(io.StringIO(text, newline=""), strict=True)
+        row_start = 1  # a quoted field may span lines: errors name the line its row starts on
         try:
             seen = set(reader.fieldnames or ())
             _check_columns(path, names, seen, f"the header {reader.fieldnames or []} has no")
+            row_start = reader.line_num + 1
             for obj in reader:
                 if None in obj:
-                    raise DataError(f"{path}:{reader.line_num}: more fields than the header's {len(reader.fieldnames)} (a "
+                    raise DataError(f"{path}:{row_start}: more fields than the header's {len(reader.fieldnames)} (a "
                                     f"{'tab' if path.endswith('.tsv') else 'comma'} inside an unquoted text?)")
                 obj = _renamed(obj, rename)
                 if "labels" in obj:  # a multi-label column: '|' between labels (spaces around them dropped)
                     obj["labels"] = [s.strip() for s in (obj["labels"] or "").split("|") if s.strip()]
-                rows.append(_row(obj, path, reader.line_num, names, labelled))
-        except csv.Error as e:  # an unclosed quote, or a field over the limit below
-            raise DataError(f"{path}:{reader.line_num}: {e}") from None
+                rows.append(_row(obj, path, row_start, names, labelled))
+                row_start = reader.line_num + 1
+        except csv.Error as e:  # a quote not closed, text after a closing quote, or a field over the limit below
+            hint = " (a quote opened in this row is never closed)" if "unexpected end of data" in str(e) else ""
+            raise DataError(f"{path}:{row_start}: {e}{hint}") from None
     if not rows:
         raise DataError(f"{path}: no rows")
     return rows
@@ -130,7 +136,7 @@ def _row(obj, path, line_no, names, labelled):
         raise DataError(f"{path}:{line_no}: this row has no label (columns {names['label']!r} or {names['labels']!r}: "
                         "--label_field, --labels_field)")
     return {"text": obj["text"], "text_pair": obj.get("text_pair") or None,
-            "labels": None if labels is None else [str(x) for x in labels],
+            "labels": None if labels is None else [label_text(x) for x in labels],
             "multi": obj.get("labels") is not None, "line": line_no, "path": path}
 
 
@@ -169,13 +175,35 @@ class LabelSpace:
         return self.index[row["labels"][0]]
 
 
+NEGATIVE_FIRST = [("0", "1"), ("-1", "1"), ("false", "true"), ("no", "yes"), ("neg", "pos"), ("negative", "positive")]
+
+
 def classes_from_rows(rows):
-    """Classes in order of first appearance in the training data."""
+    """The training data's classes: numbers in numeric order (as scikit-learn's LabelEncoder sorts them), a known
+    negative/positive pair negative first (binary's second class is the positive one, whatever row comes first),
+    else in order of first appearance."""
     seen = {}
     for row in rows:
         for x in row["labels"] or []:
             seen.setdefault(x, None)
-    return list(seen)
+    classes = list(seen)
+    try:
+        return sorted(classes, key=float)
+    except ValueError:  # not all numbers
+        pass
+    for pair in NEGATIVE_FIRST:
+        if len(classes) == 2 and sorted(c.lower() for c in classes) == sorted(pair):
+            return sorted(classes, key=lambda c: pair.index(c.lower()))
+    return classes
+
+
+def label_text(value):
+    """A label as text, the same from JSON and CSV: JSON's true is "true" (not Python's "True"), 1.0 is "1"."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
 
 
 def mean_pool(hidden, attention_mask):
@@ -297,7 +325,11 @@ def classification_metric_names(space):
 
 
 def classification_metrics(probs, targets, space, threshold=0.5):
-    """Accuracy (exact match for multi-label), per-class precision/recall/F1, macro F1 and ROC AUC where defined."""
+    """Accuracy (exact match for multi-label), per-class precision/recall/F1, macro F1 and ROC AUC where defined.
+
+    Macro F1 averages over the classes of the examples or of the predictions, as scikit-learn's does: a class an
+    evaluation file lacks, and that nothing was predicted as, does not count as F1 0. (Multi-label: every class, as
+    scikit-learn's, whose label columns are all given.)"""
     pred = decide(probs, space.task, threshold)
     if space.task == "multilabel":
         truth = targets.long()
@@ -315,7 +347,8 @@ def classification_metrics(probs, targets, space, threshold=0.5):
         recall = tp / max(int(actual.sum()), 1)
         f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
         result[f"precision/{name}"], result[f"recall/{name}"], result[f"f1/{name}"] = precision, recall, f1
-        f1s.append(f1)
+        if space.task == "multilabel" or int((predicted | actual).sum()):
+            f1s.append(f1)
         if space.task == "multilabel":
             result[f"roc_auc/{name}"] = roc_auc(probs[:, c], targets[:, c])
     result["f1_macro"] = sum(f1s) / len(f1s)
@@ -334,6 +367,18 @@ def save_classifier(model, tokenizer, space, options, directory):
     with open(os.path.join(directory, CONFIG_FILE), "w") as f:
         json.dump({"classes": space.classes, "task": space.task, **options}, f, indent=2)
     share_saved_files(directory)
+
+
+def load_encoder(checkpoint, flag="--model_checkpoint"):
+    """(tokenizer, encoder) of a directory or hub id; one that names no model is a DataError in one line, naming
+    `flag`, rather than transformers' traceback (whose message for an empty directory is about sentencepiece)."""
+    path = Path(checkpoint)
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise DataError(f"{flag} {checkpoint}: a directory without a model (no config.json)")
+    try:
+        return AutoTokenizer.from_pretrained(checkpoint), AutoModel.from_pretrained(checkpoint, use_kernels=False)
+    except (OSError, ValueError) as e:  # not there, not a model, or no network: transformers says which
+        raise DataError(f"{flag} {checkpoint}: {e}") from None
 
 
 def load_classifier(directory, flag="--model_checkpoint", ranker=False):

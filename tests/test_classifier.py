@@ -8,8 +8,7 @@ import torch
 
 import bert_classifier
 from classifier import (BertClassifier, DataError, LabelSpace, classification_metric_names, classification_metrics,
-                        decide, load_classifier,
-                        read_rows, roc_auc, set_trainable)
+                        classes_from_rows, decide, load_classifier, load_encoder, read_rows, roc_auc, set_trainable)
 
 GOOD, BAD = ["great", "love", "nice", "cool", "fun"], ["pizza", "work", "school", "no", "maybe"]
 FILLER = ["i", "am", "the", "city", "today", "my", "friend", "family"]
@@ -91,6 +90,25 @@ def test_multilabel_decisions_follow_the_threshold():
     assert decide(binary, "binary", 0.5).tolist() == [0, 1] and decide(binary, "binary", 0.25).tolist() == [1, 1]
 
 
+@pytest.mark.parametrize("labels, classes", [
+    (["1", "0", "1"], ["0", "1"]), ([True, False], ["false", "true"]), (["pos", "neg"], ["neg", "pos"]),
+    (["Yes", "no"], ["no", "Yes"]), ([2, 10.0, 1], ["1", "2", "10"]), (["cat", "dog", "bird"], ["cat", "dog", "bird"])])
+def test_classes_are_in_an_order_that_does_not_hang_on_the_first_row(labels, classes, tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps({"text": f"t{i}", "label": x}) + "\n" for i, x in enumerate(labels)))
+    assert classes_from_rows(read_rows(path)) == classes  # binary's positive class (the second) is "1", "true", ...
+
+
+def test_macro_f1_counts_the_classes_present_in_truth_or_predictions_as_scikit_learn():
+    space = LabelSpace(["0", "1", "2"], "multiclass")
+    right = torch.tensor([[0.1, 0.1, 0.8], [0.1, 0.8, 0.1]])  # predicts 2 then 1; class 0 is in neither
+    assert classification_metrics(right, torch.tensor([2, 1]), space)["f1_macro"] == 1.0
+    # predicting 0 for a 1: class 0 counts now (F1 0), class 1 has recall 1/2 and precision 1, class 2 is perfect
+    wrong = torch.tensor([[0.1, 0.1, 0.8], [0.1, 0.8, 0.1], [0.8, 0.1, 0.1]])
+    metrics = classification_metrics(wrong, torch.tensor([2, 1, 1]), space)
+    assert metrics["f1_macro"] == pytest.approx((0 + 2 / 3 + 1) / 3)
+
+
 def test_multilabel_metrics_and_auc():
     space = LabelSpace(["toxic", "insult"], "multilabel")
     probs = torch.tensor([[0.9, 0.2], [0.8, 0.7], [0.1, 0.6], [0.3, 0.1]])
@@ -113,6 +131,36 @@ def test_bad_rows_are_named(tmp_path, content, message):
         read_rows(path)
 
 
+@pytest.mark.parametrize("content, message", [
+    ('text\nfirst\nsecond "quoted" word\n"unclosed quote\nfourth\nfifth\n',
+     r"rows.csv:4: unexpected end of data \(a quote opened in this row is never closed\)"),
+    ('text,label\n"unclosed,pos\nok,neg\n', r"rows.csv:2: unexpected end of data"),
+    ('text,label\n"closed" then more,pos\n', r"rows.csv:2: ',' expected after '\"'"),
+])
+def test_a_csv_quote_out_of_place_is_named_not_read_as_text(tmp_path, content, message):
+    path = tmp_path / "rows.csv"
+    path.write_text(content)
+    with pytest.raises(DataError, match=message):
+        read_rows(path)
+
+
+def test_a_directory_or_a_missing_model_is_one_line(tmp_path):
+    with pytest.raises(DataError, match=r"rows.csv: a directory; give a file"):
+        read_rows((tmp_path / "rows.csv").mkdir() or tmp_path / "rows.csv")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=r"^--model_checkpoint .*empty: a directory without a model \(no config.json\)$"):
+        load_encoder(str(tmp_path / "empty"))
+    with pytest.raises(DataError, match=r"^--ranker_checkpoint ./typo_dir: "):
+        load_encoder("./typo_dir", "--ranker_checkpoint")
+
+
+def test_a_quoted_csv_text_may_span_lines(tmp_path):
+    path = tmp_path / "rows.csv"
+    path.write_text('text,label\n"two\nlines",pos\n"say ""hi""",neg\nplain "quote" inside,pos\n')
+    assert [(r["text"], r["labels"], r["line"]) for r in read_rows(path)] == [
+        ("two\nlines", ["pos"], 2), ('say "hi"', ["neg"], 4), ('plain "quote" inside', ["pos"], 5)]  # where they start
+
+
 def test_unknown_labels_are_an_error_not_a_new_class(tiny_bert, tmp_path):
     train = write_jsonl(tmp_path / "train.jsonl", sentiment_rows(20, 3))
     valid = write_jsonl(tmp_path / "valid.jsonl", sentiment_rows(5, 4) + [{"text": "hi", "label": "meh"}])
@@ -126,7 +174,7 @@ def test_unknown_labels_are_an_error_not_a_new_class(tiny_bert, tmp_path):
     (["--classes", "pos"], r"--classes: at least 2 classes are needed, got \['pos'\]"),
     (["--classes", "pos", "neg", "meh", "--task", "binary"],
      r"--classes with --task binary: binary classification needs exactly 2 classes"),
-    (["--class_weights", "1"], r"--class_weights: 2 values needed, one per class of \['pos', 'neg'\]; got 1"),
+    (["--class_weights", "1"], r"--class_weights: 2 values needed, one per class of \['neg', 'pos'\]; got 1"),
     (["--validation_metric", "f1/meh"], r"--validation_metric 'f1/meh': one of accuracy, f1_macro, roc_auc, "),
     (["--validation_metric", "examples"], r"--validation_metric 'examples'"),  # a count, not a score
 ])

@@ -217,7 +217,9 @@ def test_bad_flags_are_refused_before_anything_loads(flags, message, tmp_path, c
 
 
 def test_a_biencoder_checkpoint_that_is_not_there_is_one_line(chatty, convai_file, tmp_path):
-    with pytest.raises(SystemExit, match=r"^convai_evaluation.py: error: --ranker_checkpoint /nonexistent: "):
+    from classifier import DataError
+
+    with pytest.raises(DataError, match=r"^--ranker_checkpoint /nonexistent: "):  # one line: main's caller catches it
         evaluate(chatty, convai_file, tmp_path, "--eval_type", "hits@1", "--ranker", "biencoder",
                  "--ranker_checkpoint", "/nonexistent")
 
