@@ -398,6 +398,9 @@ def evaluate_or_predict(args):
     if options.get("ranker"):
         raise DataError(f"--model_checkpoint {args.model_checkpoint} is a reply ranker: its scores only order one "
                         "context's candidates; use convai_evaluation.py --ranker bert or interact.py --rerank")
+    if args.threshold is not None and space.task == "multiclass":
+        raise DataError(f"--threshold {args.threshold}: {args.model_checkpoint} is a multiclass classifier, which picks "
+                        f"the likeliest class; a threshold applies to binary and multi-label ones")
     model.to(args.device)
     threshold = args.threshold if args.threshold is not None else options.get("threshold", 0.5)
     columns = fields(args, options.get("fields"))

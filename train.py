@@ -79,6 +79,7 @@ def get_args(argv=None):
         value = getattr(args, name)
         if value and os.path.exists(value):
             setattr(args, name, os.path.abspath(value))
+    args.dataset_cache = os.path.abspath(args.dataset_cache)  # and its cache, made or not yet
     if args.num_candidates < 2:
         parser.error("--num_candidates: the multiple-choice head needs at least 2 (the gold reply and a distractor)")
     if args.max_reply_len < 0:

@@ -464,3 +464,17 @@ def test_a_siamese_ranker_needs_distractors_or_a_batch(capsys):
     with pytest.raises(SystemExit):
         bert_classifier.get_args(["train", "--ranker", "--output_dir", "d", "--negatives", "0", "--batch_size", "1"])
     assert "--negatives 0 with --batch_size 1" in capsys.readouterr().err
+
+
+def test_a_threshold_is_refused_for_a_multiclass_classifier(tiny_bert, tmp_path):
+    from transformers import AutoModel, AutoTokenizer
+
+    from classifier import save_classifier
+
+    model = BertClassifier(AutoModel.from_pretrained(tiny_bert), 3, "cls")
+    save_classifier(model, AutoTokenizer.from_pretrained(tiny_bert), LabelSpace(["a", "b", "c"], "multiclass"), {},
+                    tmp_path / "clf")
+    rows = write_jsonl(tmp_path / "rows.jsonl", [{"text": "hello there", "label": "a"}])
+    with pytest.raises(DataError, match=r"--threshold 0.3: .*clf is a multiclass classifier"):
+        bert_classifier.main(["eval", "--model_checkpoint", str(tmp_path / "clf"), "--input_file", rows,
+                              "--threshold", "0.3", "--device", "cpu"])
