@@ -8,6 +8,7 @@ shape inputs).
 import csv
 import io
 import json
+import math
 import os
 from pathlib import Path
 
@@ -188,13 +189,21 @@ def classes_from_rows(rows):
             seen.setdefault(x, None)
     classes = list(seen)
     try:
-        return sorted(classes, key=float)
+        return sorted(classes, key=_finite_number)
     except ValueError:  # not all numbers
         pass
     for pair in NEGATIVE_FIRST:
         if len(classes) == 2 and sorted(c.lower() for c in classes) == sorted(pair):
             return sorted(classes, key=lambda c: pair.index(c.lower()))
     return classes
+
+
+def _finite_number(text):
+    """float(text), which must be finite: "nan" (a missing value as pandas writes it) is no number to sort by."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text!r} is not a finite number")
+    return value
 
 
 def label_text(value):

@@ -92,7 +92,8 @@ def test_multilabel_decisions_follow_the_threshold():
 
 @pytest.mark.parametrize("labels, classes", [
     (["1", "0", "1"], ["0", "1"]), ([True, False], ["false", "true"]), (["pos", "neg"], ["neg", "pos"]),
-    (["Yes", "no"], ["no", "Yes"]), ([2, 10.0, 1], ["1", "2", "10"]), (["cat", "dog", "bird"], ["cat", "dog", "bird"])])
+    (["Yes", "no"], ["no", "Yes"]), ([2, 10.0, 1], ["1", "2", "10"]), (["cat", "dog", "bird"], ["cat", "dog", "bird"]),
+    (["2", "nan", "1"], ["2", "nan", "1"])])
 def test_classes_are_in_an_order_that_does_not_hang_on_the_first_row(labels, classes, tmp_path):
     path = tmp_path / "train.jsonl"
     path.write_text("".join(json.dumps({"text": f"t{i}", "label": x}) + "\n" for i, x in enumerate(labels)))
