@@ -246,6 +246,9 @@ def train(args):
         source = ("--classes" if args.classes else f"--classes_from_file {args.classes_from_file}"
                   if args.classes_from_file else f"the labels of {args.train_file}")
         raise DataError(f"{source}{f' with --task {args.task}' if args.task != 'auto' else ''}: {e}") from e
+    if not args.ranker:  # the order --class_weights follows; binary's positive class is the second
+        logger.info("%s classes: %s%s", task, space.classes,
+                    f" (positive: {space.classes[1]!r}, which --threshold applies to)" if task == "binary" else "")
     names = RANK_METRICS if args.ranker else classification_metric_names(space)
     if args.validation_metric not in names:  # now, not after an epoch of training
         raise DataError(f"--validation_metric {args.validation_metric!r}: one of {', '.join(names)}")

@@ -89,6 +89,7 @@ def read_rows(path, fields=None, labelled=False):
             _check_columns(path, names, seen, f"the header {reader.fieldnames or []} has no")
             row_start = reader.line_num + 1
             for obj in reader:
+                row_start = _first_line(reader, obj)
                 if None in obj:
                     raise DataError(f"{path}:{row_start}: more fields than the header's {len(reader.fieldnames)} (a "
                                     f"{'tab' if path.endswith('.tsv') else 'comma'} inside an unquoted text?)")
@@ -96,13 +97,21 @@ def read_rows(path, fields=None, labelled=False):
                 if "labels" in obj:  # a multi-label column: '|' between labels (spaces around them dropped)
                     obj["labels"] = [s.strip() for s in (obj["labels"] or "").split("|") if s.strip()]
                 rows.append(_row(obj, path, row_start, names, labelled))
-                row_start = reader.line_num + 1
+                row_start = reader.reader.line_num + 1  # where the next row starts, if no blank line comes first
         except csv.Error as e:  # a quote not closed, text after a closing quote, or a field over the limit below
             hint = " (a quote opened in this row is never closed)" if "unexpected end of data" in str(e) else ""
             raise DataError(f"{path}:{row_start}: {e}{hint}") from None
     if not rows:
         raise DataError(f"{path}: no rows")
     return rows
+
+
+def _first_line(reader, obj):
+    """The line a DictReader's row starts on: the line it ends on (the inner reader's: DictReader's own count stops
+    before the blank lines it skips) less the line breaks inside its quoted fields."""
+    values = [v for key, v in obj.items() if key is not None] + list(obj.get(None) or [])
+    breaks = sum(v.count("\n") + v.count("\r") - v.count("\r\n") for v in values if isinstance(v, str))
+    return reader.reader.line_num - breaks
 
 
 def _check_columns(path, names, seen, where):
@@ -137,7 +146,7 @@ def _row(obj, path, line_no, names, labelled):
         raise DataError(f"{path}:{line_no}: this row has no label (columns {names['label']!r} or {names['labels']!r}: "
                         "--label_field, --labels_field)")
     return {"text": obj["text"], "text_pair": obj.get("text_pair") or None,
-            "labels": None if labels is None else [label_text(x) for x in labels],
+            "labels": None if labels is None else [str(x) for x in labels],
             "multi": obj.get("labels") is not None, "line": line_no, "path": path}
 
 
@@ -204,15 +213,6 @@ def _finite_number(text):
     if not math.isfinite(value):
         raise ValueError(f"{text!r} is not a finite number")
     return value
-
-
-def label_text(value):
-    """A label as text, the same from JSON and CSV: JSON's true is "true" (not Python's "True"), 1.0 is "1"."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return str(value)
 
 
 def mean_pool(hidden, attention_mask):

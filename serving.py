@@ -386,15 +386,26 @@ def create_app(chat_model, max_concurrency=32, max_batch_size=8):
     batcher = Batcher(partial(chat_model.decode_jobs, max_rows=max_batch_size), max_batch_rows=max_batch_size,
                       max_pending=max_concurrency)
     app.state.batcher, app.state.chat_model = batcher, chat_model
-    waiting = set()  # jobs whose client waits for an answer
+    waiting, ending = set(), []  # jobs whose client waits for an answer; [True] once replies are being ended
+
+    def end(job):
+        # after the events the decoder already sent (a reply done just now is answered); its rows stop, or are
+        # never decoded if still queued
+        job.loop.call_soon(job.events.put_nowait, ("shutdown",))
+        job.gone.set()
+
+    def wait_for(job):
+        waiting.add(job)
+        if ending:  # it came in as the server ends the others
+            end(job)
 
     async def end_replies(after_s):
         """For a server shutting down: replies still unfinished after `after_s` seconds end then, each with an
         answer (a 503, or the stream's error event and `data: [DONE]`) rather than a dropped connection."""
         await asyncio.sleep(after_s)
+        ending.append(True)
         for job in list(waiting):
-            job.events.put_nowait(("shutdown",))
-            job.gone.set()  # its rows stop; not decoded at all if still queued
+            end(job)
 
     app.state.end_replies = end_replies
     name = chat_model.settings.model_name
@@ -458,7 +469,7 @@ def create_app(chat_model, max_concurrency=32, max_batch_size=8):
     async def wait_replies(job, request):
         """The job's replies; if the client leaves first, the job stops and the answer (to no one) is a 499."""
         left = asyncio.ensure_future(until_disconnected(request))
-        waiting.add(job)
+        wait_for(job)
         try:
             while True:
                 event = asyncio.ensure_future(job.events.get())
@@ -482,12 +493,12 @@ def create_app(chat_model, max_concurrency=32, max_batch_size=8):
 
     async def stream_events(job, head, body):
         n = body.n
+        wait_for(job)
         chunk = lambda choices: sse({**head, "object": "chat.completion.chunk", "choices": choices})  # noqa: E731
-        yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
-                     for i in range(n)])
         streams = [TextStream(chat_model.text) for _ in range(n)]
-        waiting.add(job)
         try:
+            yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+                         for i in range(n)])
             while True:
                 kind, *rest = await job.events.get()
                 if kind == "token":

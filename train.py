@@ -467,6 +467,8 @@ def train(argv=None):
         raise
     except FloatingPointError as e:
         raise RunError(f"{e}: stopped; {kept()} (lower --lr or --mc_lr, or use bf16 rather than fp16)") from None
+    finally:  # ignite's engines share one logger: other engines of this process keep their error lines
+        trainer.logger.removeFilter(QUIET_STOP)
     if distributed and not args.fsdp:  # FSDP's processes hold different shards by design
         check_replicas_agree(raw_model)
     speed = throughput.compute()

@@ -46,8 +46,9 @@ def slow_bf16(device, dtype):
     where its matmuls are emulated and many times slower than fp32 (`bench.py train` prints bf16_speedup)."""
     if device.type != "cpu" or dtype is not torch.bfloat16:
         return False
-    capabilities = torch.cpu.get_capabilities()
-    return not any(capabilities.get(name) for name in ("avx512_bf16", "amx_bf16", "bf16", "sve_bf16"))
+    capabilities = getattr(torch.cpu, "get_capabilities", None)  # torch 2.13; an older torch is not asked
+    return capabilities is not None and not any(capabilities().get(name)
+                                                for name in ("avx512_bf16", "amx_bf16", "bf16", "sve_bf16"))
 
 
 def autocast(device, dtype):

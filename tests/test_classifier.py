@@ -35,13 +35,15 @@ def write_jsonl(path, rows):
     return str(path)
 
 
-def test_a_separable_toy_task_is_learned_and_survives_save_and_load(tiny_bert, tmp_path):
+def test_a_separable_toy_task_is_learned_and_survives_save_and_load(tiny_bert, tmp_path, caplog):
+    caplog.set_level("INFO")
     train = write_jsonl(tmp_path / "train.jsonl", sentiment_rows(200, 0))
     valid = write_jsonl(tmp_path / "valid.jsonl", sentiment_rows(60, 1))
     out = tmp_path / "clf"
     bert_classifier.main(["train", "--train_file", train, "--valid_file", valid, "--output_dir", str(out),
                           "--model_checkpoint", tiny_bert, "--n_epochs", "4", "--lr", "3e-3", "--batch_size", "16",
                           "--device", "cpu", "--pooling", "mean"])
+    assert "binary classes: ['neg', 'pos'] (positive: 'pos', which --threshold applies to)" in caplog.text
     metrics = bert_classifier.main(["eval", "--model_checkpoint", str(out), "--input_file", valid, "--device", "cpu"])
     assert metrics["accuracy"] >= 0.95 and metrics["roc_auc"] >= 0.95
     from utils import file_mode
@@ -91,13 +93,13 @@ def test_multilabel_decisions_follow_the_threshold():
 
 
 @pytest.mark.parametrize("labels, classes", [
-    (["1", "0", "1"], ["0", "1"]), ([True, False], ["false", "true"]), (["pos", "neg"], ["neg", "pos"]),
-    (["Yes", "no"], ["no", "Yes"]), ([2, 10.0, 1], ["1", "2", "10"]), (["cat", "dog", "bird"], ["cat", "dog", "bird"]),
-    (["2", "nan", "1"], ["2", "nan", "1"])])
+    (["1", "0", "1"], ["0", "1"]), ([True, False], ["False", "True"]), (["pos", "neg"], ["neg", "pos"]),
+    (["Yes", "no"], ["no", "Yes"]), ([2, 10.0, 1], ["1", "2", "10.0"]), (["cat", "dog", "bird"], ["cat", "dog", "bird"]),
+    (["2", "nan", "1"], ["2", "nan", "1"]), (["nan", "1", "2"], ["nan", "1", "2"])])
 def test_classes_are_in_an_order_that_does_not_hang_on_the_first_row(labels, classes, tmp_path):
     path = tmp_path / "train.jsonl"
     path.write_text("".join(json.dumps({"text": f"t{i}", "label": x}) + "\n" for i, x in enumerate(labels)))
-    assert classes_from_rows(read_rows(path)) == classes  # binary's positive class (the second) is "1", "true", ...
+    assert classes_from_rows(read_rows(path)) == classes  # binary's positive class (the second) is "1", "True", ...
 
 
 def test_macro_f1_counts_the_classes_present_in_truth_or_predictions_as_scikit_learn():
@@ -155,11 +157,15 @@ def test_a_directory_or_a_missing_model_is_one_line(tmp_path):
         load_encoder("./typo_dir", "--ranker_checkpoint")
 
 
-def test_a_quoted_csv_text_may_span_lines(tmp_path):
-    path = tmp_path / "rows.csv"
-    path.write_text('text,label\n"two\nlines",pos\n"say ""hi""",neg\nplain "quote" inside,pos\n')
-    assert [(r["text"], r["labels"], r["line"]) for r in read_rows(path)] == [
-        ("two\nlines", ["pos"], 2), ('say "hi"', ["neg"], 4), ('plain "quote" inside', ["pos"], 5)]  # where they start
+@pytest.mark.parametrize("name", ["rows.csv", "rows.tsv"])
+def test_a_quoted_csv_text_may_span_lines_and_rows_are_named_by_their_first_line(tmp_path, name):
+    path = tmp_path / name
+    text = 'text,label\n"two\nlines",pos\n\n"say ""hi""",neg\nplain "quote" inside,pos\n\n\nlast,neg\n'
+    if name.endswith(".tsv"):  # unquoted: no text spans lines
+        text = 'text\tlabel\ntwo lines\tpos\n\nsay "hi"\tneg\nplain "quote" inside\tpos\n\n\nlast\tneg\n'
+    path.write_text(text)
+    lines = [2, 5, 6, 9] if name.endswith(".csv") else [2, 4, 5, 8]  # blank lines skipped, and counted
+    assert [(r["text"][:3], r["line"]) for r in read_rows(path)] == list(zip(["two", "say", "pla", "las"], lines))
 
 
 def test_unknown_labels_are_an_error_not_a_new_class(tiny_bert, tmp_path):

@@ -437,6 +437,16 @@ def test_a_reply_unfinished_at_shutdown_gets_an_answer_and_stops_decoding(tiny_d
         assert messages[0]["status"] == 503 and json.loads(body)["error"]["message"] == SHUTTING_DOWN
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_request_that_comes_in_as_replies_are_ended_is_ended_too(tiny_dirs, stream):
+    app, steps = slow_server(tiny_dirs)
+    asyncio.run(app.state.end_replies(0))
+    messages = post_raw(app, stream)
+    body = b"".join(m.get("body", b"") for m in messages).decode()
+    assert SHUTTING_DOWN in body and messages[0]["status"] == (200 if stream else 503)
+    assert wait_until_free(app) and len(steps) < 100
+
+
 def test_serve_py_shutting_down_answers_the_replies_it_cuts(tiny_dirs, monkeypatch):
     import threading
     import urllib.error
