@@ -169,7 +169,8 @@ def main(argv=None):
     ranks, nll, n_tokens, n_words, f1s, records, n_candidates = {r: [] for r in rankers}, 0.0, 0, 0, [], [], []
     end_nll = 0.0  # of the reply end's tokens alone
     contexts = []
-    for example_id, persona, history, candidates, labels in tqdm(examples, desc="Scoring", disable=not want & {"hits@1", "ppl"}):
+    for example_id, persona, history, candidates, labels in tqdm(examples, desc="Scoring",
+                                                                 disable=not want & {"hits@1", "ppl"}):
         history = history[-(2 * args.max_history + 1):]
         candidates = candidates[-args.num_candidates:] if "hits@1" in want else candidates[-1:]
         persona_ids, history_ids, cand_ids = encode(persona), encode(history), encode(candidates)

@@ -7,6 +7,8 @@ Two ways to read a pair (`pair_encoding` of the classifier):
   can start as the bi-encoder (`start_from_cosine`), so training begins from the encoder's zero-shot ranking, and
   a batch's other gold replies are free extra distractors.
 """
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -46,6 +48,18 @@ def start_from_cosine(model, scale=20.0):
         model.head.weight[0, 3 * hidden:] = -scale / 2
 
 
+@contextlib.contextmanager
+def truncating_from(tokenizer, side):
+    """The tokenizer cuts too-long texts from `side` ("left": their start) within the block; a shared tokenizer
+    goes back to its own side after."""
+    before = tokenizer.truncation_side
+    tokenizer.truncation_side = side
+    try:
+        yield
+    finally:
+        tokenizer.truncation_side = before
+
+
 def collate_examples(tokenizer, examples, pair_encoding, max_length=256, add_special_tokens=True):
     """A padded batch of ranking examples, each one context and its candidates (gold first).
 
@@ -59,15 +73,11 @@ def collate_examples(tokenizer, examples, pair_encoding, max_length=256, add_spe
              "same_gold": torch.tensor([[a == b for b in golds] for a in golds])}
     kwargs = dict(padding=True, truncation=True, max_length=max_length, add_special_tokens=add_special_tokens,
                   return_tensors="pt")
-    side = tokenizer.truncation_side
-    try:
-        tokenizer.truncation_side = "left"  # the context's end is the turn being answered
+    with truncating_from(tokenizer, "left"):  # the context's end is the turn being answered
         if pair_encoding == "siamese":
             batch["contexts"] = tokenizer([context for context, _ in examples], **kwargs)
         else:  # the longer text (nearly always the context) is shortened, from its start
             batch["pairs"] = tokenizer([context for context, _ in examples for _ in range(per)], candidates, **kwargs)
-    finally:
-        tokenizer.truncation_side = side
     if pair_encoding == "siamese":
         batch["candidates"] = tokenizer(candidates, **kwargs)
     return batch
@@ -109,13 +119,9 @@ def score_pairs(model, tokenizer, options, context, candidates, device):
 def embed_texts(encoder, tokenizer, texts, device, max_length=256, keep_end=False):
     """Mean-pooled, L2-normalised sentence embeddings (sentence-transformers' recipe for MiniLM). With `keep_end`,
     a text too long loses its start rather than its end (a context: its end is the turn being answered)."""
-    side = tokenizer.truncation_side
-    try:
-        tokenizer.truncation_side = "left" if keep_end else "right"
+    with truncating_from(tokenizer, "left" if keep_end else "right"):
         batch = tokenizer(list(texts), padding=True, truncation=True, return_tensors="pt",
                           max_length=min(max_length, encoder.config.max_position_embeddings))
-    finally:
-        tokenizer.truncation_side = side
     batch = {k: v.to(device) for k, v in batch.items()}
     return F.normalize(mean_pool(encoder(**batch).last_hidden_state, batch["attention_mask"]), dim=-1)
 

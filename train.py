@@ -337,8 +337,6 @@ def train(argv=None):
     trainer = Engine(make_update(model, optimizer, scaler, device, dtype, accum, args.lm_coef, args.mc_coef,
                                  args.max_norm))
     evaluator = Engine(make_inference(raw_model, device, dtype))
-    for engine in (trainer, evaluator):
-        engine.logger.addFilter(QUIET_STOP)
     TokenNLL(output_transform=lambda o: o["nll"], device=device).attach(evaluator, "nll")
     Accuracy(output_transform=lambda o: o["mc"], device=device).attach(evaluator, "mc_accuracy")
 
@@ -457,6 +455,7 @@ def train(argv=None):
 
     kept = lambda: (f"the checkpoint of step {saved['step']} stays" if saved["step"] is not None  # noqa: E731
                     else "nothing saved yet") + f" in {run_dir}"
+    trainer.logger.addFilter(QUIET_STOP)  # the evaluator's logger too: ignite's engines share one
     try:
         trainer.run(train_loader, max_epochs=args.n_epochs)
     except KeyboardInterrupt as stop:
@@ -467,7 +466,7 @@ def train(argv=None):
         raise
     except FloatingPointError as e:
         raise RunError(f"{e}: stopped; {kept()} (lower --lr or --mc_lr, or use bf16 rather than fp16)") from None
-    finally:  # ignite's engines share one logger: other engines of this process keep their error lines
+    finally:  # other engines of this process keep their error lines
         trainer.logger.removeFilter(QUIET_STOP)
     if distributed and not args.fsdp:  # FSDP's processes hold different shards by design
         check_replicas_agree(raw_model)
