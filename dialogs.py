@@ -259,9 +259,10 @@ def split_dialogs(dialogs, seed, valid_fraction):
 def add_distractors(dialogs, num_distractors, seed, where=""):
     """Give every utterance that has only its gold reply `num_distractors` replies drawn from other dialogs.
 
-    A distractor never comes from the same dialog and never equals the gold reply's text. Pass the dialogs of
-    all splits: a small held-out split draws its distractors from the training replies too (they are negatives
-    only, so nothing of the held-out gold leaks).
+    A distractor never comes from the same dialog and never equals the gold reply's text, and an utterance's
+    distractors differ from each other unless fewer distinct replies than `num_distractors` are allowed. Pass the
+    dialogs of all splits: a small held-out split draws its distractors from the training replies too (they are
+    negatives only, so nothing of the held-out gold leaks).
     """
     pool, owner = [], []
     for d_index, dialog in enumerate(dialogs):
@@ -272,6 +273,7 @@ def add_distractors(dialogs, num_distractors, seed, where=""):
         return
     owner, texts = np.asarray(owner), np.asarray(pool, dtype=object)
     rng = np.random.default_rng(seed)
+    spare = np.random.default_rng([seed, 1])  # repeats are redrawn from their own stream: other draws stay as they were
     for d_index, dialog in enumerate(dialogs):
         for utterance in dialog["utterances"]:
             if len(utterance["candidates"]) > 1:
@@ -290,7 +292,43 @@ def add_distractors(dialogs, num_distractors, seed, where=""):
                     raise DialogFormatError(f"{where}: no reply outside dialog {d_index} differs from its gold "
                                             f"replies, so no distractor can be drawn; give more dialogs")
                 drawn[bad] = rng.choice(allowed, size=int(bad.sum()))
+            if len(set(texts[drawn])) < num_distractors:
+                drawn = _without_repeats(drawn, texts, owner, d_index, gold, spare)
             utterance["candidates"] = [pool[k] for k in drawn] + utterance["candidates"]
+
+
+def _without_repeats(drawn, texts, owner, d_index, gold, rng):
+    """Redraw the picks whose text an earlier pick already has, keeping them out of dialog `d_index` and off `gold`.
+
+    Random redraws first, as the pool is usually large; then the allowed texts not yet drawn, as far as there are
+    any: with fewer than the picks, the last picks repeat.
+    """
+    def unfit(picks):
+        seen, out = set(), np.zeros(len(picks), dtype=bool)
+        for i, k in enumerate(picks):
+            out[i] = owner[k] == d_index or texts[k] == gold or texts[k] in seen
+            if not out[i]:
+                seen.add(texts[k])
+        return out, seen
+
+    for _ in range(8):
+        bad, kept = unfit(drawn)
+        if not bad.any():
+            return drawn
+        drawn[bad] = rng.integers(0, len(texts), size=int(bad.sum()))
+    bad, kept = unfit(drawn)
+    allowed = (owner != d_index) & (texts != gold)
+    fresh = {}  # a text not drawn yet -> one reply of it
+    for k in np.flatnonzero(allowed):
+        if texts[k] not in kept:
+            fresh.setdefault(texts[k], k)
+    spots = np.flatnonzero(bad)
+    some = min(len(spots), len(fresh))
+    drawn[spots[:some]] = rng.choice(np.fromiter(fresh.values(), dtype=int, count=len(fresh)), size=some,
+                                     replace=False)
+    if some < len(spots):
+        drawn[spots[some:]] = rng.choice(np.flatnonzero(allowed), size=len(spots) - some)
+    return drawn
 
 
 def main(argv=None):

@@ -189,6 +189,22 @@ def test_distractors_never_repeat_the_gold_text_even_from_a_small_pool(tmp_path)
                 assert utterance["candidates"][-1] not in utterance["candidates"][:-1]
 
 
+def test_an_utterances_distractors_differ_while_the_pool_has_enough_texts(tmp_path):
+    # 8 dialogs of 3 replies, "sure" and two of their own: 14 or 15 distinct texts in the other dialogs
+    text = "".join(f"1 hi {d}\tsure\n2 and {d}\treply {d} b\n3 so {d}\treply {d} c\n" for d in range(8))
+    path = write(tmp_path, "small.txt", text)
+    for wanted in (14, 19):
+        data = read_dialogs(path, num_distractors=wanted, valid_fraction=0.25)
+        for split in data.values():
+            for dialog in split:
+                own = {f"reply {dialog['utterances'][0]['history'][0][3:]} {x}" for x in "bc"}
+                for utterance in dialog["utterances"]:
+                    gold, distractors = utterance["candidates"][-1], utterance["candidates"][:-1]
+                    texts = 14 if gold == "sure" else 15
+                    assert len(distractors) == wanted and not (own | {gold}) & set(distractors)
+                    assert len(set(distractors)) == min(wanted, texts)  # a text repeats only when it must
+
+
 @pytest.mark.parametrize("text, message", [
     ("1 hi\tok\n2 there\tyes\n", "the valid split has no dialog"),
     ("1 your persona: i like cats.\n2 your persona: i read.\n", "no dialog with a labelled line"),
