@@ -87,9 +87,11 @@ def make_update(model, optimizer, scaler, device, dtype=None, accumulation_steps
             if idist.get_world_size() > 1:
                 finite = idist.all_reduce(finite, op="MIN")
             if not finite:
+                done = (engine.state.iteration - 1) // accumulation_steps
                 raise FloatingPointError(
                     f"loss is {loss.item() if not torch.isfinite(loss) else 'non-finite in another process'} at "
-                    f"iteration {engine.state.iteration} (optimizer step {engine.state.iteration // accumulation_steps})")
+                    f"iteration {engine.state.iteration} "
+                    f"({f'after optimizer step {done}' if done else 'before the first optimizer step'})")
             with record_function(PHASES[1]):
                 scaler.scale(loss / accumulation_steps).backward()
         if stepping:

@@ -180,7 +180,7 @@ def test_nan_loss_stops_the_run_without_saving(tiny_dirs, personachat_file, tmp_
     tokenizer.save_pretrained(tmp_path / "nan_model")
     args = tiny_args(tiny_dirs, personachat_file, tmp_path)
     args[1] = str(tmp_path / "nan_model")
-    with pytest.raises(train_script.RunError, match=r"^loss is nan at iteration 1 \(optimizer step 0\): stopped; "
+    with pytest.raises(train_script.RunError, match=r"^loss is nan at iteration 1 \(before the first optimizer step\): stopped; "
                                                     r"nothing saved yet in .*run \(lower --lr"):
         train_script.train(args)
     assert not list((tmp_path / "run").glob("checkpoint-*"))
@@ -216,6 +216,42 @@ def test_two_process_cpu_training_ends_with_identical_weights(tiny_dirs, persona
     args = json.load(open(tmp_path / "run" / "training_args.json"))
     assert args["world_size"] == 2
     assert [m["step"] for m in read_metrics(tmp_path / "run")] == [2]
+
+
+POISON_RANK_1 = """
+import runpy, sys
+import torch.distributed as dist
+import training
+real, calls = training.double_head_loss, []
+
+
+def poisoned(*args, **kwargs):  # the loss of rank 1's second training batch is NaN, rank 0's stay finite
+    loss, lm_loss, mc_loss = real(*args, **kwargs)
+    calls.append(1)
+    return (loss * float("nan") if dist.get_rank() == 1 and len(calls) == 2 else loss), lm_loss, mc_loss
+
+
+training.double_head_loss = poisoned
+sys.argv = [sys.argv[1], *sys.argv[2:]]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_a_nan_loss_in_one_process_stops_every_process_keeping_the_last_checkpoint(tiny_dirs, personachat_file,
+                                                                                    tmp_path):
+    script = tmp_path / "poison.py"
+    script.write_text(POISON_RANK_1)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(free_port()),
+           str(script), os.path.join(ROOT, "train.py"),
+           *tiny_args(tiny_dirs, personachat_file, tmp_path, "run", "--gradient_accumulation_steps", "1",
+                      "--eval_every", "1", "--max_steps", "3")]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)  # no process left waiting
+    assert done.returncode != 0
+    kept = "after optimizer step 1\\): stopped; the checkpoint of step 1 stays in "
+    assert re.search("train.py: error: loss is nan at iteration 2 \\(" + kept, done.stderr), done.stderr[-3000:]
+    assert re.search("train.py: error: loss is non-finite in another process at iteration 2 \\(" + kept, done.stderr)
+    assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == ["checkpoint-1"]
 
 
 def test_gradient_accumulation_larger_than_the_data_is_refused(tiny_dirs, personachat_file, tmp_path):

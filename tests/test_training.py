@@ -122,7 +122,7 @@ def test_non_finite_loss_stops_with_the_step_named(setup):
     model, items, pad = setup
     with torch.no_grad():
         model.mc_head.weight.fill_(float("nan"))
-    with pytest.raises(FloatingPointError, match=r"loss is nan at iteration 1 \(optimizer step 0\)"):
+    with pytest.raises(FloatingPointError, match=r"loss is nan at iteration 1 \(before the first optimizer step\)"):
         run_updates(model, [collate(items, pad)], 2)
 
 
