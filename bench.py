@@ -591,7 +591,7 @@ def add_command(sub, name, help_text):
     command.add_argument("--dataset_cache", default="./dataset_cache", help="Cache directory (default: ./dataset_cache)")
     command.add_argument("--input_format", default="", choices=("",) + INPUT_FORMATS,
                          metavar="{" + ",".join(INPUT_FORMATS) + "}",
-                         help="Input layout (default: chat_template where the tokenizer has one)")
+                         help="Input layout (default: chat_template where the tokenizer has one; quality: chat_template)")
     command.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                          help="cuda or cpu (default: cuda when available)")
     command.add_argument("--json", action="store_true", help="End with one JSON object on the last line")

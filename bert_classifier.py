@@ -43,8 +43,9 @@ def get_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="fine-tune a classifier")
-    train.add_argument("--train_file", default="", help="CSV, TSV or JSONL training rows")
-    train.add_argument("--valid_file", default="", help="CSV, TSV or JSONL validation rows: the best epoch is kept")
+    train.add_argument("--train_file", default="", help="CSV, TSV, JSONL or JSON-array training rows")
+    train.add_argument("--valid_file", default="",
+                       help="CSV, TSV, JSONL or JSON-array validation rows: the best epoch is kept")
     train.add_argument("--output_dir", required=True, help="Where the classifier is saved (a new or empty directory)")
     train.add_argument("--overwrite_output_dir", action="store_true",
                        help="Replace the classifier in --output_dir (only a classifier: never a train.py run)")
@@ -57,7 +58,7 @@ def get_args(argv=None):
     train.add_argument("--threshold", type=float, default=0.5,
                        help="Binary: probability of the second class to predict it; multi-label: per class (0.5)")
     train.add_argument("--pooling", default=None, choices=POOLINGS,
-                       help="Sentence vector (default: cls; mean for a siamese ranker)")
+                       help="Sentence vector (default: cls; mean with --pair_encoding siamese)")
     train.add_argument("--pair_encoding", default=None, choices=PAIR_ENCODINGS,
                        help="Text pairs as one sequence (cross) or encoded apart (siamese, Sentence-BERT's head) "
                             "(default: cross; siamese for --ranker)")
@@ -96,7 +97,8 @@ def get_args(argv=None):
                             ("predict", "one JSON line of prediction per row")):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--model_checkpoint", required=True, help="A directory written by train")
-        p.add_argument("--input_file", default="", help="CSV, TSV or JSONL rows (predict: default one text per stdin line)")
+        p.add_argument("--input_file", default="",
+                       help="CSV, TSV, JSONL or JSON-array rows (predict: default one text per stdin line)")
         p.add_argument("--threshold", type=float, default=None, help="Override the trained threshold")
         if name == "eval":
             p.add_argument("--json", action="store_true", help="Print one JSON object")

@@ -1,7 +1,7 @@
 """Checkpoints of a run: `checkpoint-<step>/` directories written atomically, rotated by ignite's Checkpoint.
 
-Each holds the model and tokenizer in the save_pretrained layout plus `training_state.pt` (optimizer, scheduler,
-scaler, engine: tensors and numbers only, read back with `weights_only=True`, so nothing is unpickled). The run
+Each holds the model and tokenizer in the save_pretrained layout plus `training_state.pt` (optimizer, scaler,
+engine, best checkpoint: tensors and numbers only, read back with `weights_only=True`, so nothing is unpickled). The run
 directory's top level always mirrors the newest checkpoint, by hard links, for the scripts that load a run.
 """
 import argparse

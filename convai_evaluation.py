@@ -37,7 +37,9 @@ def get_args(argv=None):
                         help="Which metrics (default: all)")
     parser.add_argument("--model_checkpoint", default="",
                         help="Run directory, hub id or .gguf file (default: the newest run under runs/)")
-    parser.add_argument("--dataset_path", default="", help="Evaluation data (default: the packaged corpus' valid split)")
+    parser.add_argument("--dataset_path", default="",
+                        help="Evaluation data (default: the run's training data, else the packaged corpus; its "
+                             "held-out split)")
     parser.add_argument("--dataset_cache", default="./dataset_cache", help="Where downloads are kept")
     parser.add_argument("--input_format", default="", choices=("",) + INPUT_FORMATS,
                         metavar="{" + ",".join(INPUT_FORMATS) + "}",

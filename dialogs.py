@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from utils import default_dataset_path, write_json
+from utils import resolve_dataset_path, write_json
 
 NUM_DISTRACTORS = 19  # ConvAI2 has 20 candidates per utterance: 19 distractors + gold
 VALID_FRACTION = 0.05
@@ -336,15 +336,18 @@ def main(argv=None):
         description="Write a dialog file as PersonaChat JSON, as every script reads it: the train/valid split and the "
                     "drawn distractors fixed in the file (gold reply last).")
     parser.add_argument("output", help="The PersonaChat JSON file to write")
-    parser.add_argument("--dataset_path", default="", help="A local dialog file (default: the packaged corpus)")
+    parser.add_argument("--dataset_path", default="",
+                        help="A dialog file, URL or short name as train.py takes (default: the packaged corpus)")
+    parser.add_argument("--dataset_cache", default="./dataset_cache",
+                        help="Where a URL or short name is downloaded (default: ./dataset_cache)")
     parser.add_argument("--seed", type=int, default=42, help="Seed of the split and the distractors (train.py's)")
     parser.add_argument("--num_distractors", type=int, default=NUM_DISTRACTORS,
                         help="Distractors drawn where a file has none")
     parser.add_argument("--prompt_as_persona", action="store_true",
                         help="Chit-chat corpus: each conversation's opening prompt becomes its one-line persona")
     args = parser.parse_args(argv)
-    path = args.dataset_path or default_dataset_path()
     try:
+        path = resolve_dataset_path(args.dataset_path, args.dataset_cache)
         splits = read_dialogs(path, args.seed, args.num_distractors, prompt_as_persona=args.prompt_as_persona)
     except (DialogFormatError, OSError) as e:
         parser.error(str(e))

@@ -165,7 +165,8 @@ def build_parser():
     parser.add_argument("--max_seq_len", type=int, default=512,
                         help="Longest input in tokens; longer ones lose their oldest history. Batches group similar "
                              "lengths, so the rare long dialogs (chit-chat's longest: 7,310 tokens) would otherwise "
-                             "fill one batch that needs >120 GiB (default: 512, the original GPT's; 0: the model's)")
+                             "fill one batch that needs more than an H200's 140 GiB (default: 512, the original GPT's; "
+                             "0: the model's)")
     parser.add_argument("--max_reply_len", type=int, default=0,
                         help="Cut every training candidate after this many tokens (ParlAI's label_truncate; a cut reply "
                              "gets no end-of-turn token); validation keeps whole replies (default: 0, whole replies)")

@@ -102,6 +102,9 @@ def test_cli_writes_personachat_json_that_reads_back_unchanged(tmp_path, capsys)
     with pytest.raises(SystemExit):
         main([out, "--dataset_path", str(tmp_path / "missing.json")])
     assert "missing.json" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # read as train.py reads --dataset_path
+        main([out, "--dataset_path", str(tmp_path)])
+    assert "is a directory: give the data file itself" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("text, message", [
