@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from layouts import IGNORE_INDEX
-from utils import spread_indices
+from utils import mixed_seed, spread_indices
 
 
 class DoubleHeadDataset(torch.utils.data.Dataset):
@@ -113,7 +113,7 @@ class LengthGroupedBatchSampler(torch.utils.data.Sampler):
 
     def _all_batches(self):
         n = len(self.lengths)
-        rng = np.random.default_rng(self.seed + self.epoch)
+        rng = np.random.default_rng(mixed_seed(self.seed, self.epoch))
         order = rng.permutation(n) if self.shuffle else np.arange(n)
         group = self.batch_size * self.group_batches if self.shuffle else max(n, 1)
         batches = []

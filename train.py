@@ -33,8 +33,8 @@ from sharding import WholeOptimizer, shard_model, whole_model_state
 from tokenized import get_dataset
 from training import (QUIET_STOP, StepsBar, Throughput, amp_dtype, linear_lr, make_inference, make_update,
                       slow_bf16)
-from utils import (append_jsonl, is_main_process, make_run_dir, resolve_local_rank, set_seed, setup_distributed,
-                   setup_logging, write_json)
+from utils import (append_jsonl, is_main_process, make_run_dir, mixed_seed, resolve_local_rank, set_seed,
+                   setup_distributed, setup_logging, write_json)
 
 logger = logging.getLogger(__file__)
 
@@ -96,11 +96,14 @@ def get_args(argv=None):
         parser.error("--compile: not with --fsdp (FSDP2's hooks sit between the layers of the compiled stack)")
     if args.compile and not has_cxx_compiler():
         parser.error("--compile: torch.compile needs a C++ compiler (g++, c++ or clang++ on PATH, or $CXX)")
-    if args.lr <= 0 or args.mc_lr < 0:
-        parser.error(f"--lr {args.lr} / --mc_lr {args.mc_lr}: a positive peak learning rate (--mc_lr 0: --lr's)")
-    if args.n_epochs < 1 or args.max_steps < 0:
-        parser.error(f"--n_epochs {args.n_epochs} / --max_steps {args.max_steps}: at least 1 epoch, and 0 steps "
-                     f"(as many as the epochs take) or more")
+    if args.lr <= 0:
+        parser.error(f"--lr {args.lr}: a positive peak learning rate")
+    if args.mc_lr < 0:
+        parser.error(f"--mc_lr {args.mc_lr}: a positive peak learning rate, or 0 for --lr's")
+    if args.n_epochs < 1:
+        parser.error(f"--n_epochs {args.n_epochs}: at least 1")
+    if args.max_steps < 0:
+        parser.error(f"--max_steps {args.max_steps}: 0 (as many steps as the epochs take) or more")
     if args.lora_r < 0 or args.lora_alpha < 0 or not 0 <= args.lora_dropout < 1:
         parser.error(f"--lora_r {args.lora_r} / --lora_alpha {args.lora_alpha} / --lora_dropout {args.lora_dropout}: "
                      f"a rank of 0 (off) or more, an alpha of 0 (2 x rank) or more, a dropout in [0, 1)")
@@ -346,7 +349,7 @@ def train(argv=None):
         step = (engine.state.iteration - 1) // accum
         for group in optimizer.param_groups:
             group["lr"] = linear_lr(step, group["peak_lr"], total_steps, args.warmup_steps)
-        torch.manual_seed(args.seed + engine.state.iteration)  # dropout masks
+        torch.manual_seed(mixed_seed(args.seed, engine.state.iteration))  # dropout masks
 
     @trainer.on(Events.EPOCH_STARTED)
     def order_batches(engine):  # batch order depends on (seed, epoch); a resumed epoch skips what it has done

@@ -164,6 +164,11 @@ def torchrun_launcher(processes=2):
     return ["-m", "torch.distributed.run", f"--nproc_per_node={processes}", "--master_port", str(free_port())]
 
 
+def mixed_seed(*parts):
+    """One seed from several integers (a run's seed and a step): unlike their sum, (1, 2) and (2, 1) differ."""
+    return int(np.random.SeedSequence([p % 2**64 for p in parts]).generate_state(1, np.uint64)[0] % 2**63)
+
+
 def set_seed(seed):
     random.seed(seed)
     np.random.seed(seed % 2**32)

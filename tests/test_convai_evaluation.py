@@ -94,12 +94,13 @@ def test_ppl_is_exp_of_the_mean_nll_of_gold_tokens(chatty, convai_file, tmp_path
 def test_f1_and_saved_predictions(chatty, convai_file, tmp_path):
     predictions = tmp_path / "pred.jsonl"
     results = evaluate(chatty, convai_file, tmp_path, "--eval_type", "all", "--max_length", "4", "--min_length", "4",
-                       "--save_predictions", str(predictions))
+                       "--ranker", "lm", "--save_predictions", str(predictions))
     rows = [json.loads(line) for line in open(predictions)]
     assert len(rows) == 3
     assert set(rows[0]) == {"id", "context", "gold", "reply", "top_candidate", "f1"}
     assert all(row["reply"] == row["gold"] and row["f1"] == 1.0 for row in rows)  # greedy reproduces the gold
-    assert results["f1"] == 1.0
+    assert results["f1"] == 1.0 and results["hits@1"] == 1.0
+    assert all(row["top_candidate"] == row["gold"] for row in rows)
 
 
 def test_rerank_scores_f1_of_the_sample_the_runs_multiple_choice_head_prefers(chatty, convai_file, tmp_path,
@@ -148,6 +149,14 @@ def test_bert_ranker_needs_its_checkpoint(chatty, convai_file, tmp_path):
         evaluate(chatty, convai_file, tmp_path, "--ranker", "bert")
 
 
+def scored_contexts(predictions):
+    return sorted(json.loads(line)["context"] for line in open(predictions))
+
+
+def last_turns(dialogs):
+    return sorted(u["history"][-1] for d in dialogs for u in d["utterances"])
+
+
 def test_held_out_dialogs_are_those_training_held_out(chatty, tmp_path):
     import shutil
 
@@ -161,11 +170,11 @@ def test_held_out_dialogs_are_those_training_held_out(chatty, tmp_path):
     data.write_text(json.dumps(convs))
     (run / "training_args.json").write_text(json.dumps({"seed": 7, "dataset_path": str(data)}))
     results = convai_evaluation.main(["--model_checkpoint", str(run), "--eval_type", "ppl",
-                                      "--results_file", str(tmp_path / "r.json")])
+                                      "--results_file", str(tmp_path / "r.json"),
+                                      "--save_predictions", str(tmp_path / "p.jsonl")])
     assert results["split_seed"] == 7 and results["dataset_path"] == str(data)
-    held_out = read_dialogs(str(data), seed=7)["valid"]
-    assert results["examples"] == sum(len(d["utterances"]) for d in held_out)
-    assert held_out != read_dialogs(str(data), seed=0)["valid"]
+    assert scored_contexts(tmp_path / "p.jsonl") == last_turns(read_dialogs(str(data), seed=7)["valid"])
+    assert scored_contexts(tmp_path / "p.jsonl") != last_turns(read_dialogs(str(data), seed=0)["valid"])
 
 
 def test_max_examples_sample_every_held_out_dialog_not_the_first_ones():
@@ -189,9 +198,12 @@ def test_a_run_trained_on_a_parlai_train_file_is_scored_on_what_it_held_out(chat
     data.write_text(CONVAI2_NO_CANDS * 4)
     (run / "training_args.json").write_text(json.dumps({"seed": 3, "dataset_path": str(data)}))
     results = convai_evaluation.main(["--model_checkpoint", str(run), "--eval_type", "ppl",
-                                      "--results_file", str(tmp_path / "r.json")])
+                                      "--results_file", str(tmp_path / "r.json"),
+                                      "--save_predictions", str(tmp_path / "p.jsonl")])
     held_out = read_dialogs(str(data), seed=3)["valid"]
     assert results["examples"] == sum(len(d["utterances"]) for d in held_out) < 48
+    assert scored_contexts(tmp_path / "p.jsonl") == last_turns(held_out)
+    assert last_turns(held_out) != last_turns(read_dialogs(str(data), seed=4)["valid"])
     other = tmp_path / "chats.txt"  # a file that is not the run's training data is evaluated whole
     other.write_text(CONVAI2_NO_CANDS)
     results = convai_evaluation.main(["--model_checkpoint", str(run), "--eval_type", "ppl", "--dataset_path",

@@ -46,6 +46,7 @@ def test_length_grouped_order_depends_on_seed_and_epoch_only():
     assert list(a) == list(b)
     b.set_epoch(1)
     assert list(a) != list(b)
+    assert list(LengthGroupedBatchSampler(lengths, 4, seed=4)) not in (list(a), list(b))  # seed 3's epochs 0 and 1
 
 
 @pytest.mark.parametrize("n_items, batch_size, replicas", [(3, 4, 4), (9, 2, 4), (1, 1, 3)])

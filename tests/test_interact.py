@@ -18,13 +18,15 @@ def run_interact(args, stdin, cwd=None):
 
 @pytest.mark.parametrize("name", ["llama", "llama_chat"])
 def test_piped_conversation_gets_one_reply_per_line_and_ends_at_eof(tiny_dirs, name):
-    done = run_interact(["--model_checkpoint", tiny_dirs[name], "--personality", "i like cats",
-                         "--personality", "i read books", "--max_length", "5"],
-                        "hello how are you\n\n/persona\nwhat do you like\n/reset\ngood\n")
+    args = ["--model_checkpoint", tiny_dirs[name], "--personality", "i like cats", "--personality", "i read books",
+            "--max_length", "5", "--no_sample"]
+    done = run_interact(args, "hello how are you\n\n/persona\nwhat do you like\n/reset\ngood\n")
     assert done.returncode == 0, done.stderr[-2000:]
-    assert len(done.stdout.splitlines()) == 3  # three messages; the empty line and commands get no reply
-    assert "Persona: i like cats i read books" in done.stderr
-    assert "(a new conversation)" in done.stderr
+    replies = done.stdout.splitlines()
+    assert len(replies) == 3  # three messages; the empty line and commands get no reply
+    assert done.stderr.count("Persona: i like cats i read books") == 2  # at the start and for /persona
+    assert "(a new conversation)" in done.stderr and "Unknown command" not in done.stderr
+    assert replies[-1] == run_interact(args, "good\n").stdout.strip()  # after /reset, as in a new chat
 
 
 def test_bytes_that_are_not_utf8_and_unknown_commands_do_not_end_the_chat(tiny_dirs):
@@ -110,6 +112,7 @@ def test_same_seed_same_replies(tiny_dirs):
             "--temperature", "2.0"]
     first, second = run_interact(args, "hi\nhow are you\n"), run_interact(args, "hi\nhow are you\n")
     assert first.returncode == 0 and first.stdout == second.stdout
+    assert run_interact([*args, "--seed", "8"], "hi\nhow are you\n").stdout != first.stdout
 
 
 def test_without_runs_it_says_how_to_make_one(tmp_path):
