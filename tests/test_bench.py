@@ -76,7 +76,8 @@ def test_train_reports_speedups_and_the_memory_of_full_lora_and_fsdp_runs(tiny_d
                          "--max_reply_len", "3", *compile_flag])
     assert list((tmp_path / "tmp").glob("bench_memory_*")) == []  # the memory runs' checkpoints are gone
     assert result["max_reply_len_speedup"] > 0 and 0 < result["candidates_cut_by_max_reply_len"] < 8
-    assert result["examples"] == 4 and result["speedup_vs_full_sequences"] > 0 and result["computed_tokens"] > 0
+    assert result["examples"] == 4 and result["speedup_vs_full_sequences"] > 0
+    assert 0 < result["computed_tokens"] < result["non_pad_tokens"]  # the shared context is computed once
     assert result["dtype"] == "float32" and result["bf16_speedup"] > 0
     assert result["fused_adamw_speedup"] > 0
     full, lora, fsdp = (result["memory"][k] for k in ("full", "lora", "fsdp"))

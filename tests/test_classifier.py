@@ -53,7 +53,8 @@ def test_a_separable_toy_task_is_learned_and_survives_save_and_load(tiny_bert, t
     decisions = bert_classifier.main(["predict", "--model_checkpoint", str(out), "--input_file", valid,
                                       "--output_file", str(predictions), "--device", "cpu"])
     rows = [json.loads(line) for line in open(predictions)]
-    assert len(rows) == 60 and {r["label"] for r in rows} <= {"pos", "neg"}
+    gold = [r["label"] for r in sentiment_rows(60, 1)]
+    assert len(rows) == 60 and sum(r["label"] == g for r, g in zip(rows, gold)) >= 57  # eval's accuracy, row by row
     assert all(0.5 <= r["probability"] <= 1 for r in rows)
     again = bert_classifier.main(["predict", "--model_checkpoint", str(out), "--input_file", valid,
                                   "--output_file", str(tmp_path / "again.jsonl"), "--device", "cpu"])

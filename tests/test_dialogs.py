@@ -189,6 +189,7 @@ def test_distractors_never_repeat_the_gold_text_even_from_a_small_pool(tmp_path)
     for split in data.values():
         for dialog in split:
             for utterance in dialog["utterances"]:
+                assert len(utterance["candidates"]) == 6
                 assert utterance["candidates"][-1] not in utterance["candidates"][:-1]
 
 

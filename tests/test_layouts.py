@@ -143,7 +143,7 @@ def test_chat_context_inputs_leave_room_for_the_reply(chat):
     _, layout = chat
     ids_, types = layout.context_inputs([[20] * 10], [[30] * 10, [31] * 10, [32] * 10], max_len=60, reply_budget=20)
     assert len(ids_) + 20 <= 60 and len(ids_) == len(types)
-    assert ids_[-4:-3] != [32] and ids_.count(32) > 0  # the newest turn stays
+    assert ids_.count(32) == 10 and ids_.count(20) == 10 and 30 not in ids_ and 31 not in ids_  # the newest turn stays
 
 
 def test_default_input_format_is_the_chat_template_where_one_can_lay_turns_out():

@@ -96,9 +96,15 @@ def test_bf16_autocast_trains_on_cpu(setup):
 
 def test_fp16_with_grad_scaler_steps_on_cpu(setup):
     model, items, pad = setup
+    fp32, fp16 = copy.deepcopy(model), copy.deepcopy(model)
+    out32 = run_updates(fp32, [collate(items, pad)], 1)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
-    out = run_updates(model, [collate(items, pad)], 1, dtype=amp_dtype("O1"), scaler=scaler)
-    assert out["loss"] > 0 and scaler.get_scale() > 0
+    out16 = run_updates(fp16, [collate(items, pad)], 1, dtype=amp_dtype("O1"), scaler=scaler)
+    assert out16["loss"] != out32["loss"] and out16["loss"] == pytest.approx(out32["loss"], rel=0.02)  # in float16
+    assert scaler.get_scale() == 2.0 ** 8  # finite gradients: the step was taken, the scale kept
+    for a, b, before in zip(fp16.parameters(), fp32.parameters(), model.parameters()):  # the step of fp32, unscaled
+        assert torch.allclose(a - before, b - before, atol=1e-3, rtol=0.05)
+    assert any(not torch.equal(a, b) for a, b in zip(fp16.parameters(), model.parameters()))
 
 
 def test_linear_lr_warms_up_then_decays_and_never_sits_at_zero():
