@@ -3,7 +3,7 @@ import os
 import pytest
 import torch
 from ignite.engine import Engine
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import train as train_script
 from adapters import ADAPTER_CONFIG, add_lora, has_lora, parameter_counts
@@ -152,6 +152,40 @@ def test_a_lora_run_names_its_base_so_that_it_loads_from_anywhere(tiny_dirs, per
     monkeypatch.chdir(tmp_path / "run")
     _, model, _ = load_tokenizer_and_model(str(run))
     assert has_lora(model)
+
+
+def test_a_lora_run_of_the_packaged_default_names_no_path_and_loads_the_installed_default(
+        tiny_dirs, personachat_file, tmp_path, monkeypatch):
+    import shutil
+
+    import modeling
+    from modeling import stored_base_model
+    monkeypatch.setattr(modeling, "default_model_checkpoint", lambda: tiny_dirs["llama"])  # the packaged model here
+    args = tiny_args(tiny_dirs, personachat_file, tmp_path, "run", "--lora_r", "4", "--max_steps", "1")
+    run = train_script.train(args[2:])  # no --model_checkpoint
+    assert stored_base_model(str(run)) == ""  # no path of this machine's install
+    shutil.copytree(run, tmp_path / "moved")  # another machine: its own install is the base
+    other = tmp_path / "other_install"
+    shutil.copytree(tiny_dirs["llama"], other)
+    marked = load_file(other / "model.safetensors")
+    marked["model.norm.weight"] += 1.0  # a frozen weight the adapter leaves alone, to tell the bases apart
+    save_file(marked, other / "model.safetensors", metadata={"format": "pt"})
+    monkeypatch.setattr(modeling, "default_model_checkpoint", lambda: str(other))
+    _, model, _ = load_tokenizer_and_model(str(tmp_path / "moved"))
+    assert has_lora(model)
+    assert torch.equal(model.lm.get_base_model().model.norm.weight, marked["model.norm.weight"])
+
+
+def test_lora_flags_reach_peft_and_the_adapter_covers_only_the_named_modules(tiny_dirs, personachat_file, tmp_path):
+    import json
+    run = train_script.train(tiny_args(tiny_dirs, personachat_file, tmp_path, "run", "--lora_r", "4", "--max_steps", "1",
+                                       "--lora_target_modules", "q_proj", "v_proj", "--lora_dropout", "0.1"))
+    config = json.load(open(run / ADAPTER_CONFIG))
+    assert (config["r"], config["lora_alpha"], config["lora_dropout"]) == (4, 8, 0.1)  # alpha: 2r by default
+    assert sorted(config["target_modules"]) == ["q_proj", "v_proj"]
+    adapted = {key.split(".lora_")[0].rsplit(".", 1)[-1] for key in load_file(run / "adapter_model.safetensors")
+               if ".lora_" in key}
+    assert adapted == {"q_proj", "v_proj"}
 
 
 def test_lora_flags_that_cannot_apply_are_refused(tiny_dirs, personachat_file, tmp_path, capsys):

@@ -175,6 +175,11 @@ def test_held_out_dialogs_are_those_training_held_out(chatty, tmp_path):
     assert results["split_seed"] == 7 and results["dataset_path"] == str(data)
     assert scored_contexts(tmp_path / "p.jsonl") == last_turns(read_dialogs(str(data), seed=7)["valid"])
     assert scored_contexts(tmp_path / "p.jsonl") != last_turns(read_dialogs(str(data), seed=0)["valid"])
+    results = convai_evaluation.main(["--model_checkpoint", str(run), "--eval_type", "ppl", "--split_seed", "0",
+                                      "--results_file", str(tmp_path / "r.json"),
+                                      "--save_predictions", str(tmp_path / "p.jsonl")])
+    assert results["split_seed"] == 0
+    assert scored_contexts(tmp_path / "p.jsonl") == last_turns(read_dialogs(str(data), seed=0)["valid"])
 
 
 def test_max_examples_sample_every_held_out_dialog_not_the_first_ones():

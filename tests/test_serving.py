@@ -50,6 +50,19 @@ def stream_events(client, *messages, **fields):
     return [json.loads(line[6:]) for line in lines[:-1]]
 
 
+def test_max_completion_tokens_bounds_a_reply_as_max_tokens_does_and_wins_over_it(served):
+    client, _, _ = served
+    user = {"role": "user", "content": "hi how are you"}
+    assert ask(client, user, temperature=0, max_tokens=30).json()["usage"]["completion_tokens"] > 2
+    for fields in ({"max_completion_tokens": 2}, {"max_completion_tokens": 2, "max_tokens": 30}):
+        assert ask(client, user, temperature=0, **fields).json()["usage"]["completion_tokens"] <= 2, fields
+    assert ask(client, user, temperature=0, max_completion_tokens=2).json()["choices"][0]["message"] == ask(
+        client, user, temperature=0, max_tokens=2).json()["choices"][0]["message"]
+    too_many = ask(client, user, max_completion_tokens=33)
+    assert too_many.status_code == 400 and too_many.json()["error"]["param"] == "max_completion_tokens"
+    assert "max_completion_tokens: 33 is above this server's limit of 32" in too_many.json()["error"]["message"]
+
+
 def test_a_reply_has_openai_chat_completion_shape(served):
     client, chat_model, _ = served
     response = ask(client, PERSONA, {"role": "user", "content": "hi how are you"}, temperature=0, max_tokens=6)

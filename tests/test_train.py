@@ -273,26 +273,32 @@ def test_bad_data_file_ends_the_script_with_file_and_line(tiny_dirs, tmp_path):
     assert done.stderr.strip().endswith(f"train.py: error: {bad}:3: line id 4 follows 2")
 
 
-def test_sigterm_stops_a_run_as_ctrl_c_does_keeping_its_last_checkpoint(tiny_dirs, personachat_file, tmp_path):
+@pytest.mark.parametrize("signal_name, code, said", [("SIGINT", 130, "Interrupted"),  # Ctrl-C
+                                                     ("SIGTERM", 143, r"Terminated \(SIGTERM\)")])  # kill, a scheduler
+def test_ctrl_c_or_sigterm_stops_a_run_keeping_its_last_checkpoint(tiny_dirs, personachat_file, tmp_path, signal_name,
+                                                                   code, said):
     import signal
     import time
 
     run_dir = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"),
                              *tiny_args(tiny_dirs, personachat_file, tmp_path, "run", "--n_epochs", "200",
-                                        "--eval_every", "1")], stderr=subprocess.PIPE, text=True)
+                                        "--eval_every", "1")], stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # even under nohup
     deadline = time.time() + 120
     while not list(run_dir.glob("checkpoint-*/training_state.pt")) and time.time() < deadline:
         time.sleep(0.2)
     time.sleep(0.5)  # some steps on: it may well land mid-save (every step saves)
-    proc.send_signal(signal.SIGTERM)  # as `kill`, a scheduler's time limit or torchrun stopping its workers
+    proc.send_signal(getattr(signal, signal_name))
     err = proc.communicate(timeout=60)[1]
-    assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in err, err[-2000:]
-    assert re.search(r"Terminated \(SIGTERM\) at optimizer step \d+: the checkpoint of step \d+ stays in", err)
+    assert proc.returncode == code and "Traceback" not in err, err[-2000:]
+    assert re.search(said + r" at optimizer step \d+: the checkpoint of step \d+ stays in .*; go on with --resume ",
+                     err)
     assert "ERROR" not in err  # ignite's "Engine run is terminating due to exception" is no error here
     step = max(int(p.name.split("-")[1]) for p in run_dir.glob("checkpoint-*"))
     resumed = train_script.train(["--resume", str(run_dir), "--max_steps", str(step + 1), "--n_epochs", "200"])
     assert read_metrics(resumed)[-1]["step"] == step + 1
+
 
 def test_a_chat_template_run_is_read_back_in_its_format(tiny_dirs, personachat_file, tmp_path):
     from layouts import InputFormatError
@@ -355,6 +361,31 @@ def test_a_resumed_run_replaces_a_worse_best_checkpoint(tiny_dirs, personachat_f
     assert sorted(p.name for p in run_dir.glob("best-checkpoint-*")) == [f"best-checkpoint-{best_step}"]
     same_step = [run_dir / f"{prefix}checkpoint-{best_step}" / "model.safetensors" for prefix in ("", "best-")]
     assert same_step[0].stat().st_ino == same_step[1].stat().st_ino  # one copy of the weights, linked
+
+
+def test_max_reply_len_cuts_the_training_replies_and_validation_keeps_them_whole(tiny_dirs, personachat_file,
+                                                                                  tmp_path):
+    runs = [train_script.train(tiny_args(tiny_dirs, personachat_file, tmp_path, name, "--max_steps", "1",
+                                         "--eval_before_start", *flags))
+            for name, flags in (("whole", []), ("cut", ["--max_reply_len", "1"]))]
+    before = [read_metrics(run)[0] for run in runs]
+    assert before[0]["step"] == before[1]["step"] == 0 and before[0]["nll"] == before[1]["nll"]
+    weights = [load_file(run / "model.safetensors") for run in runs]
+    assert any(not torch.equal(t, weights[1][k]) for k, t in weights[0].items())  # trained on other tokens
+
+
+def test_mc_lr_gives_the_multiple_choice_head_its_own_peak_learning_rate(tiny_dirs, personachat_file, tmp_path):
+    from training import linear_lr
+
+    run_dir = train_script.train(tiny_args(tiny_dirs, personachat_file, tmp_path, "run", "--max_steps", "2",
+                                           "--gradient_accumulation_steps", "1", "--lr", "0.001", "--mc_lr", "0.05"))
+    groups = torch.load(run_dir / "checkpoint-2" / "training_state.pt", weights_only=True)["optimizer"]["param_groups"]
+    assert [g["peak_lr"] for g in groups] == [0.001, 0.05]
+    assert [g["lr"] for g in groups] == [linear_lr(1, 0.001, 2), linear_lr(1, 0.05, 2)]  # one schedule, two peaks
+    _, model, _ = load_tokenizer_and_model(str(run_dir))
+    names = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert len(groups[1]["params"]) == sum(name.startswith("mc_head.") for name in names) > 0
+    assert len(groups[0]["params"]) + len(groups[1]["params"]) == len(names)
 
 
 def test_resume_takes_the_learning_rate_given_now_and_reads_checkpoints_from_before_the_best_one(
