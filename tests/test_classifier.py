@@ -324,6 +324,12 @@ def test_siamese_pair_classification_survives_save_and_load(tiny_bert, tmp_path)
                                   "--output_file", str(tmp_path / "b.jsonl"), "--device", "cpu"])
     assert torch.equal(first, again)
     assert (tmp_path / "a.jsonl").read_text() == (tmp_path / "b.jsonl").read_text()
+    swapped = write_jsonl(tmp_path / "swapped.jsonl", [dict(row, text_pair="you " + GOOD[0]) for row in pair_rows(64, 5)])
+    bert_classifier.main(["predict", "--model_checkpoint", str(out), "--input_file", swapped,
+                          "--output_file", str(tmp_path / "c.jsonl"), "--device", "cpu"])
+    probabilities = [[json.loads(line)["probability"] for line in open(tmp_path / name)]
+                     for name in ("a.jsonl", "c.jsonl")]
+    assert len(probabilities[1]) == 64 and probabilities[0] != probabilities[1]  # the second text is read
 
 
 @pytest.mark.parametrize("pair_encoding", ["cross", "siamese"])

@@ -167,6 +167,10 @@ def test_a_persona_is_drawn_from_the_runs_own_training_data(personachat_file, tm
     args = argparse.Namespace(personality=[], personality_file="", dataset_path="", dataset_cache=str(tmp_path),
                               seed=0)
     assert choose_persona(args, str(run)) in read_personas(personachat_file)
+    persona_file = tmp_path / "persona.txt"
+    persona_file.write_text("i like cats .\n\n  i read books .  \n")
+    args.personality_file = str(persona_file)
+    assert choose_persona(args, str(run)) == ["i like cats .", "i read books ."]  # its lines, blank ones dropped
     args.personality_file = str(tmp_path / "missing.txt")
     with pytest.raises(FileNotFoundError, match="--personality_file .*missing.txt: No such file"):
         choose_persona(args, str(run))

@@ -7,8 +7,8 @@ from transformers import AutoModel, AutoTokenizer
 import bert_classifier
 from classifier import BertClassifier
 from conftest import make_personachat
-from reply_ranker import (biencoder_scores, collate_examples, embed_texts, example_scores, multiple_choice_loss,
-                          ranker_examples, score_pairs, start_from_cosine)
+from reply_ranker import (biencoder_scores, collate_examples, context_text, embed_texts, example_scores,
+                          multiple_choice_loss, ranker_examples, score_pairs, start_from_cosine)
 
 CONTEXT = "i like cats\nwhat do you do for fun?"
 CANDIDATES = ["i play with my cats", "pizza at work", "the city is big today", "my family likes dogs"]
@@ -115,8 +115,15 @@ def test_ranker_trains_on_dialogs_and_ranks_in_evaluation_and_chat(tiny_bert_dir
     results = convai_evaluation.main(["--model_checkpoint", tiny_dirs["llama"], "--dataset_path", personachat_file,
                                       "--eval_type", "hits@1", "--ranker", "bert", "--ranker_checkpoint", str(ranker),
                                       "--results_file", str(tmp_path / "r.json"), "--device", "cpu"])
-    assert results["ranker"] == "bert" and 0 <= results["hits@1"] <= 1 and results["min_candidates"] == 3
+    assert results["ranker"] == "bert" and results["min_candidates"] == 3
     assert results["ranker_checkpoint"] == str(ranker)
+    from classifier import load_classifier
+    model, tokenizer, _, options = load_classifier(str(ranker), ranker=True)
+    examples = convai_evaluation.examples_of(convai_evaluation.evaluation_dialogs(personachat_file, 42), 0)
+    firsts = [int(score_pairs(model, tokenizer, options, context_text(persona, history, options["max_history"]),
+                              candidates, "cpu").argmax()) for _, persona, history, candidates, _ in examples]
+    assert results["hits@1"] == pytest.approx(sum(f == len(c) - 1 for f, (*_, c, _) in zip(firsts, examples))
+                                              / len(examples))  # the gold is last
     baseline = convai_evaluation.main(["--model_checkpoint", tiny_dirs["llama"], "--dataset_path", personachat_file,
                                        "--eval_type", "hits@1", "--ranker", "biencoder", "--ranker_checkpoint",
                                        tiny_bert_dir, "--results_file", str(tmp_path / "b.json"), "--device", "cpu"])

@@ -77,6 +77,7 @@ def test_the_page_shows_a_streamed_reply_to_a_typed_message(server, tmp_path):
         WebDriverWait(driver, 20).until(lambda d: "smollm2" in d.find_element(By.ID, "model").text)
         driver.find_element(By.ID, "persona").send_keys("i love cats.\ni am a nurse.")
         driver.execute_script(WATCH_REPLIES)
+        driver.execute_script(RECORD_REQUESTS)
         driver.find_element(By.ID, "input").send_keys("hi! what do you do for a living?")
         driver.find_element(By.ID, "send").click()
         WebDriverWait(driver, 120).until(
@@ -86,6 +87,9 @@ def test_the_page_shows_a_streamed_reply_to_a_typed_message(server, tmp_path):
         assert "assistant" in reply.get_attribute("class") and reply.text.strip()
         shown = [t for t in driver.execute_script("return window.shown") if t]
         assert len(set(shown)) > 2 and all(reply.text.startswith(t.strip()) for t in shown)  # grew piece by piece
+        assert driver.execute_script("return window.sent") == [[  # the persona box is the system message
+            {"role": "system", "content": "i love cats.\ni am a nurse."},
+            {"role": "user", "content": "hi! what do you do for a living?"}]]
         driver.save_screenshot(str(tmp_path / "chat.png"))
         driver.find_element(By.ID, "reset").click()
         assert driver.find_elements(By.CSS_SELECTOR, "#messages .msg") == []

@@ -191,10 +191,14 @@ def test_malformed_json_and_an_unknown_model_are_refused(served):
 
 def test_a_prompt_longer_than_the_model_is_cut_as_in_training(served):
     client, chat_model, seen = served
-    long_turn = " ".join(["hello"] * 1000)
+    long_turn = " ".join(["hello"] * 600 + ["music"] * 600)  # which end is kept shows
     response = ask(client, PERSONA, {"role": "user", "content": long_turn}, temperature=0, max_tokens=8)
     assert response.status_code == 200
     assert response.json()["usage"]["prompt_tokens"] == len(seen[-1][0]) <= chat_model.max_len - 8
+    encode = chat_model.encode
+    trained = chat_model.layout.context_inputs([encode(line) for line in PERSONA["content"].split("\n")],
+                                               [encode(long_turn)], chat_model.max_len, 8)
+    assert list(seen[-1][0]) == list(trained[0])
 
 
 def test_concurrent_clients_get_their_own_replies_decoded_together(served):
@@ -222,11 +226,14 @@ def test_a_beam_search_server_decodes_concurrent_requests_together_as_each_alone
         assert together == alone and len(set(alone)) > 1
         assert client.app.state.batcher.batches - batches_before < len(users)  # some beams searched in one batch
 
+
 def test_models_health_and_page(served):
     client, _, _ = served
     assert client.get("/v1/models").json()["data"][0]["id"] == "tiny"
     health = client.get("/health").json()
     assert health["status"] == "ok" and health["in_flight"] == 0
+    ask(client, {"role": "user", "content": "hi"}, max_tokens=2)
+    assert client.get("/health").json()["batches"] == health["batches"] + 1  # decoding batches so far
     page = client.get("/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert 'id="persona"' in page.text and "/v1/chat/completions" in page.text
@@ -369,9 +376,11 @@ def test_serve_refuses_rerank_by_an_untrained_multiple_choice_head(tiny_dirs, tm
         serve.build_app(serve.get_args(["--model_checkpoint", tiny_dirs["llama_chat"], *args]))
     save_run_with_a_trained_head(tiny_dirs["llama_chat"], tmp_path / "run")
     app = serve.build_app(serve.get_args(["--model_checkpoint", str(tmp_path / "run"), *args]))
+    sizes = slow_steps(app.state.chat_model, seconds=0)
     with TestClient(app) as client:
         reply = ask(client, {"role": "user", "content": "hi how are you"}, max_tokens=4, seed=1)
     assert reply.status_code == 200 and reply.json()["choices"][0]["message"]["content"] is not None
+    assert sizes and set(sizes) <= {3, 2, 1} and sizes[0] == 3  # three samples decoded for the head to choose from
 
 
 def slow_steps(chat_model, seconds=0.02):

@@ -194,7 +194,8 @@ def test_trains_on_a_parlai_convai2_file(tiny_dirs, tmp_path, text):
     path.write_text(text)
     run_dir = train_script.train(tiny_args(tiny_dirs, str(path), tmp_path, "run", "--n_epochs", "1",
                                            "--gradient_accumulation_steps", "1"))
-    assert read_metrics(run_dir)[-1]["step"] > 0
+    last = read_metrics(run_dir)[-1]
+    assert last["step"] > 0 and 0 <= last["mc_accuracy"] <= 1 and last["ppl"] > 1  # validated on its held-out part
 
 
 def test_gpt2_double_heads_train_and_reload(tiny_dirs, personachat_file, tmp_path):
@@ -203,6 +204,12 @@ def test_gpt2_double_heads_train_and_reload(tiny_dirs, personachat_file, tmp_pat
     run_dir = train_script.train(args)
     _, model, layout = load_tokenizer_and_model(str(run_dir))
     assert type(model.lm).__name__ == "GPT2DoubleHeadsModel"
+    saved = load_file(run_dir / "model.safetensors")
+    base = load_file(os.path.join(tiny_dirs["gpt2"], "model.safetensors"))
+    assert any(k in base and not torch.equal(t, base[k]) for k, t in saved.items())  # trained, not the base resaved
+    head = {k: t for k, t in saved.items() if k.startswith("multiple_choice_head.")}
+    loaded = model.lm.state_dict()
+    assert head and all(torch.equal(loaded[k], t) for k, t in head.items())  # the trained head inside the LM
 
 
 @pytest.mark.parametrize("launcher", [["torch.distributed.run"], ["torch.distributed.launch"]],
