@@ -219,7 +219,7 @@ def lr_lambda(kind, warmup, total):
         if kind == "linear":
             return max(total - step, 0) / max(total - warmup, 1)
         if kind == "cosine":
-            return 0.5 * (1 + math.cos(math.pi * min(step - warmup, total) / max(total - warmup, 1)))
+            return 0.5 * (1 + math.cos(math.pi * min(step - warmup, total - warmup) / max(total - warmup, 1)))
         if kind == "invsqrt":
             return math.sqrt(max(warmup, 1) / max(step, 1))
         return 1.0

@@ -85,6 +85,39 @@ def test_top_layer_training_leaves_lower_layers_frozen(tiny_bert):
     assert {"head.weight", "head.bias"} <= trainable
 
 
+def test_learning_rate_schedules_warm_up_then_keep_their_shape_to_the_last_step():
+    from bert_classifier import lr_lambda
+    steps = (0, 1, 2, 6, 10, 12)  # 2 warm-up steps of 10; 12 is past the end
+    factors = {kind: [lr_lambda(kind, 2, 10)(s) for s in steps] for kind in ("fixed", "linear", "cosine", "invsqrt")}
+    assert factors["fixed"] == [0.5, 1.0, 1.0, 1.0, 1.0, 1.0]
+    assert factors["linear"] == [0.5, 1.0, 1.0, 0.5, 0.0, 0.0]
+    assert factors["cosine"] == pytest.approx([0.5, 1.0, 1.0, 0.5, 0.0, 0.0])  # no rise after the end
+    assert factors["invsqrt"] == pytest.approx([0.5, 1.0, 1.0, (2 / 6) ** 0.5, (2 / 10) ** 0.5, (2 / 12) ** 0.5])
+
+
+@pytest.mark.parametrize("what, layers", [("top4_layers", {0, 1}), ("all_encoder_layers", {0, 1}),
+                                          ("additional_layers", set())])
+def test_type_optimization_trains_the_layers_it_names_and_never_the_embeddings(tiny_bert, what, layers):
+    from transformers import AutoModel
+
+    model = BertClassifier(AutoModel.from_pretrained(tiny_bert), 2)
+    set_trainable(model, what)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {int(n.split(".")[3]) for n in trainable if n.startswith("encoder.encoder.layer.")} == layers
+    assert not any("embeddings" in n for n in trainable) and {"head.weight", "head.bias"} <= trainable
+    set_trainable(model, "all")
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_classes_from_file_set_the_class_order(tiny_bert, tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", sentiment_rows(16, 4))
+    classes = tmp_path / "classes.txt"
+    classes.write_text("pos\n\nneg\n")  # not the rows' order, which puts neg first
+    bert_classifier.main(["train", "--train_file", train, "--output_dir", str(tmp_path / "clf"), "--model_checkpoint",
+                          tiny_bert, "--device", "cpu", "--max_steps", "1", "--classes_from_file", str(classes)])
+    assert load_classifier(tmp_path / "clf")[2].classes == ["pos", "neg"]
+
+
 def test_multilabel_decisions_follow_the_threshold():
     probs = torch.tensor([[0.9, 0.4, 0.6], [0.1, 0.2, 0.95]])
     assert decide(probs, "multilabel", 0.5).tolist() == [[1, 0, 1], [0, 0, 1]]
