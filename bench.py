@@ -65,7 +65,7 @@ from modeling import compile_decoder, load_tokenizer_and_model
 from ranking import score_candidates
 from tokenized import get_dataset
 from training import PHASES, amp_dtype, make_update
-from utils import torchrun_launcher
+from utils import seed_type, torchrun_launcher
 
 
 def matmul_flops(size=2048, repeats=10, dtype=torch.float32, device="cpu"):
@@ -612,7 +612,7 @@ def main(argv=None):
     train.add_argument("--baseline_batches", type=int, default=2,
                        help="Batches timed for the dataset-padding baseline, all of equal cost (default: 2)")
     train.add_argument("--fp16", default="", help="Mixed precision: fp16 or bf16 (default: off)")
-    train.add_argument("--seed", type=int, default=0, help="Which examples are drawn (default: 0)")
+    train.add_argument("--seed", type=seed_type, default=0, help="Which examples are drawn (default: 0)")
     train.add_argument("--memory_steps", type=int, default=3,
                        help="Steps of train.py per memory variant (full fine-tune, LoRA r=8, each with and "
                             "without --gradient_checkpointing, FSDP over 2 processes), each in its own "
@@ -644,7 +644,7 @@ def main(argv=None):
                          help="Held-out examples every model is scored on (default: 200)")
     quality.add_argument("--max_valid_examples", type=int, default=100,
                          help="train.py's validation examples (default: 100)")
-    quality.add_argument("--seed", type=int, default=42, help="Seed of the split and of training (default: 42)")
+    quality.add_argument("--seed", type=seed_type, default=42, help="Seed of the split and of training (default: 42)")
     quality.add_argument("--work_dir", default="", help="Where the run and results go (default: a new temporary dir)")
     quality.add_argument("--rerank", type=int, default=0,
                          help="Also score the trained run's F1 on the best of N sampled replies by its multiple-choice "

@@ -32,7 +32,7 @@ from dialogs import DialogFormatError, read_dialogs
 from ranking import HITS_AT, rank_metrics, rank_of_gold
 from reply_ranker import (RANKER_CLASSES, collate_examples, example_scores, multiple_choice_loss, ranker_examples,
                           start_from_cosine)
-from utils import package_dir, resolve_dataset_path, set_seed
+from utils import package_dir, resolve_dataset_path, seed_type, set_seed
 
 logger = logging.getLogger(__file__)
 SCHEDULERS = ("none", "fixed", "linear", "cosine", "invsqrt", "reduceonplateau")
@@ -77,7 +77,7 @@ def get_args(argv=None):
     train.add_argument("--dropout", type=float, default=0.1, help="Before the classification layer (default: 0.1)")
     train.add_argument("--validation_metric", default=None,
                        help="Which metric picks the best (default: accuracy; mrr for --ranker)")
-    train.add_argument("--seed", type=int, default=42, help="(default: 42)")
+    train.add_argument("--seed", type=seed_type, default=42, help="(default: 42)")
     train.add_argument("--eval_before_start", action="store_true",
                        help="Validate (and keep) the untrained model first, so training must beat it")
     train.add_argument("--ranker", action="store_true",
@@ -219,7 +219,8 @@ def lr_lambda(kind, warmup, total):
         if kind == "linear":
             return max(total - step, 0) / max(total - warmup, 1)
         if kind == "cosine":
-            return 0.5 * (1 + math.cos(math.pi * min(step - warmup, total - warmup) / max(total - warmup, 1)))
+            done = 1.0 if step >= total else (step - warmup) / max(total - warmup, 1)
+            return 0.5 * (1 + math.cos(math.pi * done))
         if kind == "invsqrt":
             return math.sqrt(max(warmup, 1) / max(step, 1))
         return 1.0

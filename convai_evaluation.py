@@ -26,7 +26,8 @@ from metrics import f1_score, perplexity
 from modeling import load_tokenizer_and_model, model_max_length
 from ranking import HITS_AT, best_by_mc_head, rank_metrics, rank_of_gold, score_candidates
 from reply_ranker import biencoder_scores, context_text, score_pairs
-from utils import newest_run, package_dir, resolve_dataset_path, set_seed, spread_indices, write_json
+from utils import (newest_run, package_dir, resolve_dataset_path, seed_type, set_seed, spread_indices,
+                   write_json)
 
 logger = logging.getLogger(__file__)
 
@@ -69,8 +70,8 @@ def get_args(argv=None):
     parser.add_argument("--top_p", type=float, default=0.9, help="Nucleus sampling mass (default: 0.9)")
     parser.add_argument("--num_beams", type=int, default=1, help="Beam search beams (default: 1, off)")
     parser.add_argument("--no_repeat_ngram_size", type=int, default=0, help="n-gram blocking (default: 0, off)")
-    parser.add_argument("--seed", type=int, default=0, help="Seed of sampling (default: 0)")
-    parser.add_argument("--split_seed", type=int, default=None,
+    parser.add_argument("--seed", type=seed_type, default=0, help="Seed of sampling (default: 0)")
+    parser.add_argument("--split_seed", type=seed_type, default=None,
                         help="Seed of the train/valid split and distractors (default: the run's training seed, else 42)")
     parser.add_argument("--results_file", default="",
                         help="Where to write the results JSON (default: convai_evaluation.json in the run directory)")

@@ -5,7 +5,7 @@
 
 The gold reply is always the last candidate, as in the original repo. Formats: PersonaChat JSON, ParlAI ConvAI2
 text files (with or without candidates) and the packaged chit-chat corpus (no persona). Where a file has no
-candidates, distractors are drawn from other dialogs of the same split with a fixed seed.
+candidates, distractors are drawn from other dialogs, of any split, with a fixed seed.
 """
 import argparse
 import json
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from utils import resolve_dataset_path, write_json
+from utils import resolve_dataset_path, seed_type, write_json
 
 NUM_DISTRACTORS = 19  # ConvAI2 has 20 candidates per utterance: 19 distractors + gold
 VALID_FRACTION = 0.05
@@ -340,7 +340,7 @@ def main(argv=None):
                         help="A dialog file, URL or short name as train.py takes (default: the packaged corpus)")
     parser.add_argument("--dataset_cache", default="./dataset_cache",
                         help="Where a URL or short name is downloaded (default: ./dataset_cache)")
-    parser.add_argument("--seed", type=int, default=42, help="Seed of the split and the distractors (train.py's)")
+    parser.add_argument("--seed", type=seed_type, default=42, help="Seed of the split and the distractors (train.py's)")
     parser.add_argument("--num_distractors", type=int, default=NUM_DISTRACTORS,
                         help="Distractors drawn where a file has none")
     parser.add_argument("--prompt_as_persona", action="store_true",

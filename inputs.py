@@ -100,9 +100,9 @@ class LengthGroupedBatchSampler(torch.utils.data.Sampler):
     """
 
     def __init__(self, lengths, batch_size, seed=0, shuffle=True, num_replicas=1, rank=0, even=True,
-                 group_batches=50, multiple_of=1):
+                 group_batches=50, multiple_of=1, seed_of=mixed_seed):
         self.lengths = np.asarray(lengths)
-        self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
+        self.batch_size, self.seed, self.shuffle, self.seed_of = batch_size, seed, shuffle, seed_of
         self.num_replicas, self.rank, self.even = num_replicas, rank, even
         self.group_batches, self.multiple_of = group_batches, multiple_of
         self.epoch, self.skip = 0, 0
@@ -113,7 +113,7 @@ class LengthGroupedBatchSampler(torch.utils.data.Sampler):
 
     def _all_batches(self):
         n = len(self.lengths)
-        rng = np.random.default_rng(mixed_seed(self.seed, self.epoch))
+        rng = np.random.default_rng(self.seed_of(self.seed, self.epoch))
         order = rng.permutation(n) if self.shuffle else np.arange(n)
         group = self.batch_size * self.group_batches if self.shuffle else max(n, 1)
         batches = []

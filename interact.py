@@ -29,7 +29,7 @@ from layouts import InputFormatError
 from modeling import add_run_args, load_tokenizer_and_model, model_max_length
 from ranking import best_by_mc_head
 from reply_ranker import context_text, score_pairs
-from utils import DATASET_SHORT_NAMES, checkpoint_or_newest_run, resolve_dataset_path, set_seed
+from utils import DATASET_SHORT_NAMES, checkpoint_or_newest_run, resolve_dataset_path, seed_type, set_seed
 
 COMMANDS = "/reset starts over, /persona shows the persona, Ctrl-D ends"
 
@@ -53,7 +53,7 @@ def get_args(argv=None):
     parser.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cuda or cpu (default: cuda when available)")
     add_decoding_args(parser)
-    parser.add_argument("--seed", type=int, default=0, help="Seed of the persona draw and of sampling (default: 0)")
+    parser.add_argument("--seed", type=seed_type, default=0, help="Seed of the persona draw and of sampling (default: 0)")
     args = parser.parse_args(argv)
     check_decoding_args(parser, args)
     return args

@@ -28,7 +28,7 @@ from decoding import DecodingConfig, add_decoding_args, check_decoding_args, mc_
 from layouts import InputFormatError
 from modeling import add_run_args, load_tokenizer_and_model, model_max_length
 from serving import ChatModel, ServerSettings, create_app
-from utils import checkpoint_or_newest_run
+from utils import checkpoint_or_newest_run, seed_type
 
 logger = logging.getLogger(__file__)
 GRACEFUL_SHUTDOWN_S = 10  # on SIGTERM or Ctrl-C, replies being decoded get this long to finish
@@ -59,7 +59,7 @@ def get_args(argv=None):
     parser.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cuda or cpu (default: cuda when available)")
     add_decoding_args(parser)
-    parser.add_argument("--seed", type=int, default=None,
+    parser.add_argument("--seed", type=seed_type, default=None,
                         help="Seed of the sampling of requests that give none (default: none, a fresh draw)")
     parser.add_argument("--max_concurrency", type=int, default=32,
                         help="Requests queued or decoding at once; more get HTTP 429 (default: 32)")

@@ -33,8 +33,8 @@ from sharding import WholeOptimizer, shard_model, whole_model_state
 from tokenized import get_dataset
 from training import (QUIET_STOP, StepsBar, Throughput, amp_dtype, linear_lr, make_inference, make_update,
                       slow_bf16)
-from utils import (append_jsonl, is_main_process, make_run_dir, mixed_seed, resolve_local_rank, set_seed,
-                   setup_distributed, setup_logging, write_json)
+from utils import (SEED_MIXINGS, append_jsonl, is_main_process, make_run_dir, resolve_local_rank, seed_type,
+                   set_seed, setup_distributed, setup_logging, write_json)
 
 logger = logging.getLogger(__file__)
 
@@ -71,6 +71,8 @@ def get_args(argv=None):
             saved = read_training_args(latest_checkpoint(args.resume).parent)
         if not saved:
             logger.warning("No training_args.json beside %s: resuming with the flags given only", args.resume)
+        if saved and "seed_mixing" not in saved:  # saved before seeds were mixed: its batch order and dropout go on
+            saved["seed_mixing"] = "sum"
         parser.set_defaults(**{k: v for k, v in saved.items() if k in vars(args) and k not in NOT_RESUMED})
         args = parser.parse_args(argv)
         if started_over:
@@ -196,7 +198,10 @@ def build_parser():
                              "(--no-compile: resume a compiled run without it)")
     parser.add_argument("--gradient_checkpointing", action=BooleanOptionalAction, default=False,
                         help="Recompute activations in backward: less memory for long histories and many candidates")
-    parser.add_argument("--seed", type=int, default=42, help="Seed of data order, dropout and splits (default: 42)")
+    parser.add_argument("--seed", type=seed_type, default=42, help="Seed of data order, dropout and splits (default: 42)")
+    parser.add_argument("--seed_mixing", default="mixed", choices=tuple(SEED_MIXINGS),
+                        help="How --seed meets the epoch (batch order) and the iteration (dropout): mixed (default); "
+                             "sum, as runs saved before 2026-12-06 did, which --resume of such a run uses")
     parser.add_argument("--resume", type=str, default="",
                         help="Run directory or checkpoint-<step> directory to resume from; the run goes on there, "
                              "with its saved flags unless given again")
@@ -223,6 +228,7 @@ def get_data_loaders(args, tokenizer, layout, max_len, world_size, rank):
     if train_set.num_candidates < 2:
         raise RunError(f"--dataset_path {args.dataset_path}: some utterances have a single candidate")
     train_sampler = LengthGroupedBatchSampler(train_set.lengths(), args.train_batch_size, seed=args.seed,
+                                              seed_of=SEED_MIXINGS[args.seed_mixing],
                                               num_replicas=world_size, rank=rank,
                                               multiple_of=args.gradient_accumulation_steps)
     # FSDP's forwards are collectives, so every process validates every batch (the metrics' means are unchanged)
@@ -349,7 +355,7 @@ def train(argv=None):
         step = (engine.state.iteration - 1) // accum
         for group in optimizer.param_groups:
             group["lr"] = linear_lr(step, group["peak_lr"], total_steps, args.warmup_steps)
-        torch.manual_seed(mixed_seed(args.seed, engine.state.iteration))  # dropout masks
+        torch.manual_seed(SEED_MIXINGS[args.seed_mixing](args.seed, engine.state.iteration))  # dropout masks
 
     @trainer.on(Events.EPOCH_STARTED)
     def order_batches(engine):  # batch order depends on (seed, epoch); a resumed epoch skips what it has done

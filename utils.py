@@ -1,4 +1,5 @@
 """Paths of the packaged defaults, download caching, atomic writes, logging and distributed set-up."""
+import argparse
 import datetime
 import hashlib
 import importlib.util
@@ -164,9 +165,26 @@ def torchrun_launcher(processes=2):
     return ["-m", "torch.distributed.run", f"--nproc_per_node={processes}", "--master_port", str(free_port())]
 
 
+def seed_type(text):
+    """argparse type of a --seed: numpy's generators take 0 to 2**32 - 1 as one word, which keeps mixed seeds apart."""
+    value = int(text)
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"{value}: a seed from 0 to {2**32 - 1}")
+    return value
+
+
 def mixed_seed(*parts):
-    """One seed from several integers (a run's seed and a step): unlike their sum, (1, 2) and (2, 1) differ."""
-    return int(np.random.SeedSequence([p % 2**64 for p in parts]).generate_state(1, np.uint64)[0] % 2**63)
+    """One seed from several integers below 2**32 (a run's seed and a step): unlike their sum, (1, 2) and (2, 1)
+    differ."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0] % 2**63)
+
+
+def summed_seed(*parts):
+    """The sum, as runs saved before mixed_seed ordered their batches and seeded their dropout (they resume so)."""
+    return sum(parts)
+
+
+SEED_MIXINGS = {"mixed": mixed_seed, "sum": summed_seed}
 
 
 def set_seed(seed):

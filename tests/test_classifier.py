@@ -93,6 +93,9 @@ def test_learning_rate_schedules_warm_up_then_keep_their_shape_to_the_last_step(
     assert factors["linear"] == [0.5, 1.0, 1.0, 0.5, 0.0, 0.0]
     assert factors["cosine"] == pytest.approx([0.5, 1.0, 1.0, 0.5, 0.0, 0.0])  # no rise after the end
     assert factors["invsqrt"] == pytest.approx([0.5, 1.0, 1.0, (2 / 6) ** 0.5, (2 / 10) ** 0.5, (2 / 12) ** 0.5])
+    for warmup in (10, 11, 12):  # warm-up as long as the run or longer: cosine ends as linear does
+        assert [lr_lambda("cosine", warmup, 10)(s) for s in (9, 10, 11, 13)] == [
+            lr_lambda("linear", warmup, 10)(s) for s in (9, 10, 11, 13)]
 
 
 @pytest.mark.parametrize("what, layers", [("top4_layers", {0, 1}), ("all_encoder_layers", {0, 1}),

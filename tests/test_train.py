@@ -288,10 +288,13 @@ def test_ctrl_c_or_sigterm_stops_a_run_keeping_its_last_checkpoint(tiny_dirs, pe
     import time
 
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"),
+    script = tmp_path / "ctrl_c_raises.py"  # as in a terminal, even where a shell started the tests in the background
+    script.write_text("import runpy, signal, sys\nsignal.signal(signal.SIGINT, signal.default_int_handler)\n"
+                      "sys.argv = sys.argv[1:]\nrunpy.run_path(sys.argv[0], run_name='__main__')\n")
+    proc = subprocess.Popen([sys.executable, str(script), os.path.join(ROOT, "train.py"),
                              *tiny_args(tiny_dirs, personachat_file, tmp_path, "run", "--n_epochs", "200",
                                         "--eval_every", "1")], stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # even under nohup
+                            env=dict(os.environ, PYTHONPATH=ROOT))
     deadline = time.time() + 120
     while not list(run_dir.glob("checkpoint-*/training_state.pt")) and time.time() < deadline:
         time.sleep(0.2)
@@ -398,6 +401,10 @@ def test_mc_lr_gives_the_multiple_choice_head_its_own_peak_learning_rate(tiny_di
 def test_resume_takes_the_learning_rate_given_now_and_reads_checkpoints_from_before_the_best_one(
         tiny_dirs, personachat_file, tmp_path):
     run_dir = train_script.train(tiny_args(tiny_dirs, personachat_file, tmp_path, "run", "--max_steps", "2"))
+    saved_args = json.loads((run_dir / "training_args.json").read_text())
+    assert saved_args.pop("seed_mixing") == "mixed"  # as saved before seeds were mixed: they resume summed
+    (run_dir / "training_args.json").write_text(json.dumps(saved_args))
+    assert train_script.get_args(["--resume", str(run_dir)]).seed_mixing == "sum"
     path = run_dir / "checkpoint-2" / "training_state.pt"
     state = torch.load(path, weights_only=True)
     del state["best_checkpoint"]  # as saved before the best checkpoint and per-group peaks existed

@@ -1,6 +1,9 @@
+import argparse
+
+import numpy as np
 import pytest
 
-from utils import mixed_seed, spread_indices, write_json
+from utils import mixed_seed, seed_type, spread_indices, summed_seed, write_json
 
 
 @pytest.mark.parametrize("total, n, expected", [
@@ -33,6 +36,18 @@ def test_atomic_writes_take_the_umask(tmp_path, umask, mode):
 
 
 def test_mixed_seeds_differ_where_sums_coincide():
-    seeds = {mixed_seed(a, b) for a in range(-3, 4) for b in range(4)}
+    seeds = {mixed_seed(a, b) for a in range(7) for b in range(4)}
     assert len(seeds) == 28 and all(0 <= x < 2**63 for x in seeds)
-    assert mixed_seed(42, 7) == 1250292667180671650  # pinned: a change would reorder every run's data
+    assert mixed_seed(42, 7) == mixed_seed(np.int64(42), np.int64(7)) == 1250292667180671650  # pinned: runs' data order
+    assert summed_seed(42, 7) == 49  # runs saved before mixing resume with it
+
+
+@pytest.mark.parametrize("flag_value, message", [("-1", "-1: a seed from 0 to 4294967295"),
+                                                 (str(2**32), "4294967296: a seed from 0 to 4294967295")])
+def test_a_seed_outside_one_word_is_refused_naming_the_flag(flag_value, message, capsys):
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seed", type=seed_type)
+    assert parser.parse_args(["--seed", "4294967295"]).seed == 2**32 - 1
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--seed", flag_value])
+    assert f"argument --seed: {message}" in capsys.readouterr().err
