@@ -92,6 +92,22 @@ def make_personachat(n_train=8, n_valid=3, n_utts=3, n_cands=3, seed=0, reply_le
     return {"train": [dialog() for _ in range(n_train)], "valid": [dialog() for _ in range(n_valid)]}
 
 
+
+def run_torchrun(cmd, timeout=300, **env):
+    """Run a torchrun command line in its own process group: on a timeout its workers are killed with it, not left
+    running (waiting on each other) after the test failed."""
+    import signal
+    import subprocess
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, **env))
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
 @pytest.fixture(scope="session")
 def tiny_dirs(tmp_path_factory):
     """Directories holding a tiny random Llama and a tiny random GPT-2, each with the word-level tokenizer."""

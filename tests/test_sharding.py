@@ -1,6 +1,5 @@
 """train.py --fsdp under torchrun with gloo on CPU: the weights of plain DDP, whole checkpoints, resume, LoRA."""
 import os
-import subprocess
 import sys
 
 import pytest
@@ -8,15 +7,14 @@ import torch
 from safetensors.torch import load_file
 
 import train as train_script
-from conftest import ROOT
+from conftest import ROOT, run_torchrun
 from test_train import read_metrics, tiny_args
 from utils import torchrun_launcher
 
 
 def torchrun(args, tmp_path, processes=2):
     cmd = [sys.executable, *torchrun_launcher(processes), os.path.join(ROOT, "train.py"), *args]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT))
+    done = run_torchrun(cmd)
     if done.returncode:
         (tmp_path / "torchrun.log").write_text(done.stderr)
     assert done.returncode == 0, "\n".join(line for line in done.stderr.splitlines() if "it/s" not in line)[-4000:]
@@ -57,8 +55,7 @@ def test_fsdp_takes_the_steps_of_ddp_and_saves_whole_checkpoints_that_resume(tin
     # a plain run's optimizer state is not a sharded one's: refused; a sharded run goes on in one process
     cmd = [sys.executable, *torchrun_launcher(2), os.path.join(ROOT, "train.py"), "--resume", str(tmp_path / "ddp"),
            "--fsdp", "--max_steps", "6"]
-    refused = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                             env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT))
+    refused = run_torchrun(cmd)
     assert refused.returncode and "--fsdp: " in refused.stderr and "resume it without --fsdp" in refused.stderr
     assert [m["step"] for m in read_metrics(tmp_path / "ddp")] == [3, 5]
     with pytest.raises(train_script.RunError, match=r"resume with 2 processes and --train_batch_size 2, or with "

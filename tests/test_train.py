@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 import train as train_script
-from conftest import ROOT
+from conftest import ROOT, run_torchrun
 from modeling import load_tokenizer_and_model
 from test_dialogs import CONVAI2_NO_CANDS, CONVAI2_WITH_CANDS
 from test_modeling import needs_cxx
@@ -218,8 +218,7 @@ def test_two_process_cpu_training_ends_with_identical_weights(tiny_dirs, persona
     port = str(free_port())  # for the rendezvous
     cmd = [sys.executable, "-m", *launcher, "--nproc_per_node=2", "--master_port", port,
            os.path.join(ROOT, "train.py"), *tiny_args(tiny_dirs, personachat_file, tmp_path, "run", "--max_steps", "2")]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
+    done = run_torchrun(cmd, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Weights identical on all 2 ranks" in done.stderr
     args = json.load(open(tmp_path / "run" / "training_args.json"))
@@ -254,8 +253,7 @@ def test_a_nan_loss_in_one_process_stops_every_process_keeping_the_last_checkpoi
            str(script), os.path.join(ROOT, "train.py"),
            *tiny_args(tiny_dirs, personachat_file, tmp_path, "run", "--gradient_accumulation_steps", "1",
                       "--eval_every", "1", "--max_steps", "3")]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)  # no process left waiting
+    done = run_torchrun(cmd, timeout=180)  # no process left waiting
     assert done.returncode != 0
     kept = "after optimizer step 1\\): stopped; the checkpoint of step 1 stays in "
     assert re.search("train.py: error: loss is nan at iteration 2 \\(" + kept, done.stderr), done.stderr[-3000:]
