@@ -139,6 +139,21 @@ def test_sep_last_utt_add_cls_token_and_truncate_shape_the_encoded_text():
     assert len(encode_rows(tokenizer, [row], max_length=4)["input_ids"][0]) == 4
 
 
+def test_each_pooling_reads_its_own_vector_and_pooler_needs_a_pooler(tiny_bert):
+    from transformers import AutoModel, BertModel
+
+    encoder = AutoModel.from_pretrained(tiny_bert).eval()
+    ids, mask = torch.tensor([[3, 5, 7, 0]]), torch.tensor([[1, 1, 1, 0]])
+    out = encoder(input_ids=ids, attention_mask=mask)
+    expected = {"cls": out.last_hidden_state[:, 0], "pooler": out.pooler_output,
+                "mean": out.last_hidden_state[:, :3].mean(dim=1)}  # the padding left out
+    for pooling, vector in expected.items():
+        assert torch.allclose(BertClassifier(encoder, 2, pooling=pooling).pool(ids, mask), vector, atol=1e-6), pooling
+    bare = BertModel(encoder.config, add_pooling_layer=False).eval()
+    with pytest.raises(ValueError, match="--pooling pooler: this encoder has no pooler; use cls or mean"):
+        BertClassifier(bare, 2, pooling="pooler").pool(ids, mask)
+
+
 def test_multilabel_decisions_follow_the_threshold():
     probs = torch.tensor([[0.9, 0.4, 0.6], [0.1, 0.2, 0.95]])
     assert decide(probs, "multilabel", 0.5).tolist() == [[1, 0, 1], [0, 0, 1]]

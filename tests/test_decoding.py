@@ -295,3 +295,12 @@ def test_a_reply_cut_inside_a_character_ends_before_it():
     tokens = tokenizer("hi \U0001F469", add_special_tokens=False)["input_ids"]
     assert len(tokens) == 7 and tokenizer.decode(tokens[:-1]).endswith("\ufffd")  # 3 ASCII bytes, 4 of the emoji
     assert [reply_text(tokenizer, tokens[:n]) for n in (7, 6, 4, 3)] == ["hi \U0001F469", "hi ", "hi ", "hi "]
+
+
+def test_every_decoding_flag_of_interact_reaches_the_config():
+    import interact
+    args = interact.get_args(["--max_length", "7", "--min_length", "2", "--temperature", "0.5", "--top_k", "3",
+                              "--top_p", "0.8", "--num_beams", "2", "--no_repeat_ngram_size", "3"])
+    assert DecodingConfig.from_args(args, no_sample=True) == DecodingConfig(
+        max_length=7, min_length=2, temperature=0.5, top_k=3, top_p=0.8, no_sample=True, num_beams=2,
+        no_repeat_ngram_size=3)
