@@ -465,6 +465,26 @@ def test_an_undefined_validation_metric_still_saves_the_classifier(tiny_bert, tm
     assert json.loads(capsys.readouterr().out)["roc_auc"] is None  # valid JSON: null, not NaN
 
 
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw"])
+def test_optimizer_and_warmup_updates_shape_each_step(tiny_bert, tmp_path, monkeypatch, optimizer):
+    kind = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[optimizer]
+    seen = []
+    real_step = kind.step
+
+    def step(self, *args, **kwargs):
+        seen.append((type(self), self.param_groups[0]["lr"], self.param_groups[0].get("momentum")))
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(kind, "step", step)
+    train = write_jsonl(tmp_path / "train.jsonl", sentiment_rows(32, 6))
+    bert_classifier.main(["train", "--train_file", train, "--output_dir", str(tmp_path / "c"), "--model_checkpoint",
+                          tiny_bert, "--device", "cpu", "--batch_size", "8", "--n_epochs", "1", "--lr", "1e-2",
+                          "--optimizer", optimizer, "--lr_scheduler", "linear", "--warmup_updates", "2"])
+    assert [s[0] for s in seen] == [kind] * 4
+    assert [s[1] for s in seen] == pytest.approx([5e-3, 1e-2, 1e-2, 5e-3])  # warm-up 2, then linear to 0 at step 4
+    assert all(s[2] == (0.9 if optimizer == "sgd" else None) for s in seen)
+
+
 def test_training_never_overwrites_another_directory_without_being_asked(tiny_bert, tmp_path, capsys):
     train = write_jsonl(tmp_path / "train.jsonl", sentiment_rows(20, 3))
     out = tmp_path / "clf"
