@@ -226,8 +226,14 @@ def test_two_process_cpu_training_ends_with_identical_weights(tiny_dirs, persona
     assert [m["step"] for m in read_metrics(tmp_path / "run")] == [2]
 
 
-POISON_RANK_1 = """
+# Run the script named by the first argument as __main__, after a prelude (a test's patch or signal handler).
+RUN_SCRIPT = """
 import runpy, sys
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+POISON_RANK_1 = """
 import torch.distributed as dist
 import training
 real, calls = training.double_head_loss, []
@@ -240,15 +246,13 @@ def poisoned(*args, **kwargs):  # the loss of rank 1's second training batch is 
 
 
 training.double_head_loss = poisoned
-sys.argv = [sys.argv[1], *sys.argv[2:]]
-runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
 def test_a_nan_loss_in_one_process_stops_every_process_keeping_the_last_checkpoint(tiny_dirs, personachat_file,
                                                                                     tmp_path):
     script = tmp_path / "poison.py"
-    script.write_text(POISON_RANK_1)
+    script.write_text(POISON_RANK_1 + RUN_SCRIPT)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(free_port()),
            str(script), os.path.join(ROOT, "train.py"),
            *tiny_args(tiny_dirs, personachat_file, tmp_path, "run", "--gradient_accumulation_steps", "1",
@@ -287,8 +291,7 @@ def test_ctrl_c_or_sigterm_stops_a_run_keeping_its_last_checkpoint(tiny_dirs, pe
 
     run_dir = tmp_path / "run"
     script = tmp_path / "ctrl_c_raises.py"  # as in a terminal, even where a shell started the tests in the background
-    script.write_text("import runpy, signal, sys\nsignal.signal(signal.SIGINT, signal.default_int_handler)\n"
-                      "sys.argv = sys.argv[1:]\nrunpy.run_path(sys.argv[0], run_name='__main__')\n")
+    script.write_text("import signal\nsignal.signal(signal.SIGINT, signal.default_int_handler)\n" + RUN_SCRIPT)
     proc = subprocess.Popen([sys.executable, str(script), os.path.join(ROOT, "train.py"),
                              *tiny_args(tiny_dirs, personachat_file, tmp_path, "run", "--n_epochs", "200",
                                         "--eval_every", "1")], stderr=subprocess.PIPE, text=True,
