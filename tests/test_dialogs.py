@@ -209,6 +209,23 @@ def test_an_utterances_distractors_differ_while_the_pool_has_enough_texts(tmp_pa
                     assert len(set(distractors)) == min(wanted, texts)  # a text repeats only when it must
 
 
+def test_redrawing_repeats_leaves_every_other_utterances_distractors_as_they_were(tmp_path, monkeypatch):
+    # Many dialogs share "sure", so some turns draw it twice; the rest must draw as before the redraw existed
+    text = "".join(f"1 hi {d}\t{'sure' if d % 2 else f'own {d}'}\n2 and {d}\treply {d}\n" for d in range(60))
+    path = write(tmp_path, "shared.txt", text)
+    redrawn = read_dialogs(path, num_distractors=19)
+    monkeypatch.setattr("dialogs._without_repeats", lambda drawn, *args: drawn)  # draws kept, repeats and all
+    drawn = read_dialogs(path, num_distractors=19)
+    kept = changed = 0
+    for name in drawn:
+        for old, new in zip(drawn[name], redrawn[name]):
+            for before, after in zip(old["utterances"], new["utterances"]):
+                distinct = len(set(before["candidates"][:-1])) == 19
+                assert (before == after) == distinct
+                kept, changed = kept + distinct, changed + (not distinct)
+    assert kept > 0 and changed > 0
+
+
 @pytest.mark.parametrize("text, message", [
     ("1 hi\tok\n2 there\tyes\n", "the valid split has no dialog"),
     ("1 your persona: i like cats.\n2 your persona: i read.\n", "no dialog with a labelled line"),
