@@ -443,7 +443,7 @@ def bench_rank(args):
 AT_LEAST_ONE = ("examples", "batch_size", "num_candidates", "max_seq_len", "baseline_batches", "context_tokens",
                 "reply_tokens", "repeats", "num_beams", "beam_contexts", "clients", "requests", "max_tokens",
                 "max_steps", "max_examples", "max_valid_examples")  # the sizes of the benchmarks' flags
-QUALITY_METRICS = ("mc_hits@1", "lm_hits@1", "ppl", "word_ppl", "reply_ppl", "end_nll", "f1")
+QUALITY_METRICS = ("mc_hits@1", "lm_hits@1", "pmi_hits@1", "ppl", "word_ppl", "reply_ppl", "end_nll", "f1")
 
 
 def run_script(script, argv, launcher=()):
@@ -454,7 +454,7 @@ def run_script(script, argv, launcher=()):
 
 
 def evaluate(model_checkpoint, args, results_file, *extra, eval_type="all"):
-    """convai_evaluation.py's results on the held-out examples, ranked by the MC head and by LM likelihood."""
+    """convai_evaluation.py's results on the held-out examples: each ranker's hits@1 and the QUALITY_METRICS."""
     run_script("convai_evaluation.py", ["--model_checkpoint", model_checkpoint, "--eval_type", eval_type,
                                         "--max_examples", str(args.max_examples), "--dataset_path", args.dataset_path,
                                         "--dataset_cache", args.dataset_cache, "--device", args.device,
@@ -478,7 +478,8 @@ def bench_quality(args):
     work.mkdir(parents=True, exist_ok=True)
     rows = {}
     for input_format in INPUT_FORMATS:
-        rankers = ["mc", "lm"] + (["biencoder"] if input_format == "transfertransfo" else [])
+        rankers = ["mc", "lm"] + (["pmi"] if input_format == args.input_format else []) + (
+            ["biencoder"] if input_format == "transfertransfo" else [])  # PMI costs as much again as the LM ranker
         row = evaluate(model, args, str(work / f"zero_shot_{input_format}.json"), "--input_format", input_format,
                        "--ranker", *rankers)
         if "biencoder_hits@1" in row:
@@ -491,7 +492,7 @@ def bench_quality(args):
                             "--max_valid_examples", str(args.max_valid_examples), *args.train_args])
     train_seconds = time.perf_counter() - start
     trained = f"trained {args.input_format} ({args.max_steps} steps)"
-    rows[trained] = evaluate(str(run_dir), args, str(work / "trained.json"), "--ranker", "mc", "lm")
+    rows[trained] = evaluate(str(run_dir), args, str(work / "trained.json"), "--ranker", "mc", "lm", "pmi")
     if args.rerank > 1:  # F1 of what interact.py --rerank N answers: the head's pick among N sampled replies
         rows[f"same, F1 of the MC head's best of {args.rerank} samples"] = evaluate(
             str(run_dir), args, str(work / f"trained_rerank{args.rerank}.json"), "--rerank", str(args.rerank),
@@ -502,6 +503,7 @@ def bench_quality(args):
             "train_seconds": train_seconds, "rows": rows, "deltas": deltas,
             "mc_beats_zero_shot_lm_and_biencoder": rows[trained]["mc_hits@1"] > max(
                 zero_shot["lm_hits@1"], rows["biencoder (untrained MiniLM)"]["biencoder_hits@1"]),
+            "mc_beats_zero_shot_pmi": rows[trained]["mc_hits@1"] > zero_shot["pmi_hits@1"],
             **{f"zero_shot_{kind}_ratio_transfertransfo_over_{other}":
                rows["zero-shot transfertransfo"][kind] / rows[f"zero-shot {other}"][kind]
                for other in INPUT_FORMATS[1:] for kind in ("ppl", "reply_ppl")},

@@ -24,7 +24,7 @@ from dialogs import (NUM_DISTRACTORS, VALID_FRACTION, DialogFormatError, add_dis
 from layouts import INPUT_FORMATS, InputFormatError
 from metrics import f1_score, perplexity
 from modeling import load_tokenizer_and_model, model_max_length
-from ranking import HITS_AT, best_by_mc_head, rank_metrics, rank_of_gold, score_candidates
+from ranking import HITS_AT, best_by_mc_head, prior_logprobs, rank_metrics, rank_of_gold, score_candidates
 from reply_ranker import biencoder_scores, context_text, score_pairs
 from utils import (newest_run, package_dir, resolve_dataset_path, seed_type, set_seed, spread_indices,
                    write_json)
@@ -46,11 +46,12 @@ def get_args(argv=None):
                         metavar="{" + ",".join(INPUT_FORMATS) + "}",
                         help="Layout of a pretrained model's inputs (default: a run's own; else chat_template where "
                              "the tokenizer has one)")
-    parser.add_argument("--ranker", default=["mc"], nargs="+", choices=["mc", "lm", "bert", "biencoder"],
-                        help="hits@1 scoring: the multiple-choice head, LM likelihood per token, the BERT ranker "
-                             "(--ranker_checkpoint), or cosine of an encoder's mean-pooled embeddings (--ranker_checkpoint, "
-                             "default: the packaged MiniLM); several rank the same examples, the first reported "
-                             "as hits@1 (default: mc)")
+    parser.add_argument("--ranker", default=["mc"], nargs="+", choices=["mc", "lm", "pmi", "bert", "biencoder"],
+                        help="hits@1 scoring: the multiple-choice head, LM likelihood per token, PMI (the reply's LM "
+                             "log-likelihood after the context minus after an empty one, which discounts replies "
+                             "likely anywhere), the BERT ranker (--ranker_checkpoint), or cosine of an encoder's "
+                             "mean-pooled embeddings (--ranker_checkpoint, default: the packaged MiniLM); several "
+                             "rank the same examples, the first reported as hits@1 (default: mc)")
     parser.add_argument("--ranker_checkpoint", default="", help="--ranker bert: a ranker trained by bert_classifier.py")
     parser.add_argument("--num_candidates", type=int, default=20, help="Candidates per example (default: 20)")
     parser.add_argument("--max_history", type=int, default=2, help="Previous exchanges kept (default: 2)")
@@ -183,10 +184,10 @@ def main(argv=None):
         record = {"id": example_id, "context": history[-1] if history else "", "gold": candidates[-1]}
         if len(labels) > 1:
             record["labels"] = labels
-        own_scores = "ppl" in want or ("hits@1" in want and {"mc", "lm"} & set(rankers))
+        own_scores = "ppl" in want or ("hits@1" in want and {"mc", "lm", "pmi"} & set(rankers))
         if want & {"hits@1", "ppl"}:
             gold = len(candidates) - 1
-            lm_rows = None if "hits@1" in want and "lm" in rankers else [gold]
+            lm_rows = None if "hits@1" in want and {"lm", "pmi"} & set(rankers) else [gold]
             if own_scores:  # the chat model's own scores: not needed to rank with another model alone
                 mc, logp, lengths, end_logp = score_candidates(model, context, cand_ids, layout, lm_rows=lm_rows)
             if "hits@1" in want:
@@ -200,6 +201,8 @@ def main(argv=None):
                     elif name == "biencoder":
                         scores = biencoder_scores(*biencoder, context_text(persona, history, args.max_history),
                                                   candidates, args.device)
+                    elif name == "pmi":
+                        scores = logp - prior_logprobs(model, cand_ids, layout)
                     else:
                         scores = mc if name == "mc" else logp / lengths
                     ranks[name].append(rank_of_gold(scores, gold))

@@ -70,6 +70,15 @@ def _score_chunk(model, context_cache, n_ctx, first_logp, conts, lm_rows, layout
     return mc_logits, logp, end_logp
 
 
+def prior_logprobs(model, candidates, layout):
+    """LM log-probability sums of the candidates (and their reply end) after an empty context: no persona, no turns.
+
+    What PMI ranking subtracts from their sums after the real context: a reply likely anywhere ("i don't know")
+    then scores no higher than its context makes it.
+    """
+    return score_candidates(model, layout.context([], []), candidates, layout)[1]
+
+
 def best_by_mc_head(model, context, replies, layout):
     """Index of the reply (token ids, end excluded) the multiple-choice head scores best after `context`: a run's
     own ranker for --rerank, trained to tell a dialog's real reply from others."""

@@ -64,6 +64,45 @@ def test_several_rankers_rank_the_same_examples(chatty, convai_file, tmp_path, c
         assert both["by_ranker"][name] == {k: alone[name][k] for k in ("hits@1", "mrr")}
 
 
+def test_pmi_ranks_by_the_replys_log_likelihood_after_the_context_minus_after_an_empty_one(chatty, tmp_path):
+    # gold replies the model was not made to prefer, so that likelihood alone ranks otherwise
+    lines = []
+    for k, text in enumerate(HISTORIES * 2):
+        candidates = DISTRACTORS[k:] + DISTRACTORS[:k]
+        lines += ["1 your persona: i like cats", f"2 {text}\t{candidates[-1]}\t\t{'|'.join(candidates)}"]
+    data = tmp_path / "valid_self_original.txt"
+    data.write_text("\n".join(lines) + "\n")
+    predictions = tmp_path / "pred.jsonl"
+    results = evaluate(chatty, str(data), tmp_path, "--eval_type", "hits@1", "--ranker", "pmi", "lm",
+                       "--save_predictions", str(predictions))
+    tokenizer, model, layout = load_tokenizer_and_model(chatty)
+    model.eval()
+    encode = lambda t: tokenizer(t, add_special_tokens=False)["input_ids"]  # noqa: E731
+
+    def logprob(persona, history, reply):  # a whole sequence through the model, labels on the reply and its end
+        batch = collate([{"instances": [layout.build(persona, history, encode(reply), lm_labels=True)],
+                          "mc_labels": 0}], layout.pad)
+        with torch.no_grad():
+            nll_sum, count, _ = model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"], None,
+                                      batch["lm_labels"])
+        return -nll_sum.item(), count.item()
+
+    mrr = {"pmi": 0.0, "lm": 0.0}
+    tops = []
+    for k, text in enumerate(HISTORIES * 2):
+        candidates = DISTRACTORS[k:] + DISTRACTORS[:k]
+        after = [logprob([encode("i like cats")], [encode(text)], c) for c in candidates]
+        scores = {"pmi": [total - logprob([], [], c)[0] for (total, _), c in zip(after, candidates)],
+                  "lm": [total / count for total, count in after]}
+        for name, values in scores.items():
+            mrr[name] += 1 / sum(v >= values[-1] for v in values) / len(lines) * 2
+        tops.append(candidates[scores["pmi"].index(max(scores["pmi"]))])
+    assert mrr["pmi"] != pytest.approx(mrr["lm"])  # the two rankings differ on these examples
+    assert results["ranker"] == "pmi" and results["mrr"] == pytest.approx(mrr["pmi"], rel=1e-6)
+    assert results["by_ranker"]["lm"]["mrr"] == pytest.approx(mrr["lm"], rel=1e-6)
+    assert [json.loads(row)["top_candidate"] for row in open(predictions)] == tops
+
+
 def test_ppl_is_exp_of_the_mean_nll_of_gold_tokens(chatty, convai_file, tmp_path):
     results = evaluate(chatty, convai_file, tmp_path, "--eval_type", "ppl")
     tokenizer, model, layout = load_tokenizer_and_model(chatty)
