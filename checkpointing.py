@@ -6,9 +6,13 @@ directory's top level always mirrors the newest checkpoint, by hard links, for t
 """
 import argparse
 import json
+import logging
 import os
 import re
 import shutil
+import signal
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -17,7 +21,9 @@ from ignite.handlers.checkpoint import BaseSaveHandler
 from adapters import ADAPTER_CONFIG, has_lora, is_adapter_run, merge_lora, parameter_counts
 from classifier import CONFIG_FILE as CLASSIFIER_CONFIG
 from modeling import load_tokenizer_and_model, save_model
-from utils import atomic_write, write_json
+from utils import atomic_write, fsync_path, fsync_tree, write_json
+
+logger = logging.getLogger(__name__)
 
 TRAINING_STATE = "training_state.pt"
 _CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
@@ -27,35 +33,50 @@ class RunSaver(BaseSaveHandler):
     """ignite save handler writing a whole checkpoint directory; a crash mid-write leaves the previous intact.
 
     `newest=True`: the checkpoint holds the training state, its model files are hard links to the best
-    checkpoint's of the same step when there is one (no second copy), and the run directory's top level mirrors
-    it; else (the best checkpoint) the model and tokenizer only. A checkpoint ignite drops is deleted only once
-    the next one is written, so that a crash in between still leaves one.
+    checkpoint's of the same step when `best` (the best checkpoint's saver) has just written it (no second copy),
+    and the run directory's top level mirrors it; else (the best checkpoint) the model and tokenizer only. A
+    checkpoint ignite drops is deleted only once the next one is written, so that a crash in between still leaves
+    one; a best checkpoint replaced by a better one only once the newest checkpoint, which records the new one, is.
     """
 
-    def __init__(self, run_dir, model, tokenizer, newest=True, state_dict=None):
+    def __init__(self, run_dir, model, tokenizer, newest=True, state_dict=None, best=None):
         self.run_dir, self.model, self.tokenizer, self.newest = Path(run_dir), model, tokenizer, newest
         self.state_dict = state_dict  # FSDP: a callable giving the model's whole state, gathered before the save
+        self.best = best
         self.stale = []
+        self.written = None  # the directory this process wrote last
 
     def __call__(self, checkpoint, filename, metadata=None):
         final = self.run_dir / filename
         tmp = self.run_dir / f".{filename}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        twin = self.run_dir / f"best-{filename}"
-        if self.newest and twin.is_dir():  # written whole or not at all
-            tmp.mkdir(parents=True)
-            publish(twin, tmp)
-        else:
-            save_model(self.model, self.tokenizer, tmp, self.state_dict() if self.state_dict else None)
-        if self.newest:
-            torch.save(checkpoint, tmp / TRAINING_STATE)
+        twin = f"best-{filename}"
+        try:
+            if self.newest and self.best is not None and self.best.written == twin:  # not one an older attempt left
+                tmp.mkdir(parents=True)
+                publish(self.run_dir / twin, tmp)
+            else:
+                save_model(self.model, self.tokenizer, tmp, self.state_dict() if self.state_dict else None)
+            if self.newest:
+                torch.save(checkpoint, tmp / TRAINING_STATE)
+            fsync_tree(tmp)  # on disk before it replaces anything: a power cut then leaves the old or the new
+        except BaseException:  # a full disk, a signal: no half-written directory stays behind
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
+        fsync_path(self.run_dir)  # the rename itself, before older checkpoints go
+        self.written = filename
         if self.newest:
             publish(final, self.run_dir)
+            for saver in filter(None, (self, self.best)):
+                saver.remove_stale()
+
+    def remove_stale(self):
+        """Delete the directories ignite dropped (a best checkpoint's saver leaves that to the newest's)."""
         for name in self.stale:
-            if name != filename:
+            if name != self.written:
                 shutil.rmtree(self.run_dir / name, ignore_errors=True)
         self.stale = []
 
@@ -63,11 +84,33 @@ class RunSaver(BaseSaveHandler):
         self.stale.append(filename)
 
 
+@contextmanager
+def signals_held(signums=(signal.SIGINT, signal.SIGTERM)):
+    """Act on Ctrl-C and SIGTERM only once the block is done: a save is never left half published.
+
+    The run directory's top level is replaced file by file; a stop in between would leave the weights of one
+    step beside the heads of another. Outside the main thread (where handlers cannot be set) it holds nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending = []
+    handlers = {signum: signal.signal(signum, lambda signum, frame: pending.append(signum)) for signum in signums}
+    try:
+        yield
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+        if pending:
+            signal.raise_signal(pending[0])  # now handled as it would have been: Terminated, KeyboardInterrupt, ...
+
+
 def publish(checkpoint_dir, run_dir):
     """Hard-link (else copy) a checkpoint's model and tokenizer files into another directory, each atomically."""
     for src in Path(checkpoint_dir).iterdir():
-        if src.name == TRAINING_STATE or not src.is_file():
-            continue
+        dst = Path(run_dir) / src.name
+        if src.name == TRAINING_STATE or not src.is_file() or (dst.is_file() and os.path.samefile(src, dst)):
+            continue  # (a rename onto another link of the same file does nothing, and would leave `tmp` behind)
         tmp = Path(run_dir) / f".{src.name}.link"
         if tmp.exists():
             tmp.unlink()
@@ -75,19 +118,28 @@ def publish(checkpoint_dir, run_dir):
             os.link(src, tmp)
         except OSError:  # file systems without hard links
             shutil.copy2(src, tmp)
-        os.replace(tmp, Path(run_dir) / src.name)
+        os.replace(tmp, dst)
 
 
-def restore_rotation(checkpoint, saver, step):
+def restore_rotation(checkpoint, saver, step, best=None):
     """On resume, hand ignite's Checkpoint the run's checkpoint-<step> directories up to `step` to go on rotating.
 
     It only knows what its own process saved, so a resumed run would otherwise keep every older checkpoint
-    forever. Directories beyond its `n_saved` go, as a dropped one does, once the next checkpoint is written.
+    forever. Directories beyond its `n_saved` go, as a dropped one does, once the next checkpoint is written;
+    so do those an earlier attempt wrote past `step` (resuming from an older checkpoint abandons them), and the
+    best checkpoints other than the one `best` (the best Checkpoint, restored) tracks. A tracked best checkpoint
+    that is gone is forgotten, so that the next validation writes one.
     """
-    found = [s for s, _ in checkpoint_dirs(saver.run_dir) if s <= step]
-    keep = found[-checkpoint.n_saved:]
+    found = [s for s, _ in checkpoint_dirs(saver.run_dir)]
+    mine = [s for s in found if s <= step]
+    keep = mine[-checkpoint.n_saved:]
     checkpoint.load_state_dict({"_saved": [(s, f"checkpoint-{s}") for s in keep]})
-    saver.stale += [f"checkpoint-{s}" for s in found[:-checkpoint.n_saved]]
+    saver.stale += [f"checkpoint-{s}" for s in mine[:-checkpoint.n_saved] + [s for s in found if s > step]]
+    if best is not None:
+        tracked = [(p, f) for p, f in best.state_dict()["_saved"] if (saver.run_dir / f).is_dir()]
+        best.load_state_dict({"_saved": tracked})
+        best.save_handler.stale += sorted({p.name for p in saver.run_dir.glob("best-checkpoint-*") if p.is_dir()}
+                                          - {f for _, f in tracked})
 
 
 def checkpoint_dirs(run_dir):
@@ -104,10 +156,8 @@ def has_checkpoint(path):
 
 def keep_history_until(run_dir, step):
     """Drop a run's validation records past `step` (-1: all): a resumed run validates those steps again."""
-    history = read_history(run_dir)
-    kept = [record for record in history if record["step"] <= step]
-    if len(kept) < len(history):
-        write_history(run_dir, kept)
+    if (Path(run_dir) / "metrics.jsonl").is_file():  # rewritten whole: a torn last record goes too
+        write_history(run_dir, [record for record in read_history(run_dir) if record["step"] <= step])
 
 
 def write_history(run_dir, records):
@@ -154,8 +204,21 @@ def read_training_args(run_dir):
         return json.load(f)
 
 
+class CheckpointError(ValueError):
+    """A damaged file of a run; the message names it."""
+
+
 def load_training_state(checkpoint_dir):
-    return torch.load(Path(checkpoint_dir) / TRAINING_STATE, map_location="cpu", weights_only=True)
+    path = Path(checkpoint_dir) / TRAINING_STATE
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, ValueError) as e:  # truncated, or not torch.save's zip at all
+        match = _CHECKPOINT_DIR.match(Path(checkpoint_dir).name)
+        older = [p for step, p in checkpoint_dirs(Path(checkpoint_dir).parent)
+                 if match and step < int(match.group(1)) and (p / TRAINING_STATE).is_file()]
+        raise CheckpointError(f"{path}: damaged, it cannot be read ({e.__class__.__name__}: {str(e)[:200]})"
+                              + (f"; resume from an earlier checkpoint: --resume {older[-1]}" if older else "")
+                              ) from None
 
 
 def summarize_run(run_dir):
@@ -170,7 +233,16 @@ def read_history(run_dir):
     if not path.is_file():  # a model saved by other means, or a run that never validated
         return []
     with open(path) as f:
-        history = [json.loads(line) for line in f]
+        lines = f.read().splitlines()
+    history = []
+    for number, line in enumerate(lines, 1):
+        try:
+            history.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if number < len(lines):
+                raise CheckpointError(f"{path}:{number}: not a JSON record ({e})") from None
+            # a crash mid-append: that validation's checkpoint was never written (it is saved after), so it goes
+            logger.warning("%s:%d: a torn last record, left out (a run stopped while writing it)", path, number)
     return [record for record in history if step is None or record["step"] <= step]
 
 

@@ -22,8 +22,8 @@ from ignite.metrics import Accuracy, RunningAverage
 from torch.nn.parallel import DistributedDataParallel
 
 from adapters import add_lora, has_lora, parameter_counts
-from checkpointing import (RunSaver, has_checkpoint, holds_run, keep_history_until, latest_checkpoint,
-                           load_training_state, read_training_args, restore_rotation)
+from checkpointing import (CheckpointError, RunSaver, has_checkpoint, holds_run, keep_history_until, latest_checkpoint,
+                           load_training_state, publish, read_training_args, restore_rotation, signals_held)
 from dialogs import DialogFormatError
 from inputs import DoubleHeadDataset, LengthGroupedBatchSampler, collate
 from layouts import INPUT_FORMATS, InputFormatError
@@ -370,17 +370,20 @@ def train(argv=None):
     gathered = {}  # --fsdp: whole states, gathered by every process before rank 0 saves
     whole_state = (lambda: gathered["model"]) if args.fsdp else None  # noqa: E731
     saved_optimizer = WholeOptimizer(raw_model, optimizer) if args.fsdp else optimizer
-    best = Checkpoint({}, RunSaver(run_dir, raw_model, tokenizer, newest=False, state_dict=whole_state), n_saved=1,
+    best_saver = RunSaver(run_dir, raw_model, tokenizer, newest=False, state_dict=whole_state)
+    best = Checkpoint({}, best_saver, n_saved=1,
                       filename_pattern="best-checkpoint-{global_step}", score_name="neg_ppl",
                       score_function=lambda _: -perplexity(evaluator.state.metrics["nll"]),
                       global_step_transform=lambda engine, _: step_of(engine))
     # the best checkpoint's bookkeeping is saved with the newest, so a resumed run still replaces a worse one
     to_save = {"trainer": trainer, "optimizer": saved_optimizer, "scaler": scaler, "best_checkpoint": best}
-    newest_saver = RunSaver(run_dir, raw_model, tokenizer, state_dict=whole_state)
+    newest_saver = RunSaver(run_dir, raw_model, tokenizer, state_dict=whole_state, best=best_saver)
     checkpoint = Checkpoint(to_save, newest_saver, n_saved=2,
                             filename_pattern="checkpoint-{global_step}",
                             global_step_transform=lambda engine, _: step_of(engine))
     saved = {"step": None}  # the optimizer step of the newest checkpoint
+    if not resume_dir:  # a run started over: a best checkpoint its first attempt left goes with the first checkpoint
+        best_saver.stale += sorted(p.name for p in Path(run_dir).glob("best-checkpoint-*") if p.is_dir())
     if resume_dir:  # before anything is written: a refused or finished resume leaves the run as it was
         saved_args = read_training_args(run_dir)
         state = load_training_state(resume_dir)
@@ -388,6 +391,11 @@ def train(argv=None):
         if saved_groups != len(optimizer.param_groups):
             raise RunError(f"--mc_lr: {resume_dir} was trained {'with' if saved_groups > 1 else 'without'} it; "
                            f"resume {'with' if saved_groups > 1 else 'without'} --mc_lr")
+        saved_accum = saved_args.get("gradient_accumulation_steps", args.gradient_accumulation_steps)
+        if saved_accum != args.gradient_accumulation_steps:  # its steps count iterations in windows of that size
+            raise RunError(f"--gradient_accumulation_steps: {resume_dir} was trained with {saved_accum}, and its "
+                           f"optimizer steps are counted in those; resume with --gradient_accumulation_steps "
+                           f"{saved_accum}")
         if args.fsdp and not saved_args.get("fsdp"):
             raise RunError(f"--fsdp: {resume_dir} was trained without it, and its optimizer state is not a sharded "
                            f"run's; resume it without --fsdp")
@@ -406,7 +414,9 @@ def train(argv=None):
                            f"{saved_batch}" + (f", or with --train_batch_size {same} on these {world_size}" if same
                                                and world_size != saved_world else ""))
         saved["step"] = step_of(trainer)
-        restore_rotation(checkpoint, newest_saver, step_of(trainer))
+        if rank == 0 and resume_dir == latest_checkpoint(run_dir):  # whole again, were the run killed mid-publish
+            publish(resume_dir, run_dir)
+        restore_rotation(checkpoint, newest_saver, step_of(trainer), best)
         logger.info("Resumed from %s at optimizer step %d", resume_dir, step_of(trainer))
         if step_of(trainer) >= total_steps or trainer.state.epoch >= args.n_epochs:
             logger.info("The run already took its %d steps: nothing to resume (raise --n_epochs or --max_steps)",
@@ -451,10 +461,11 @@ def train(argv=None):
         if args.fsdp:  # collectives: every process gathers, rank 0 writes
             gathered["model"] = whole_model_state(raw_model)
             saved_optimizer.gather()
-        if main:
-            best(engine)  # first: the newest checkpoint then records it
-            checkpoint(engine)
-        saved["step"] = step_of(engine)
+        with signals_held():
+            if main:
+                best(engine)  # first: the newest checkpoint then records it
+                checkpoint(engine)
+            saved["step"] = step_of(engine)
 
     if args.eval_before_start:  # not on a resume: ignite fires STARTED again, and the step resumed was validated
         trainer.add_event_handler(Events.STARTED, lambda engine: engine.state.iteration == 0 and validate(engine))
@@ -499,7 +510,7 @@ if __name__ == "__main__":
     try:
         train()
     # bad input: the message names the file, line or flag
-    except (DialogFormatError, FileNotFoundError, IsADirectoryError, InputFormatError, RunError) as e:
+    except (CheckpointError, DialogFormatError, FileNotFoundError, IsADirectoryError, InputFormatError, RunError) as e:
         sys.exit(f"train.py: error: {e}")
     except Terminated:
         sys.exit(128 + signal.SIGTERM)  # what the run kept was logged; no traceback

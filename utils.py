@@ -108,6 +108,21 @@ def atomic_write(path, write_fn, mode="wb"):
         raise
 
 
+def fsync_path(path):
+    """Flush a file or directory entry to disk (a directory: the names in it, so a rename in it lasts)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(path):
+    """Flush a directory's files and the directory itself to disk: a rename after it cannot outlive its contents."""
+    for child in [*sorted(Path(path).rglob("*")), Path(path)]:
+        fsync_path(child)
+
+
 def write_json(path, obj):
     atomic_write(path, lambda f: json.dump(obj, f, indent=2, sort_keys=True, default=str), mode="w")
 

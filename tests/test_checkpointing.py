@@ -59,3 +59,27 @@ def test_a_bert_classifier_is_not_taken_for_a_run(tiny_bert_dir, tmp_path, capsy
     with pytest.raises(SystemExit):
         checkpointing_main([str(tmp_path / "clf")])
     assert "clf: a classifier of bert_classifier.py, not a train.py run" in capsys.readouterr().err
+
+
+def test_a_damaged_file_of_a_run_is_named_and_a_torn_last_record_is_left_out(tiny_dirs, personachat_file, tmp_path,
+                                                                              caplog):
+    from checkpointing import CheckpointError, read_history
+
+    run_dir = train_script.train(tiny_args(tiny_dirs, personachat_file, tmp_path, "run", "--max_steps", "4",
+                                           "--eval_every", "2"))
+    state = run_dir / "checkpoint-4" / "training_state.pt"
+    state.write_bytes(state.read_bytes()[:100])  # as a full disk or a power cut could leave it
+    with pytest.raises(CheckpointError, match=rf"^{state}: damaged, it cannot be read \(.*\); resume from an earlier "
+                                              rf"checkpoint: --resume {run_dir / 'checkpoint-2'}$"):
+        train_script.train(["--resume", str(run_dir)])
+    metrics = run_dir / "metrics.jsonl"
+    records = metrics.read_text().splitlines()
+    metrics.write_text(records[0] + "\n" + records[1][:20])  # killed while appending the step-4 record
+    assert [record["step"] for record in read_history(run_dir)] == [2]
+    assert f"{metrics}:2: a torn last record, left out" in caplog.text
+    train_script.train(["--resume", str(run_dir / "checkpoint-2")])  # as the message said
+    assert [record["step"] for record in read_history(run_dir)] == [2, 4]
+    assert metrics.read_text().count("\n") == 2  # the torn record went with the rewrite
+    metrics.write_text(records[0][:20] + "\n" + records[1] + "\n")
+    with pytest.raises(CheckpointError, match=rf"^{metrics}:1: not a JSON record"):
+        read_history(run_dir)

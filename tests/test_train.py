@@ -4,6 +4,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -311,6 +312,36 @@ def test_ctrl_c_or_sigterm_stops_a_run_keeping_its_last_checkpoint(tiny_dirs, pe
     assert read_metrics(resumed)[-1]["step"] == step + 1
 
 
+def test_a_stop_during_a_save_takes_effect_once_the_checkpoint_is_whole(tiny_dirs, personachat_file, tmp_path,
+                                                                         monkeypatch, caplog):
+    import signal
+
+    import checkpointing
+
+    run_dir, real_publish = tmp_path / "run", checkpointing.publish
+
+    def stopped_midway(src, dst):  # SIGTERM as the run's top level starts to take checkpoint-2's files
+        if Path(dst) == run_dir and Path(src).name == "checkpoint-2":
+            os.kill(os.getpid(), signal.SIGTERM)
+        real_publish(src, dst)
+
+    monkeypatch.setattr(checkpointing, "publish", stopped_midway)
+    before = signal.signal(signal.SIGTERM, train_script.raise_terminated)  # as train.py's __main__ sets it
+    try:
+        with pytest.raises(train_script.Terminated):
+            train_script.train(tiny_args(tiny_dirs, personachat_file, tmp_path, "run", "--max_steps", "4",
+                                         "--eval_every", "2"))
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert "at optimizer step 2: the checkpoint of step 2 stays" in caplog.text
+    for name in ("model.safetensors", "double_heads.safetensors", "config.json"):  # all of step 2, none missing
+        assert (run_dir / name).stat().st_ino == (run_dir / "checkpoint-2" / name).stat().st_ino
+    (run_dir / "double_heads.safetensors").unlink()  # as a kill -9 mid-publish could leave it
+    train_script.train(["--resume", str(run_dir), "--max_steps", "2"])  # nothing to train: the top level is mended
+    assert (run_dir / "double_heads.safetensors").stat().st_ino == (
+        run_dir / "checkpoint-2" / "double_heads.safetensors").stat().st_ino
+
+
 def test_a_chat_template_run_is_read_back_in_its_format(tiny_dirs, personachat_file, tmp_path):
     from layouts import InputFormatError
     from modeling import stored_input_format
@@ -374,6 +405,55 @@ def test_a_resumed_run_replaces_a_worse_best_checkpoint(tiny_dirs, personachat_f
     assert same_step[0].stat().st_ino == same_step[1].stat().st_ino  # one copy of the weights, linked
 
 
+def test_resuming_from_an_older_checkpoint_abandons_what_the_attempt_after_it_wrote(tiny_dirs, personachat_file,
+                                                                                    tmp_path):
+    run_dir = train_script.train(tiny_args(tiny_dirs, personachat_file, tmp_path, "run", "--max_steps", "6",
+                                           "--eval_every", "2"))
+    names = lambda: sorted(p.name for p in run_dir.iterdir() if "checkpoint-" in p.name)  # noqa: E731
+    assert names() == ["best-checkpoint-6", "checkpoint-4", "checkpoint-6"]  # the best one at step 4 is gone
+    first = load_file(run_dir / "checkpoint-6" / "model.safetensors")
+    train_script.train(["--resume", str(run_dir / "checkpoint-4"), "--lr", "0.7"])  # another step 6
+    assert names() == ["best-checkpoint-6", "checkpoint-4", "checkpoint-6"]
+    again = load_file(run_dir / "checkpoint-6" / "model.safetensors")
+    assert any(not torch.equal(t, first[k]) for k, t in again.items())  # this attempt's weights, not the first's
+    inodes = {(run_dir / d / "model.safetensors").stat().st_ino for d in ("", "checkpoint-6", "best-checkpoint-6")}
+    assert len(inodes) == 1  # the top level and the best checkpoint are this attempt's too
+    state = torch.load(run_dir / "checkpoint-6" / "training_state.pt", weights_only=True)
+    assert [f for _, f in state["best_checkpoint"]["_saved"]] == ["best-checkpoint-6"]
+    assert [m["step"] for m in read_metrics(run_dir)] == [2, 4, 6]
+    train_script.train(["--resume", str(run_dir / "checkpoint-4"), "--max_steps", "5"])
+    assert names() == ["best-checkpoint-5", "checkpoint-4", "checkpoint-5"]  # nothing left of the step-6 attempts
+
+
+def test_a_crash_between_the_best_and_the_newest_checkpoint_keeps_the_best_one_the_newest_records(
+        tiny_dirs, personachat_file, tmp_path, monkeypatch):
+    import checkpointing
+
+    real_save, calls = torch.save, []
+
+    def full_disk_at_the_second_state(obj, path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real_save(obj, path, *args, **kwargs)
+
+    flags = ("--max_steps", "4", "--eval_every", "2")
+    with monkeypatch.context() as patch:
+        patch.setattr(checkpointing.torch, "save", full_disk_at_the_second_state)
+        with pytest.raises(OSError, match="No space left"):
+            train_script.train(tiny_args(tiny_dirs, personachat_file, tmp_path, "run", *flags))
+    run_dir = tmp_path / "run"
+    names = lambda: sorted(p.name for p in run_dir.iterdir() if "checkpoint-" in p.name)  # noqa: E731
+    # step 4 was the better one, but checkpoint-2, the one to resume from, records best-checkpoint-2: it stays
+    assert names() == ["best-checkpoint-2", "best-checkpoint-4", "checkpoint-2"]
+    train_script.train(["--resume", str(run_dir)])
+    assert names() == ["best-checkpoint-4", "checkpoint-2", "checkpoint-4"]
+    whole = train_script.train(tiny_args(tiny_dirs, personachat_file, tmp_path, "whole", *flags))
+    a, b = load_file(whole / "best-checkpoint-4" / "model.safetensors"), load_file(
+        run_dir / "best-checkpoint-4" / "model.safetensors")
+    assert all(torch.allclose(t, b[k], atol=1e-6) for k, t in a.items())
+
+
 def test_max_reply_len_cuts_the_training_replies_and_validation_keeps_them_whole(tiny_dirs, personachat_file,
                                                                                   tmp_path):
     runs = [train_script.train(tiny_args(tiny_dirs, personachat_file, tmp_path, name, "--max_steps", "1",
@@ -418,6 +498,9 @@ def test_resume_takes_the_learning_rate_given_now_and_reads_checkpoints_from_bef
     saved = (run_dir / "training_args.json").read_text(), sorted(p.name for p in run_dir.iterdir())
     with pytest.raises(ValueError, match="--mc_lr"):
         train_script.train(["--resume", str(run_dir), "--max_steps", "6", "--mc_lr", "0.1"])
+    with pytest.raises(ValueError, match="^--gradient_accumulation_steps: .* was trained with 2, .* resume with "
+                                         "--gradient_accumulation_steps 2$"):
+        train_script.train(["--resume", str(run_dir), "--max_steps", "6", "--gradient_accumulation_steps", "3"])
     train_script.train(["--resume", str(run_dir), "--max_steps", "4"])  # nothing left to do
     # neither a refused nor an idle resume rewrites the saved flags or adds an events file
     assert ((run_dir / "training_args.json").read_text(), sorted(p.name for p in run_dir.iterdir())) == saved
