@@ -32,6 +32,19 @@ from utils import free_port
 logger = logging.getLogger(__name__)
 
 PAGE = Path(__file__).parent / "web" / "chat.html"
+MIN_TEMPERATURE = 1e-5  # below it, sampling is greedy decoding (as vLLM takes it): logits / T would overflow
+# Fields OpenAI clients send whose effect this server lacks: refused when asked for, as `stop` is, rather than
+# answered without it (a client parsing JSON or tool calls would break on a plain reply). Each: is it asked for?
+UNSUPPORTED = {
+    "logprobs": lambda v: v is True,
+    "top_logprobs": lambda v: v not in (None, 0),
+    "response_format": lambda v: v is not None and not (isinstance(v, dict) and v.get("type") == "text"),
+    "tools": lambda v: bool(v),
+    "functions": lambda v: bool(v),
+    "frequency_penalty": lambda v: v not in (None, 0),
+    "presence_penalty": lambda v: v not in (None, 0),
+    "logit_bias": lambda v: bool(v),
+}
 
 
 class APIError(Exception):
@@ -53,10 +66,10 @@ class TextPart(BaseModel):
 
 class Message(BaseModel):
     role: Literal["system", "developer", "user", "assistant"]
-    content: Union[str, list[TextPart]]
+    content: Optional[Union[str, list[TextPart]]] = None  # null: an assistant message of tool calls, OpenAI says
 
     def text(self):
-        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])
 
 
 class StreamOptions(BaseModel):
@@ -87,6 +100,16 @@ class ChatRequest(BaseModel):
     def null_is_the_default(cls, value, info):
         return cls.model_fields[info.field_name].default if value is None else value
 
+    def unsupported(self):
+        """APIError naming the first field asked for whose effect this server lacks, else None."""
+        for name, asked in UNSUPPORTED.items():
+            if asked((self.model_extra or {}).get(name)):
+                return APIError(400, f"{name}: not supported by this server (a reply is plain text, decoded as "
+                                     f"serve.py's flags and temperature, top_p, seed, n and max_tokens say)", name)
+        if self.stream_options is not None and not self.stream:
+            return APIError(400, "stream_options: only allowed when stream is true", "stream_options")
+        return None
+
 
 def persona_and_turns(messages):
     """(persona sentences, turn texts ending with the user's) of OpenAI messages; APIError naming the bad field.
@@ -97,8 +120,11 @@ def persona_and_turns(messages):
     persona, turns, roles = [], [], []
     for i, message in enumerate(messages):
         text = message.text().strip()
+        if not text and (message.role != "user" or i < len(messages) - 1):
+            continue  # an empty system prompt, a reply that came out empty: nothing to read, as OpenAI takes them
         if not text:
-            raise APIError(400, f"messages[{i}].content: empty; every message needs text", f"messages[{i}].content")
+            raise APIError(400, f"messages[{i}].content: empty; the message to answer needs text",
+                           f"messages[{i}].content")
         try:
             text.encode("utf-8")
         except UnicodeEncodeError as e:  # JSON can carry a lone surrogate ("\udce9"), which no tokenizer takes
@@ -157,8 +183,10 @@ class Job:
     turns: list = field(default_factory=list)
     samples: int = 1
     gone: threading.Event = field(default_factory=threading.Event)  # set when its client leaves: its rows stop
+    answered: bool = False  # a token or its replies were sent: it cannot start over
 
     def emit(self, *event):
+        self.answered = self.answered or event[0] != "error"
         if not self.gone.is_set():  # no one listens (and its event loop may be closed)
             self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
@@ -168,7 +196,8 @@ class Batcher:
 
     At most `max_pending` requests are queued or decoding; beyond that `submit` refuses (HTTP 429), so one
     long request or a crowd cannot hold the page forever. A request whose client has left is not decoded (and
-    `decode_jobs` stops its rows). A failing batch fails its own requests only.
+    `decode_jobs` stops its rows). When a batch fails, each of its requests that has sent nothing yet is decoded
+    again alone (from its generators' states before), so that only the request at fault gets the error.
     """
 
     def __init__(self, decode_jobs, max_batch_rows=8, max_pending=32, gather_s=0.005):
@@ -178,6 +207,7 @@ class Batcher:
         self.lock = threading.Lock()
         self.pending = 0
         self.batches = 0
+        self.carry = None  # a request too big for the last batch: the first of the next
         self.thread = threading.Thread(target=self.run, name="decoder", daemon=True)
         self.thread.start()
 
@@ -192,7 +222,8 @@ class Batcher:
 
     def take_batch(self):
         """The next job, then those that arrive within gather_s, up to max_batch_rows rows."""
-        jobs = [self.queue.get()]
+        jobs = [self.carry or self.queue.get()]
+        self.carry = None
         rows = len(jobs[0].contexts)
         deadline = time.perf_counter() + self.gather_s
         while rows < self.max_batch_rows:
@@ -201,7 +232,7 @@ class Batcher:
             except queue.Empty:
                 break
             if rows + len(job.contexts) > self.max_batch_rows:
-                self.queue.put(job)  # behind later arrivals, at worst by one batch
+                self.carry = job  # first in the next batch, ahead of later arrivals
                 break
             jobs.append(job)
             rows += len(job.contexts)
@@ -210,16 +241,32 @@ class Batcher:
     def run(self):
         while True:
             jobs = self.take_batch()
+            live = [job for job in jobs if not job.gone.is_set()]
+            states = {job: [g.get_state() for g in job.generators] for job in live}
             try:
-                self.decode_jobs([job for job in jobs if not job.gone.is_set()])
-            except Exception as e:  # noqa: BLE001  the thread lives on; these requests get a 500
-                logger.exception("decoding failed")
-                for job in jobs:
-                    job.emit("error", f"{type(e).__name__}: {e}")
+                failed = not self.decode(live, alone=len(live) == 1)
+                for job in live if failed and len(live) > 1 else []:
+                    if not job.answered and not job.gone.is_set():  # alone, it passes or fails on its own
+                        for generator, state in zip(job.generators, states[job]):
+                            generator.set_state(state)
+                        self.decode([job], alone=True)
             finally:
                 with self.lock:
                     self.pending -= len(jobs)
                     self.batches += 1
+
+    def decode(self, jobs, alone):
+        """decode_jobs, and whether it went through; on failure the requests alone in their batch, or already
+        answering, get the error (a 500)."""
+        try:
+            self.decode_jobs(jobs)
+            return True
+        except Exception as e:  # noqa: BLE001  the thread lives on
+            logger.exception("decoding failed")
+            for job in jobs:
+                if alone or job.answered:
+                    job.emit("error", f"{type(e).__name__}: {e}")
+            return False
 
 
 @dataclass(frozen=True)
@@ -249,6 +296,8 @@ class ChatModel:
     def __init__(self, model, tokenizer, layout, settings, max_len, ranker=None):
         self.model, self.tokenizer, self.layout, self.settings, self.max_len = model, tokenizer, layout, settings, max_len
         self.ranker = ranker
+        # the longest reply that fits after the shortest prompt (no persona, a one-token turn) in the model's length
+        self.max_reply = max_len - len(layout.context([], [[layout.pad]])[0])
         self.device = next(model.parameters()).device
         self.rng = random.Random(settings.seed)
 
@@ -262,14 +311,19 @@ class ChatModel:
         """The server's decoding defaults with the request's max_tokens, temperature (0: greedy) and top_p."""
         limit = self.settings.max_tokens_limit
         max_tokens = request.max_completion_tokens or request.max_tokens
+        param = "max_completion_tokens" if request.max_completion_tokens else "max_tokens"
         if max_tokens is not None and max_tokens > limit:
-            param = "max_completion_tokens" if request.max_completion_tokens else "max_tokens"
             raise APIError(400, f"{param}: {max_tokens} is above this server's limit of {limit} (--max_tokens_limit)",
                            param)
+        if max_tokens is not None and max_tokens > self.max_reply:
+            raise APIError(400, f"{param}: {max_tokens} does not fit: this model reads {self.max_len} tokens, and the "
+                                f"shortest prompt takes {self.max_len - self.max_reply} of them; at most "
+                                f"{self.max_reply}", param)
         config = self.settings.decoding
         changes = {"max_length": max_tokens or config.max_length}
         if request.temperature is not None:
-            changes.update(no_sample=request.temperature == 0, temperature=request.temperature or 1.0)
+            greedy = request.temperature < MIN_TEMPERATURE
+            changes.update(no_sample=greedy, temperature=1.0 if greedy else request.temperature)
         if request.top_p == 0:  # OpenAI's top_p 0 keeps the likeliest token; our top_p 0 would turn nucleus off
             changes["no_sample"] = True
         elif request.top_p is not None:
@@ -417,8 +471,12 @@ def create_app(chat_model, max_concurrency=32, max_batch_size=8):
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request, exc):
-        error = exc.errors()[0]
-        loc = [str(p) for p in error["loc"] if p != "body"]
+        errors, branches = exc.errors(), ("str", "list[TextPart]")  # a message's content is a str or a list of parts
+        error = errors[0]
+        if set(error["loc"]) & set(branches):  # the branch that got furthest says what is wrong
+            stem = error["loc"][:min(error["loc"].index(b) for b in branches if b in error["loc"])]
+            error = max((e for e in errors if e["loc"][:len(stem)] == stem), key=lambda e: len(e["loc"]))
+        loc = [str(p) for p in error["loc"] if p != "body" and p not in branches]
         param = "".join(f"[{p}]" if p.isdigit() else f".{p}" for p in loc).lstrip(".") or "body"
         message = error["msg"]
         if error["type"] == "json_invalid":  # its loc is the character where parsing failed, not a field
@@ -438,10 +496,18 @@ def create_app(chat_model, max_concurrency=32, max_batch_size=8):
     async def health():
         return {"status": "ok", "model": name, "in_flight": batcher.pending, "batches": batcher.batches}
 
+    model_card = {"id": name, "object": "model", "created": created, "owned_by": "transfertransfo"}
+
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": name, "object": "model", "created": created,
-                                            "owned_by": "transfertransfo"}]}
+        return {"object": "list", "data": [model_card]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        if model_id != name:
+            raise APIError(404, f"model: {model_id!r} is not served here; this server serves {name!r}", "model",
+                           code="model_not_found")
+        return model_card
 
     @app.get("/")
     async def page():
@@ -455,11 +521,15 @@ def create_app(chat_model, max_concurrency=32, max_batch_size=8):
         if body.stop:
             raise APIError(400, "stop: stop sequences are not supported here; a reply ends at the model's end of "
                                 "turn or at max_tokens", "stop")
+        refused = body.unsupported()
+        if refused:
+            raise refused
         job = chat_model.job_for(body, asyncio.get_running_loop())
         batcher.submit(job)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": name}
         if body.stream:  # starlette cancels the stream when its client leaves
-            return StreamingResponse(stream_events(job, head, body), media_type="text/event-stream")
+            return StreamingResponse(stream_events(job, head, body), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # not held by a proxy
         replies = await wait_replies(job, request)
         return {**head, "object": "chat.completion", "usage": chat_model.usage(job, replies), "choices": [
             {"index": i, "message": {"role": "assistant", "content": chat_model.text(reply)},

@@ -45,6 +45,7 @@ def stream_events(client, *messages, **fields):
     with client.stream("POST", "/v1/chat/completions",
                        json={"messages": list(messages), "stream": True, **fields}) as response:
         assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+        assert response.headers["cache-control"] == "no-cache"  # a proxy passes each event on at once
         lines = [line for line in response.iter_lines() if line]
     assert all(line.startswith("data: ") for line in lines) and lines[-1] == "data: [DONE]"
     return [json.loads(line[6:]) for line in lines[:-1]]
@@ -151,6 +152,17 @@ def test_the_persona_is_the_system_part_of_the_prompt_the_model_sees(served):
     ({"messages": [{"role": "user", "content": "hi"}], "seed": 2 ** 64}, "seed"),  # past what a generator takes
     ({"messages": [{"role": "user", "content": "hi"}], "seed": -2 ** 63 - 1}, "seed"),
     ({"messages": [{"role": "user", "content": "hi"}], "stop": ["\n"]}, "stop"),  # not ignored: refused
+    ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),  # not the union branch's name
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+     "messages[0].content[0].type"),
+    ({"messages": [{"role": "user", "content": "hi"}], "logprobs": True}, "logprobs"),  # refused, as stop is
+    ({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, "top_logprobs"),
+    ({"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}}, "response_format"),
+    ({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function", "function": {"name": "f"}}]},
+     "tools"),
+    ({"messages": [{"role": "user", "content": "hi"}], "frequency_penalty": 0.5}, "frequency_penalty"),
+    ({"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"50256": -100}}, "logit_bias"),
+    ({"messages": [{"role": "user", "content": "hi"}], "stream_options": {"include_usage": True}}, "stream_options"),
 ])
 def test_bad_input_gets_a_400_naming_the_field_and_the_next_request_works(served, body, param):
     client, _, _ = served
@@ -159,6 +171,41 @@ def test_bad_input_gets_a_400_naming_the_field_and_the_next_request_works(served
     error = response.json()["error"]
     assert error["param"] == param and error["message"].startswith(param) and error["type"] == "invalid_request_error"
     assert ask(client, {"role": "user", "content": "hi"}, max_tokens=3).status_code == 200
+
+
+def test_what_clients_send_by_default_is_accepted_and_empty_earlier_messages_are_skipped(served):
+    client, chat_model, seen = served
+    user = {"role": "user", "content": "do you like cats"}
+    defaults = dict(logprobs=False, top_logprobs=0, response_format={"type": "text"}, tools=[], frequency_penalty=0,
+                    presence_penalty=0.0, logit_bias={}, user="me", temperature=0, max_tokens=4)
+    assert ask(client, user, **defaults).status_code == 200
+    plain = list(seen[-1][0])
+    empty = [{"role": "system", "content": ""}, {"role": "assistant", "content": None}]
+    response = ask(client, *empty, user, {"role": "assistant", "content": ""}, temperature=0, max_tokens=4)
+    assert response.status_code == 200  # an empty reply of this server, sent back in the history, is no error
+    assert list(seen[-1][0]) == plain  # as if they were not there: the template's own system prompt stays
+
+
+def test_a_tiny_temperature_is_greedy_decoding_not_a_server_error(served):
+    client, _, _ = served
+    user = {"role": "user", "content": "do you like cats"}
+    greedy = ask(client, user, temperature=0, max_tokens=6).json()["choices"][0]["message"]["content"]
+    for temperature in (1e-45, 1e-6):  # logits / 1e-45 overflow to inf
+        response = ask(client, user, temperature=temperature, max_tokens=6)
+        assert response.status_code == 200 and response.json()["choices"][0]["message"]["content"] == greedy
+
+
+def test_max_tokens_beyond_what_the_model_reads_is_a_400_naming_it(tiny_dirs):
+    chat_model = make_chat_model(tiny_dirs["llama_chat"], max_tokens_limit=100_000)
+    shortest = len(chat_model.layout.context([], [[chat_model.layout.pad]])[0])
+    assert chat_model.max_reply == chat_model.max_len - shortest
+    with TestClient(create_app(chat_model)) as client:
+        for param in ("max_tokens", "max_completion_tokens"):
+            response = ask(client, {"role": "user", "content": "hi"}, **{param: chat_model.max_reply + 1})
+            assert response.status_code == 400 and response.json()["error"]["param"] == param
+            assert response.json()["error"]["message"] == (
+                f"{param}: {chat_model.max_reply + 1} does not fit: this model reads {chat_model.max_len} tokens, "
+                f"and the shortest prompt takes {shortest} of them; at most {chat_model.max_reply}")
 
 
 def test_null_n_and_stream_are_their_defaults_and_top_p_0_is_greedy(served):
@@ -230,6 +277,9 @@ def test_a_beam_search_server_decodes_concurrent_requests_together_as_each_alone
 def test_models_health_and_page(served):
     client, _, _ = served
     assert client.get("/v1/models").json()["data"][0]["id"] == "tiny"
+    assert client.get("/v1/models/tiny").json() == client.get("/v1/models").json()["data"][0]
+    missing = client.get("/v1/models/gpt-4o")
+    assert missing.status_code == 404 and missing.json()["error"]["param"] == "model"
     health = client.get("/health").json()
     assert health["status"] == "ok" and health["in_flight"] == 0
     ask(client, {"role": "user", "content": "hi"}, max_tokens=2)
@@ -254,8 +304,9 @@ def test_text_stream_holds_back_partial_characters_and_joins_to_the_final_text()
     assert sent == ["caf", "", "é", " au lait"] and stream.finish([1, 2, 3, 4]) == ""
 
 
-def make_job(rows=1):
-    return Job([([0], [0])] * rows, [None] * rows, [None] * rows, asyncio.new_event_loop(), asyncio.Queue())
+def make_job(rows=1, turns=()):
+    return Job([([0], [0])] * rows, [None] * rows, [torch.Generator().manual_seed(row) for row in range(rows)],
+               asyncio.new_event_loop(), asyncio.Queue(), turns=list(turns))
 
 
 def test_batcher_decodes_waiting_requests_together_and_refuses_beyond_its_limit():
@@ -280,23 +331,61 @@ def test_batcher_decodes_waiting_requests_together_and_refuses_beyond_its_limit(
     assert batches == [1, 3] and batcher.pending == 0
 
 
-def test_a_failing_batch_fails_its_requests_and_the_thread_goes_on():
-    calls = []
+def test_a_failing_batch_fails_only_the_request_at_fault_and_the_thread_goes_on():
+    release, batches, draws = threading.Event(), [], []
 
-    def decode_jobs(jobs):
-        calls.append(len(jobs))
-        if len(calls) == 1:
+    def decode_jobs(jobs):  # fails a batch holding a "bad" request, after drawing from every row's generator
+        batches.append([job.turns[0] for job in jobs])
+        release.wait(5)
+        draws.append({job.turns[0]: torch.rand(1, generator=job.generators[0]).item() for job in jobs})
+        for job in jobs:
+            if job.turns == ["streamed"]:
+                job.emit("token", 0, 7)
+        if any(job.turns == ["bad"] for job in jobs):
             raise RuntimeError("boom")
         for job in jobs:
             job.emit("done", [[]])
 
     batcher = Batcher(decode_jobs)
-    jobs = [make_job(), make_job()]
+    first = make_job(turns=["first"])
+    batcher.submit(first)
+    time.sleep(0.1)  # the first batch holds the thread while the others queue, to be decoded together
+    jobs = [make_job(turns=[name]) for name in ("good", "bad", "streamed")]
     for job in jobs:
         batcher.submit(job)
-        time.sleep(0.1)
-    events = [job.loop.run_until_complete(asyncio.wait_for(job.events.get(), 5)) for job in jobs]
-    assert events[0] == ("error", "RuntimeError: boom") and events[1] == ("done", [[]])
+    release.set()
+    events = {job.turns[0]: [job.loop.run_until_complete(asyncio.wait_for(job.events.get(), 5))
+                             for _ in range(2 if job.turns == ["streamed"] else 1)] for job in [first, *jobs]}
+    assert events["first"] == [("done", [[]])] and events["good"] == [("done", [[]])]
+    assert events["bad"] == [("error", "RuntimeError: boom")]
+    assert events["streamed"] == [("token", 0, 7), ("error", "RuntimeError: boom")]  # begun: not decoded again
+    assert batches == [["first"], ["good", "bad", "streamed"], ["good"], ["bad"]]
+    assert draws[2]["good"] == draws[1]["good"]  # alone, from its generator's state before the failed batch
+    deadline = time.time() + 5
+    while batcher.pending and time.time() < deadline:
+        time.sleep(0.01)
+    assert batcher.pending == 0
+
+
+def test_a_request_too_big_for_the_batch_is_the_first_of_the_next():
+    release, batches = threading.Event(), []
+
+    def decode_jobs(jobs):
+        batches.append([job.turns[0] for job in jobs])
+        release.wait(5)
+        for job in jobs:
+            job.emit("done", [[]])
+
+    batcher = Batcher(decode_jobs, max_batch_rows=4)
+    batcher.submit(make_job(turns=["first"]))
+    time.sleep(0.1)
+    for name, rows in (("a", 3), ("big", 4), ("b", 1), ("c", 1)):
+        batcher.submit(make_job(rows, turns=[name]))
+    release.set()
+    deadline = time.time() + 5
+    while batcher.pending and time.time() < deadline:
+        time.sleep(0.01)
+    assert batches == [["first"], ["a"], ["big"], ["b", "c"]]  # not behind b and c, which came later
 
 
 def test_rerank_answers_with_the_sample_the_ranker_scores_best(tiny_dirs, tiny_bert_dir):
@@ -367,10 +456,14 @@ def test_rerank_without_a_ranker_answers_with_the_sample_the_multiple_choice_hea
     assert len(picked) > 1  # not just one position every time
 
 
-def test_serve_refuses_rerank_by_an_untrained_multiple_choice_head(tiny_dirs, tmp_path):
+def test_serve_refuses_rerank_by_an_untrained_head_and_a_max_length_the_model_cannot_hold(tiny_dirs, tmp_path):
     import serve
     from conftest import save_run_with_a_trained_head
 
+    too_long = ["--model_checkpoint", tiny_dirs["llama_chat"], "--max_length", "300", "--max_tokens_limit", "300"]
+    with pytest.raises(SystemExit, match=r"--max_length 300: does not fit: .* reads 256 tokens, and the shortest "
+                                         r"prompt takes \d+ of them; at most \d+$"):
+        serve.build_app(serve.get_args(too_long))
     args = ["--device", "cpu", "--rerank", "3"]
     with pytest.raises(SystemExit, match="--rerank 3: .* no trained multiple-choice head.*--ranker_checkpoint"):
         serve.build_app(serve.get_args(["--model_checkpoint", tiny_dirs["llama_chat"], *args]))
