@@ -50,12 +50,15 @@ def add_decoding_args(parser):
                              "multiple-choice head")
 
 
+MIN_TEMPERATURE = 1e-5  # below it, logits / T overflow: sampling that cold is greedy decoding (as vLLM takes it)
+
+
 def check_decoding_ranges(parser, args):
     """parser.error for a decoding flag out of its range (interact.py, serve.py and convai_evaluation.py)."""
     problems = [(args.max_length < 1, f"--max_length {args.max_length}: at least 1"),
                 (args.min_length > args.max_length,
                  f"--min_length {args.min_length}: more than --max_length {args.max_length}"),
-                (args.temperature <= 0, "--temperature: must be above 0 (" + (
+                (args.temperature < MIN_TEMPERATURE, f"--temperature: at least {MIN_TEMPERATURE} (" + (
                     "use --no_sample for greedy decoding)" if hasattr(args, "no_sample") else
                     "replies are greedy unless --sample or --rerank)")),
                 (not 0 <= args.top_p <= 1, f"--top_p {args.top_p}: a probability mass between 0 and 1 (0: off)"),

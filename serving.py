@@ -24,7 +24,7 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from decoding import DecodingConfig, generate, reply_text
+from decoding import MIN_TEMPERATURE, DecodingConfig, generate, reply_text
 from ranking import score_candidates
 from reply_ranker import context_text, score_pairs
 from utils import free_port
@@ -32,7 +32,6 @@ from utils import free_port
 logger = logging.getLogger(__name__)
 
 PAGE = Path(__file__).parent / "web" / "chat.html"
-MIN_TEMPERATURE = 1e-5  # below it, sampling is greedy decoding (as vLLM takes it): logits / T would overflow
 # Fields OpenAI clients send whose effect this server lacks: refused when asked for, as `stop` is, rather than
 # answered without it (a client parsing JSON or tool calls would break on a plain reply). Each: is it asked for?
 UNSUPPORTED = {

@@ -265,7 +265,8 @@ def test_a_run_trained_on_a_parlai_train_file_is_scored_on_what_it_held_out(chat
     (["--max_examples", "-1"], "--max_examples -1: at least 0"),
     (["--batch_size", "0"], "--batch_size 0: at least 1"),
     (["--ranker", "lm", "--ranker_checkpoint", "r"], "--ranker_checkpoint r: only --ranker bert or biencoder reads it"),
-    (["--temperature", "0"], "--temperature: must be above 0 (replies are greedy unless --sample or --rerank)")])
+    (["--temperature", "0"], "--temperature: at least 1e-05 (replies are greedy unless --sample or --rerank)"),
+    (["--temperature", "1e-45"], "--temperature: at least 1e-05")])
 def test_bad_flags_are_refused_before_anything_loads(flags, message, tmp_path, capsys):
     with pytest.raises(SystemExit):
         convai_evaluation.get_args([flag.format(tmp=tmp_path) for flag in flags])
