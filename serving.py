@@ -183,6 +183,7 @@ class Job:
     samples: int = 1
     gone: threading.Event = field(default_factory=threading.Event)  # set when its client leaves: its rows stop
     answered: bool = False  # a token or its replies were sent: it cannot start over
+    taken: bool = False  # by a batch, or let go while queued (Batcher.leave): its place is counted no more
 
     def emit(self, *event):
         self.answered = self.answered or event[0] != "error"
@@ -219,11 +220,25 @@ class Batcher:
             self.pending += 1
         self.queue.put(job)
 
+    def leave(self, job):
+        """A request whose client has left: its rows stop, and a queued one frees its place at once."""
+        job.gone.set()
+        with self.lock:
+            if not job.taken:
+                job.taken = True
+                self.pending -= 1
+
+    def _take(self, job):
+        with self.lock:
+            taken, job.taken = job.taken, True
+        return not taken  # False: its client left while it was queued
+
     def take_batch(self):
         """The next job, then those that arrive within gather_s, up to max_batch_rows rows."""
-        jobs = [self.carry or self.queue.get()]
-        self.carry = None
-        rows = len(jobs[0].contexts)
+        first, self.carry = self.carry, None
+        while first is None or not self._take(first):
+            first = self.queue.get()
+        jobs, rows = [first], len(first.contexts)
         deadline = time.perf_counter() + self.gather_s
         while rows < self.max_batch_rows:
             try:
@@ -233,6 +248,8 @@ class Batcher:
             if rows + len(job.contexts) > self.max_batch_rows:
                 self.carry = job  # first in the next batch, ahead of later arrivals
                 break
+            if not self._take(job):  # its client left while it was queued
+                continue
             jobs.append(job)
             rows += len(job.contexts)
         return jobs
@@ -558,7 +575,7 @@ def create_app(chat_model, max_concurrency=32, max_batch_size=8):
         finally:
             waiting.discard(job)
             left.cancel()
-            job.gone.set()  # too late to matter once done; else (left, or cancelled at shutdown) its rows stop
+            batcher.leave(job)  # too late to matter once done; else (left, or cancelled at shutdown) its rows stop
 
     async def stream_events(job, head, body):
         n = body.n
@@ -588,7 +605,7 @@ def create_app(chat_model, max_concurrency=32, max_batch_size=8):
                     break
         finally:  # done, or the client left (starlette cancelled the stream), or the server is shutting down
             waiting.discard(job)
-            job.gone.set()
+            batcher.leave(job)
         yield "data: [DONE]\n\n"
 
     return app

@@ -331,6 +331,29 @@ def test_batcher_decodes_waiting_requests_together_and_refuses_beyond_its_limit(
     assert batches == [1, 3] and batcher.pending == 0
 
 
+def test_a_queued_request_whose_client_leaves_frees_its_place_at_once_and_is_not_decoded():
+    release, batches = threading.Event(), []
+
+    def decode_jobs(jobs):
+        batches.append([job.turns[0] for job in jobs])
+        release.wait(5)
+
+    batcher = Batcher(decode_jobs, max_pending=2)
+    batcher.submit(make_job(turns=["first"]))
+    time.sleep(0.1)  # decoding, while the next one queues
+    queued = make_job(turns=["left"])
+    batcher.submit(queued)
+    batcher.leave(queued)
+    batcher.leave(queued)  # twice (a stream's end after a cancel): counted once
+    assert batcher.pending == 1
+    batcher.submit(make_job(turns=["next"]))  # its place, not a 429
+    release.set()
+    deadline = time.time() + 5
+    while batcher.pending and time.time() < deadline:
+        time.sleep(0.01)
+    assert batches == [["first"], ["next"]] and batcher.pending == 0
+
+
 def test_a_failing_batch_fails_only_the_request_at_fault_and_the_thread_goes_on():
     release, batches, draws = threading.Event(), [], []
 
