@@ -45,7 +45,8 @@ def default_dataset_path():
 
 
 def resolve_dataset_path(dataset_path, cache_dir):
-    """A local file stays as is; a short name or URL is downloaded once into cache_dir (pooch checks the file)."""
+    """A local file stays as is; a short name or URL is downloaded once into cache_dir (pooch writes it to a temporary
+    file and renames it when whole, so a cut download is not kept; no hash is known to check it against)."""
     if not dataset_path:
         return default_dataset_path()
     dataset_path = DATASET_SHORT_NAMES.get(dataset_path, dataset_path)
