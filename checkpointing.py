@@ -98,11 +98,15 @@ def signals_held(signums=(signal.SIGINT, signal.SIGTERM)):
     handlers = {signum: signal.signal(signum, lambda signum, frame: pending.append(signum)) for signum in signums}
     try:
         yield
+    except BaseException:  # the block's own error is the one to see; the signal stops the run as well
+        if pending:
+            logger.warning("%s came during a save that failed", signal.Signals(pending[0]).name)
+        raise
     finally:
         for signum, handler in handlers.items():
             signal.signal(signum, handler)
-        if pending:
-            signal.raise_signal(pending[0])  # now handled as it would have been: Terminated, KeyboardInterrupt, ...
+    if pending:  # the save went through
+        signal.raise_signal(pending[0])  # now handled as it would have been: Terminated, KeyboardInterrupt, ...
 
 
 def publish(checkpoint_dir, run_dir):
@@ -121,25 +125,45 @@ def publish(checkpoint_dir, run_dir):
         os.replace(tmp, dst)
 
 
-def restore_rotation(checkpoint, saver, step, best=None):
-    """On resume, hand ignite's Checkpoint the run's checkpoint-<step> directories up to `step` to go on rotating.
+def restore_rotation(checkpoint, saver, step, best, write=True):
+    """On resume from `step`, hand ignite's Checkpoints the run's directories to go on with; the names removed.
 
-    It only knows what its own process saved, so a resumed run would otherwise keep every older checkpoint
-    forever. Directories beyond its `n_saved` go, as a dropped one does, once the next checkpoint is written;
-    so do those an earlier attempt wrote past `step` (resuming from an older checkpoint abandons them), and the
-    best checkpoints other than the one `best` (the best Checkpoint, restored) tracks. A tracked best checkpoint
-    that is gone is forgotten, so that the next validation writes one.
+    ignite only knows what its own process saved, so a resumed run would otherwise keep every older checkpoint
+    forever: the checkpoint-<step> directories up to `step` beyond its `n_saved` go, as a dropped one does, once
+    the next checkpoint is written. What an earlier attempt wrote past `step` (resuming from an older checkpoint
+    abandons it) and best checkpoints other than the one `best` (the best Checkpoint, restored) tracks are removed
+    now, before a crash could set them beside this attempt's. A tracked best checkpoint that is gone is made again
+    from the checkpoint of its step where that stays, else forgotten (the next validation writes one).
+    `write`: whether this process writes the run (rank 0); the others keep the bookkeeping only.
     """
-    found = [s for s, _ in checkpoint_dirs(saver.run_dir)]
+    run_dir = saver.run_dir
+    found = [s for s, _ in checkpoint_dirs(run_dir)]
     mine = [s for s in found if s <= step]
     keep = mine[-checkpoint.n_saved:]
     checkpoint.load_state_dict({"_saved": [(s, f"checkpoint-{s}") for s in keep]})
-    saver.stale += [f"checkpoint-{s}" for s in mine[:-checkpoint.n_saved] + [s for s in found if s > step]]
-    if best is not None:
-        tracked = [(p, f) for p, f in best.state_dict()["_saved"] if (saver.run_dir / f).is_dir()]
-        best.load_state_dict({"_saved": tracked})
-        best.save_handler.stale += sorted({p.name for p in saver.run_dir.glob("best-checkpoint-*") if p.is_dir()}
-                                          - {f for _, f in tracked})
+    saver.stale += [f"checkpoint-{s}" for s in mine[:-checkpoint.n_saved]]
+    tracked = []
+    for priority, name in best.state_dict()["_saved"]:
+        source = run_dir / name.removeprefix("best-")
+        if not (run_dir / name).is_dir() and (source / TRAINING_STATE).is_file():
+            if write:
+                tmp = run_dir / f".{name}.tmp"
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir()
+                publish(source, tmp)  # hard links: the same files
+                fsync_tree(tmp)
+                os.replace(tmp, run_dir / name)
+            tracked.append((priority, name))
+        elif (run_dir / name).is_dir():
+            tracked.append((priority, name))
+    best.load_state_dict({"_saved": tracked})
+    abandoned = [run_dir / f"checkpoint-{s}" for s in found if s > step] + sorted(
+        p for p in run_dir.glob("best-checkpoint-*") if p.is_dir() and p.name not in {name for _, name in tracked})
+    if write:
+        for path in abandoned:
+            shutil.rmtree(path)
+        fsync_path(run_dir)
+    return [path.name for path in abandoned]
 
 
 def checkpoint_dirs(run_dir):
@@ -204,7 +228,7 @@ def read_training_args(run_dir):
         return json.load(f)
 
 
-class CheckpointError(ValueError):
+class DamagedRunError(ValueError):
     """A damaged file of a run; the message names it."""
 
 
@@ -212,11 +236,11 @@ def load_training_state(checkpoint_dir):
     path = Path(checkpoint_dir) / TRAINING_STATE
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError, ValueError) as e:  # truncated, or not torch.save's zip at all
+    except Exception as e:  # noqa: BLE001  truncated, flipped bytes, not torch.save's zip at all: unpickling fails
         match = _CHECKPOINT_DIR.match(Path(checkpoint_dir).name)
         older = [p for step, p in checkpoint_dirs(Path(checkpoint_dir).parent)
                  if match and step < int(match.group(1)) and (p / TRAINING_STATE).is_file()]
-        raise CheckpointError(f"{path}: damaged, it cannot be read ({e.__class__.__name__}: {str(e)[:200]})"
+        raise DamagedRunError(f"{path}: damaged, it cannot be read ({e.__class__.__name__}: {str(e)[:200]})"
                               + (f"; resume from an earlier checkpoint: --resume {older[-1]}" if older else "")
                               ) from None
 
@@ -240,7 +264,7 @@ def read_history(run_dir):
             history.append(json.loads(line))
         except json.JSONDecodeError as e:
             if number < len(lines):
-                raise CheckpointError(f"{path}:{number}: not a JSON record ({e})") from None
+                raise DamagedRunError(f"{path}:{number}: not a JSON record ({e})") from None
             # a crash mid-append: that validation's checkpoint was never written (it is saved after), so it goes
             logger.warning("%s:%d: a torn last record, left out (a run stopped while writing it)", path, number)
     return [record for record in history if step is None or record["step"] <= step]
@@ -289,6 +313,8 @@ def main(argv=None):
         model, history = summarize_run(args.run_dir)
     except FileNotFoundError as e:  # not a run: the message names the path (this script has no --model_checkpoint)
         parser.error(str(e).removeprefix("--model_checkpoint "))
+    except DamagedRunError as e:
+        parser.error(str(e))
     print(f"Loaded {args.run_dir}: {type(model.lm).__name__}, {model.lm.num_parameters():,} parameters")
     if not history:
         print("  no validation history (metrics.jsonl)")

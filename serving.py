@@ -110,6 +110,11 @@ class ChatRequest(BaseModel):
         return None
 
 
+def is_union_branch(part):
+    """Whether a pydantic error location's part names a branch of a union ("str", "list[TextPart]"), not a field."""
+    return isinstance(part, str) and (part in ("str", "int", "float", "bool", "none") or "[" in part)
+
+
 def persona_and_turns(messages):
     """(persona sentences, turn texts ending with the user's) of OpenAI messages; APIError naming the bad field.
 
@@ -117,13 +122,15 @@ def persona_and_turns(messages):
     history; consecutive messages of one speaker join into one turn, as one speaker's turn.
     """
     persona, turns, roles = [], [], []
+    if messages[-1].role != "user":
+        raise APIError(400, f"messages[{len(messages) - 1}].role: the last message must be the user's, to be "
+                            f"answered", f"messages[{len(messages) - 1}].role")
     for i, message in enumerate(messages):
         text = message.text().strip()
-        if not text and (message.role != "user" or i < len(messages) - 1):
+        if not text and message.role != "user":
             continue  # an empty system prompt, a reply that came out empty: nothing to read, as OpenAI takes them
         if not text:
-            raise APIError(400, f"messages[{i}].content: empty; the message to answer needs text",
-                           f"messages[{i}].content")
+            raise APIError(400, f"messages[{i}].content: empty; a user's message needs text", f"messages[{i}].content")
         try:
             text.encode("utf-8")
         except UnicodeEncodeError as e:  # JSON can carry a lone surrogate ("\udce9"), which no tokenizer takes
@@ -136,9 +143,6 @@ def persona_and_turns(messages):
         else:
             turns.append(text)
             roles.append(message.role)
-    if not roles or roles[-1] != "user":
-        raise APIError(400, f"messages[{len(messages) - 1}].role: the last message must be the user's, to be "
-                            f"answered", f"messages[{len(messages) - 1}].role")
     return persona, turns
 
 
@@ -312,8 +316,9 @@ class ChatModel:
     def __init__(self, model, tokenizer, layout, settings, max_len, ranker=None):
         self.model, self.tokenizer, self.layout, self.settings, self.max_len = model, tokenizer, layout, settings, max_len
         self.ranker = ranker
-        # the longest reply that fits after the shortest prompt (no persona, a one-token turn) in the model's length
-        self.max_reply = max_len - len(layout.context([], [[layout.pad]])[0])
+        # the longest reply that fits after the shortest prompt a cut can leave (an emptied turn, no persona or an
+        # emptied one: with it, some templates add more than they drop) in the model's length
+        self.max_reply = max_len - max(len(layout.context(persona, [[]])[0]) for persona in ([], [[]]))
         self.device = next(model.parameters()).device
         self.rng = random.Random(settings.seed)
 
@@ -487,12 +492,13 @@ def create_app(chat_model, max_concurrency=32, max_batch_size=8):
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request, exc):
-        errors, branches = exc.errors(), ("str", "list[TextPart]")  # a message's content is a str or a list of parts
+        errors = exc.errors()
         error = errors[0]
-        if set(error["loc"]) & set(branches):  # the branch that got furthest says what is wrong
-            stem = error["loc"][:min(error["loc"].index(b) for b in branches if b in error["loc"])]
+        branch = [i for i, p in enumerate(error["loc"]) if is_union_branch(p)]
+        if branch:  # e.g. content's str or list[TextPart]: the branch that got furthest says what is wrong
+            stem = error["loc"][:branch[0]]
             error = max((e for e in errors if e["loc"][:len(stem)] == stem), key=lambda e: len(e["loc"]))
-        loc = [str(p) for p in error["loc"] if p != "body" and p not in branches]
+        loc = [str(p) for p in error["loc"] if p != "body" and not is_union_branch(p)]
         param = "".join(f"[{p}]" if p.isdigit() else f".{p}" for p in loc).lstrip(".") or "body"
         message = error["msg"]
         if error["type"] == "json_invalid":  # its loc is the character where parsing failed, not a field

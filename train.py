@@ -22,8 +22,9 @@ from ignite.metrics import Accuracy, RunningAverage
 from torch.nn.parallel import DistributedDataParallel
 
 from adapters import add_lora, has_lora, parameter_counts
-from checkpointing import (CheckpointError, RunSaver, has_checkpoint, holds_run, keep_history_until, latest_checkpoint,
-                           load_training_state, publish, read_training_args, restore_rotation, signals_held)
+from checkpointing import (DamagedRunError, RunSaver, has_checkpoint, holds_run, keep_history_until,
+                           latest_checkpoint, load_training_state, publish, read_training_args, restore_rotation,
+                           signals_held)
 from dialogs import DialogFormatError
 from inputs import DoubleHeadDataset, LengthGroupedBatchSampler, collate
 from layouts import INPUT_FORMATS, InputFormatError
@@ -416,12 +417,15 @@ def train(argv=None):
         saved["step"] = step_of(trainer)
         if rank == 0 and resume_dir == latest_checkpoint(run_dir):  # whole again, were the run killed mid-publish
             publish(resume_dir, run_dir)
-        restore_rotation(checkpoint, newest_saver, step_of(trainer), best)
         logger.info("Resumed from %s at optimizer step %d", resume_dir, step_of(trainer))
         if step_of(trainer) >= total_steps or trainer.state.epoch >= args.n_epochs:
             logger.info("The run already took its %d steps: nothing to resume (raise --n_epochs or --max_steps)",
                         step_of(trainer))
             return run_dir
+        removed = restore_rotation(checkpoint, newest_saver, step_of(trainer), best, write=rank == 0)
+        if removed and rank == 0:
+            logger.warning("Going on from step %d: removed what an earlier attempt wrote past it: %s",
+                           step_of(trainer), ", ".join(removed))
 
     main = rank == 0
     throughput = Throughput(accum).attach(trainer)  # before validation's handlers, so their time is left out
@@ -510,7 +514,8 @@ if __name__ == "__main__":
     try:
         train()
     # bad input: the message names the file, line or flag
-    except (CheckpointError, DialogFormatError, FileNotFoundError, IsADirectoryError, InputFormatError, RunError) as e:
+    except (DamagedRunError, DialogFormatError, FileNotFoundError, IsADirectoryError, InputFormatError,
+            RunError) as e:
         sys.exit(f"train.py: error: {e}")
     except Terminated:
         sys.exit(128 + signal.SIGTERM)  # what the run kept was logged; no traceback

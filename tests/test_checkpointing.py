@@ -63,15 +63,17 @@ def test_a_bert_classifier_is_not_taken_for_a_run(tiny_bert_dir, tmp_path, capsy
 
 def test_a_damaged_file_of_a_run_is_named_and_a_torn_last_record_is_left_out(tiny_dirs, personachat_file, tmp_path,
                                                                               caplog):
-    from checkpointing import CheckpointError, read_history
+    from checkpointing import DamagedRunError, read_history
 
     run_dir = train_script.train(tiny_args(tiny_dirs, personachat_file, tmp_path, "run", "--max_steps", "4",
                                            "--eval_every", "2"))
     state = run_dir / "checkpoint-4" / "training_state.pt"
-    state.write_bytes(state.read_bytes()[:100])  # as a full disk or a power cut could leave it
-    with pytest.raises(CheckpointError, match=rf"^{state}: damaged, it cannot be read \(.*\); resume from an earlier "
-                                              rf"checkpoint: --resume {run_dir / 'checkpoint-2'}$"):
-        train_script.train(["--resume", str(run_dir)])
+    whole = state.read_bytes()
+    for damaged in (whole[:100], b"not a zip" * 10, whole[:5000] + bytes(100) + whole[5100:]):  # cut, other, flipped
+        state.write_bytes(damaged)  # as a full disk or a power cut could leave it
+        with pytest.raises(DamagedRunError, match=rf"^{state}: damaged, it cannot be read \(.*\); resume from an "
+                                                  rf"earlier checkpoint: --resume {run_dir / 'checkpoint-2'}$"):
+            train_script.train(["--resume", str(run_dir)])
     metrics = run_dir / "metrics.jsonl"
     records = metrics.read_text().splitlines()
     metrics.write_text(records[0] + "\n" + records[1][:20])  # killed while appending the step-4 record
@@ -81,5 +83,34 @@ def test_a_damaged_file_of_a_run_is_named_and_a_torn_last_record_is_left_out(tin
     assert [record["step"] for record in read_history(run_dir)] == [2, 4]
     assert metrics.read_text().count("\n") == 2  # the torn record went with the rewrite
     metrics.write_text(records[0][:20] + "\n" + records[1] + "\n")
-    with pytest.raises(CheckpointError, match=rf"^{metrics}:1: not a JSON record"):
+    with pytest.raises(DamagedRunError, match=rf"^{metrics}:1: not a JSON record"):
         read_history(run_dir)
+
+
+def test_a_signal_during_a_save_acts_after_it_and_a_failing_save_keeps_its_own_error(caplog):
+    import signal
+
+    from checkpointing import signals_held
+
+    class Stop(Exception):
+        pass
+
+    def stop(signum, frame):
+        raise Stop()
+
+    before = signal.signal(signal.SIGUSR1, stop)
+    try:
+        done = []
+        with pytest.raises(Stop):
+            with signals_held((signal.SIGUSR1,)):
+                os.kill(os.getpid(), signal.SIGUSR1)
+                done.append("the rest of the save")
+        assert done == ["the rest of the save"]
+        with pytest.raises(OSError, match="No space left"):  # not hidden behind the signal's Stop
+            with signals_held((signal.SIGUSR1,)):
+                os.kill(os.getpid(), signal.SIGUSR1)
+                raise OSError(28, "No space left on device")
+        assert "SIGUSR1 came during a save that failed" in caplog.text
+        assert signal.getsignal(signal.SIGUSR1) is stop
+    finally:
+        signal.signal(signal.SIGUSR1, before)

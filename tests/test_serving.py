@@ -153,6 +153,8 @@ def test_the_persona_is_the_system_part_of_the_prompt_the_model_sees(served):
     ({"messages": [{"role": "user", "content": "hi"}], "seed": -2 ** 63 - 1}, "seed"),
     ({"messages": [{"role": "user", "content": "hi"}], "stop": ["\n"]}, "stop"),  # not ignored: refused
     ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),  # not the union branch's name
+    ({"messages": [{"role": "user", "content": "hi"}], "stop": [5]}, "stop[0]"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "user", "content": ""}]}, "messages[1].content"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
      "messages[0].content[0].type"),
     ({"messages": [{"role": "user", "content": "hi"}], "logprobs": True}, "logprobs"),  # refused, as stop is
@@ -179,11 +181,16 @@ def test_what_clients_send_by_default_is_accepted_and_empty_earlier_messages_are
     defaults = dict(logprobs=False, top_logprobs=0, response_format={"type": "text"}, tools=[], frequency_penalty=0,
                     presence_penalty=0.0, logit_bias={}, user="me", temperature=0, max_tokens=4)
     assert ask(client, user, **defaults).status_code == 200
+    hi = {"role": "user", "content": "hi"}
+    assert ask(client, hi, user, temperature=0, max_tokens=4).status_code == 200
     plain = list(seen[-1][0])
-    empty = [{"role": "system", "content": ""}, {"role": "assistant", "content": None}]
-    response = ask(client, *empty, user, {"role": "assistant", "content": ""}, temperature=0, max_tokens=4)
+    empty = [{"role": "system", "content": ""}, {"role": "assistant", "content": None}, hi,
+             {"role": "assistant", "content": ""}, user]
+    response = ask(client, *empty, temperature=0, max_tokens=4)
     assert response.status_code == 200  # an empty reply of this server, sent back in the history, is no error
     assert list(seen[-1][0]) == plain  # as if they were not there: the template's own system prompt stays
+    response = ask(client, user, {"role": "assistant", "content": ""})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "messages[1].role"
 
 
 def test_a_tiny_temperature_is_greedy_decoding_not_a_server_error(served):
@@ -197,7 +204,7 @@ def test_a_tiny_temperature_is_greedy_decoding_not_a_server_error(served):
 
 def test_max_tokens_beyond_what_the_model_reads_is_a_400_naming_it(tiny_dirs):
     chat_model = make_chat_model(tiny_dirs["llama_chat"], max_tokens_limit=100_000)
-    shortest = len(chat_model.layout.context([], [[chat_model.layout.pad]])[0])
+    shortest = max(len(chat_model.layout.context(persona, [[]])[0]) for persona in ([], [[]]))
     assert chat_model.max_reply == chat_model.max_len - shortest
     with TestClient(create_app(chat_model)) as client:
         for param in ("max_tokens", "max_completion_tokens"):
@@ -206,6 +213,12 @@ def test_max_tokens_beyond_what_the_model_reads_is_a_400_naming_it(tiny_dirs):
             assert response.json()["error"]["message"] == (
                 f"{param}: {chat_model.max_reply + 1} does not fit: this model reads {chat_model.max_len} tokens, "
                 f"and the shortest prompt takes {shortest} of them; at most {chat_model.max_reply}")
+    transcript = make_chat_model(tiny_dirs["llama_chat"], "transcript", max_tokens_limit=100_000)
+    with TestClient(create_app(transcript)) as client:  # here a persona line adds tokens no cut takes away
+        long_turn = {"role": "user", "content": " ".join(["hello"] * 600)}
+        response = ask(client, PERSONA, long_turn, max_tokens=transcript.max_reply, temperature=0)
+        assert response.status_code == 200
+        assert response.json()["usage"]["prompt_tokens"] + transcript.max_reply <= transcript.max_len
 
 
 def test_null_n_and_stream_are_their_defaults_and_top_p_0_is_greedy(served):

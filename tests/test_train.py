@@ -406,23 +406,26 @@ def test_a_resumed_run_replaces_a_worse_best_checkpoint(tiny_dirs, personachat_f
 
 
 def test_resuming_from_an_older_checkpoint_abandons_what_the_attempt_after_it_wrote(tiny_dirs, personachat_file,
-                                                                                    tmp_path):
+                                                                                    tmp_path, caplog):
     run_dir = train_script.train(tiny_args(tiny_dirs, personachat_file, tmp_path, "run", "--max_steps", "6",
                                            "--eval_every", "2"))
     names = lambda: sorted(p.name for p in run_dir.iterdir() if "checkpoint-" in p.name)  # noqa: E731
-    assert names() == ["best-checkpoint-6", "checkpoint-4", "checkpoint-6"]  # the best one at step 4 is gone
+    inode = lambda d: (run_dir / d / "model.safetensors").stat().st_ino  # noqa: E731
+    assert names() == ["best-checkpoint-6", "checkpoint-4", "checkpoint-6"]  # the best one of step 4 is gone
     first = load_file(run_dir / "checkpoint-6" / "model.safetensors")
-    train_script.train(["--resume", str(run_dir / "checkpoint-4"), "--lr", "0.7"])  # another step 6
-    assert names() == ["best-checkpoint-6", "checkpoint-4", "checkpoint-6"]
+    train_script.train(["--resume", str(run_dir / "checkpoint-4"), "--lr", "0.7"])  # another, worse, step 6
+    assert "removed what an earlier attempt wrote past it: checkpoint-6, best-checkpoint-6" in caplog.text
+    # checkpoint-4 records best-checkpoint-4, made again from its own weights: the step-6 one is worse
+    assert names() == ["best-checkpoint-4", "checkpoint-4", "checkpoint-6"]
+    assert inode("best-checkpoint-4") == inode("checkpoint-4") and inode("") == inode("checkpoint-6")
     again = load_file(run_dir / "checkpoint-6" / "model.safetensors")
     assert any(not torch.equal(t, first[k]) for k, t in again.items())  # this attempt's weights, not the first's
-    inodes = {(run_dir / d / "model.safetensors").stat().st_ino for d in ("", "checkpoint-6", "best-checkpoint-6")}
-    assert len(inodes) == 1  # the top level and the best checkpoint are this attempt's too
     state = torch.load(run_dir / "checkpoint-6" / "training_state.pt", weights_only=True)
-    assert [f for _, f in state["best_checkpoint"]["_saved"]] == ["best-checkpoint-6"]
-    assert [m["step"] for m in read_metrics(run_dir)] == [2, 4, 6]
+    assert [f for _, f in state["best_checkpoint"]["_saved"]] == ["best-checkpoint-4"]
+    history = read_metrics(run_dir)
+    assert [m["step"] for m in history] == [2, 4, 6] and history[2]["ppl"] > history[1]["ppl"]
     train_script.train(["--resume", str(run_dir / "checkpoint-4"), "--max_steps", "5"])
-    assert names() == ["best-checkpoint-5", "checkpoint-4", "checkpoint-5"]  # nothing left of the step-6 attempts
+    assert names() == ["best-checkpoint-4", "checkpoint-4", "checkpoint-5"]  # nothing left of the step-6 attempts
 
 
 def test_a_crash_between_the_best_and_the_newest_checkpoint_keeps_the_best_one_the_newest_records(
