@@ -162,10 +162,13 @@ def main(argv=None):
         biencoder = encoder.to(args.device).eval(), encoder_tokenizer
     encode = lambda texts: tokenizer(list(texts), add_special_tokens=False)["input_ids"] if texts else []  # noqa
     max_len = model_max_length(model)
+    want = {"hits@1", "ppl", "f1"} if args.eval_type == "all" else {args.eval_type}
+    overflow = layout.reply_overflow(args.max_length, max_len)
+    if "f1" in want and overflow:
+        raise DataError(f"--max_length {args.max_length}: {overflow}")
     path = resolve_dataset_path(dataset_path, args.dataset_cache)
     # the split seed of training: held-out dialogs of a file without a valid part are those train.py held out
     examples = examples_of(evaluation_dialogs(path, split_seed, trained.get("dataset_path") or ""), args.max_examples)
-    want = {"hits@1", "ppl", "f1"} if args.eval_type == "all" else {args.eval_type}
     if "hits@1" in want and "mc" in rankers and not model.heads_trained:
         logger.warning("--ranker mc: %s has no trained multiple-choice head; its hits@1 is an untrained head's, near "
                        "chance (the LM ranker is the zero-shot baseline: --ranker lm)", checkpoint)

@@ -133,6 +133,9 @@ def run(args):
     encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     persona_ids = [encode(s) for s in persona]
     max_len = model_max_length(model)
+    overflow = layout.reply_overflow(args.max_length, max_len)
+    if overflow:
+        sys.exit(f"interact.py: error: --max_length {args.max_length}: {overflow}")
     if ranker is not None:
         ranker[0].to(args.device)
 

@@ -98,6 +98,17 @@ class Layout:
                 "mc_token_ids": len(input_ids) - 1,
                 "lm_labels": [IGNORE_INDEX] * len(ids) + (tail if lm_labels else [IGNORE_INDEX] * len(tail))}
 
+    def max_reply(self, max_len):
+        """The longest reply that fits in max_len after the shortest prompt a cut can leave: an emptied turn, and no
+        persona or an emptied line of one (with one, some layouts add more than they drop)."""
+        return max_len - max(len(self.context(persona, [[]])[0]) for persona in ([], [[]]))
+
+    def reply_overflow(self, length, max_len):
+        """Why a reply of `length` tokens cannot be decoded in max_len (the positions past it fail), else ""."""
+        room = self.max_reply(max_len)
+        return "" if length <= room else (f"does not fit: this model reads {max_len} tokens, and the shortest prompt "
+                                          f"takes {max_len - room} of them; at most {room}")
+
     def context_inputs(self, persona, history, max_len, reply_budget):
         """The context cut to leave reply_budget tokens of max_len, for decoding or scoring candidates."""
         persona, history, _ = self.fit(persona, history, reply_budget, max_len)

@@ -95,10 +95,9 @@ def build_app(args):
                               max_history=args.max_history, persona=tuple(args.personality),
                               max_tokens_limit=args.max_tokens_limit, rerank=args.rerank, seed=args.seed)
     chat_model = ChatModel(model, tokenizer, layout, settings, model_max_length(model), ranker)
-    if args.max_length > chat_model.max_reply:  # every request giving no max_tokens would be refused
-        sys.exit(f"serve.py: error: --max_length {args.max_length}: does not fit: {checkpoint} reads "
-                 f"{chat_model.max_len} tokens, and the shortest prompt takes "
-                 f"{chat_model.max_len - chat_model.max_reply} of them; at most {chat_model.max_reply}")
+    overflow = layout.reply_overflow(args.max_length, chat_model.max_len)
+    if overflow:  # every request giving no max_tokens would be refused
+        sys.exit(f"serve.py: error: --max_length {args.max_length}: {overflow}")
     logger.info("Serving %s as %r", checkpoint, settings.model_name)
     return create_app(chat_model, max_concurrency=args.max_concurrency, max_batch_size=args.max_batch_size)
 

@@ -316,9 +316,6 @@ class ChatModel:
     def __init__(self, model, tokenizer, layout, settings, max_len, ranker=None):
         self.model, self.tokenizer, self.layout, self.settings, self.max_len = model, tokenizer, layout, settings, max_len
         self.ranker = ranker
-        # the longest reply that fits after the shortest prompt a cut can leave (an emptied turn, no persona or an
-        # emptied one: with it, some templates add more than they drop) in the model's length
-        self.max_reply = max_len - max(len(layout.context(persona, [[]])[0]) for persona in ([], [[]]))
         self.device = next(model.parameters()).device
         self.rng = random.Random(settings.seed)
 
@@ -336,10 +333,9 @@ class ChatModel:
         if max_tokens is not None and max_tokens > limit:
             raise APIError(400, f"{param}: {max_tokens} is above this server's limit of {limit} (--max_tokens_limit)",
                            param)
-        if max_tokens is not None and max_tokens > self.max_reply:
-            raise APIError(400, f"{param}: {max_tokens} does not fit: this model reads {self.max_len} tokens, and the "
-                                f"shortest prompt takes {self.max_len - self.max_reply} of them; at most "
-                                f"{self.max_reply}", param)
+        overflow = self.layout.reply_overflow(max_tokens or 0, self.max_len)
+        if overflow:
+            raise APIError(400, f"{param}: {max_tokens} {overflow}", param)
         config = self.settings.decoding
         changes = {"max_length": max_tokens or config.max_length}
         if request.temperature is not None:

@@ -1,4 +1,5 @@
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -113,6 +114,18 @@ def test_same_seed_same_replies(tiny_dirs):
     first, second = run_interact(args, "hi\nhow are you\n"), run_interact(args, "hi\nhow are you\n")
     assert first.returncode == 0 and first.stdout == second.stdout
     assert run_interact([*args, "--seed", "8"], "hi\nhow are you\n").stdout != first.stdout
+
+
+def test_a_max_length_the_model_cannot_hold_is_refused_before_chatting(tiny_dirs, tmp_path):
+    import convai_evaluation
+
+    done = run_interact(["--model_checkpoint", tiny_dirs["llama_chat"], "--max_length", "300"], "hi\n")
+    assert done.returncode == 1 and re.search(r"interact.py: error: --max_length 300: does not fit: this model reads "
+                                              r"256 tokens, and the shortest prompt takes \d+ of them; at most \d+$",
+                                              done.stderr.strip())
+    with pytest.raises(convai_evaluation.DataError, match="--max_length 300: does not fit: this model reads 256"):
+        convai_evaluation.main(["--model_checkpoint", tiny_dirs["llama_chat"], "--eval_type", "f1", "--device", "cpu",
+                                "--max_length", "300", "--results_file", str(tmp_path / "r.json")])
 
 
 def test_without_runs_it_says_how_to_make_one(tmp_path):

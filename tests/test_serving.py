@@ -205,20 +205,22 @@ def test_a_tiny_temperature_is_greedy_decoding_not_a_server_error(served):
 def test_max_tokens_beyond_what_the_model_reads_is_a_400_naming_it(tiny_dirs):
     chat_model = make_chat_model(tiny_dirs["llama_chat"], max_tokens_limit=100_000)
     shortest = max(len(chat_model.layout.context(persona, [[]])[0]) for persona in ([], [[]]))
-    assert chat_model.max_reply == chat_model.max_len - shortest
+    max_reply = chat_model.max_len - shortest
+    assert chat_model.layout.max_reply(chat_model.max_len) == max_reply
     with TestClient(create_app(chat_model)) as client:
         for param in ("max_tokens", "max_completion_tokens"):
-            response = ask(client, {"role": "user", "content": "hi"}, **{param: chat_model.max_reply + 1})
+            response = ask(client, {"role": "user", "content": "hi"}, **{param: max_reply + 1})
             assert response.status_code == 400 and response.json()["error"]["param"] == param
             assert response.json()["error"]["message"] == (
-                f"{param}: {chat_model.max_reply + 1} does not fit: this model reads {chat_model.max_len} tokens, "
-                f"and the shortest prompt takes {shortest} of them; at most {chat_model.max_reply}")
+                f"{param}: {max_reply + 1} does not fit: this model reads {chat_model.max_len} tokens, "
+                f"and the shortest prompt takes {shortest} of them; at most {max_reply}")
     transcript = make_chat_model(tiny_dirs["llama_chat"], "transcript", max_tokens_limit=100_000)
     with TestClient(create_app(transcript)) as client:  # here a persona line adds tokens no cut takes away
         long_turn = {"role": "user", "content": " ".join(["hello"] * 600)}
-        response = ask(client, PERSONA, long_turn, max_tokens=transcript.max_reply, temperature=0)
+        room = transcript.layout.max_reply(transcript.max_len)
+        response = ask(client, PERSONA, long_turn, max_tokens=room, temperature=0)
         assert response.status_code == 200
-        assert response.json()["usage"]["prompt_tokens"] + transcript.max_reply <= transcript.max_len
+        assert response.json()["usage"]["prompt_tokens"] + room <= transcript.max_len
 
 
 def test_null_n_and_stream_are_their_defaults_and_top_p_0_is_greedy(served):
@@ -497,8 +499,8 @@ def test_serve_refuses_rerank_by_an_untrained_head_and_a_max_length_the_model_ca
     from conftest import save_run_with_a_trained_head
 
     too_long = ["--model_checkpoint", tiny_dirs["llama_chat"], "--max_length", "300", "--max_tokens_limit", "300"]
-    with pytest.raises(SystemExit, match=r"--max_length 300: does not fit: .* reads 256 tokens, and the shortest "
-                                         r"prompt takes \d+ of them; at most \d+$"):
+    with pytest.raises(SystemExit, match=r"--max_length 300: does not fit: this model reads 256 tokens, and the "
+                                         r"shortest prompt takes \d+ of them; at most \d+$"):
         serve.build_app(serve.get_args(too_long))
     args = ["--device", "cpu", "--rerank", "3"]
     with pytest.raises(SystemExit, match="--rerank 3: .* no trained multiple-choice head.*--ranker_checkpoint"):
