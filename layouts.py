@@ -17,6 +17,7 @@ and the reply are the bot's), for the speaker embeddings.
   No tokens are added (but a pad); token types as in chat_template.
 """
 from collections import namedtuple
+from functools import cached_property
 from itertools import chain
 
 IGNORE_INDEX = -100
@@ -98,10 +99,15 @@ class Layout:
                 "mc_token_ids": len(input_ids) - 1,
                 "lm_labels": [IGNORE_INDEX] * len(ids) + (tail if lm_labels else [IGNORE_INDEX] * len(tail))}
 
+    @cached_property
+    def shortest_prompt(self):
+        """Tokens of the shortest prompt a cut can leave: an emptied turn, and no persona or an emptied line of one
+        (with one, some layouts add more than they drop). Rendered once: the server asks it every request."""
+        return max(len(self.context(persona, [[]])[0]) for persona in ([], [[]]))
+
     def max_reply(self, max_len):
-        """The longest reply that fits in max_len after the shortest prompt a cut can leave: an emptied turn, and no
-        persona or an emptied line of one (with one, some layouts add more than they drop)."""
-        return max_len - max(len(self.context(persona, [[]])[0]) for persona in ([], [[]]))
+        """The longest reply that fits in max_len after the shortest prompt."""
+        return max_len - self.shortest_prompt
 
     def reply_overflow(self, length, max_len):
         """Why a reply of `length` tokens cannot be decoded in max_len (the positions past it fail), else ""."""
