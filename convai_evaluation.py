@@ -19,7 +19,8 @@ from tqdm import tqdm
 
 from checkpointing import read_training_args
 from classifier import DataError, load_classifier, load_encoder
-from decoding import DecodingConfig, check_decoding_ranges, generate, mc_rerank_error, reply_text
+from decoding import (DecodingConfig, add_penalty_args, check_decoding_ranges, generate, mc_rerank_error,
+                      reply_text)
 from dialogs import (NUM_DISTRACTORS, VALID_FRACTION, DialogFormatError, add_distractors, read_dialogs, read_parlai)
 from layouts import INPUT_FORMATS, InputFormatError
 from metrics import f1_score, perplexity
@@ -71,6 +72,7 @@ def get_args(argv=None):
     parser.add_argument("--top_p", type=float, default=0.9, help="Nucleus sampling mass (default: 0.9)")
     parser.add_argument("--num_beams", type=int, default=1, help="Beam search beams (default: 1, off)")
     parser.add_argument("--no_repeat_ngram_size", type=int, default=0, help="n-gram blocking (default: 0, off)")
+    add_penalty_args(parser)
     parser.add_argument("--seed", type=seed_type, default=0, help="Seed of sampling (default: 0)")
     parser.add_argument("--split_seed", type=seed_type, default=None,
                         help="Seed of the train/valid split and distractors (default: the run's training seed, else 42)")

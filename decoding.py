@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 @dataclass(frozen=True)
 class DecodingConfig:
-    """The original interact.py's defaults, plus beam search and n-gram blocking."""
+    """The original interact.py's defaults, plus beam search, n-gram blocking and OpenAI's repetition penalties."""
     max_length: int = 20
     min_length: int = 1
     temperature: float = 0.7
@@ -20,13 +20,26 @@ class DecodingConfig:
     no_sample: bool = False
     num_beams: int = 1
     no_repeat_ngram_size: int = 0
+    frequency_penalty: float = 0.0  # taken off a token's logit once per time the reply already holds it
+    presence_penalty: float = 0.0  # taken off once if the reply holds it at all
 
     @classmethod
     def from_args(cls, args, no_sample):
         """The config of the decoding flags interact.py and convai_evaluation.py share."""
         return cls(max_length=args.max_length, min_length=args.min_length, temperature=args.temperature,
                    top_k=args.top_k, top_p=args.top_p, no_sample=no_sample, num_beams=args.num_beams,
-                   no_repeat_ngram_size=args.no_repeat_ngram_size)
+                   no_repeat_ngram_size=args.no_repeat_ngram_size, frequency_penalty=args.frequency_penalty,
+                   presence_penalty=args.presence_penalty)
+
+
+def add_penalty_args(parser):
+    """OpenAI's --frequency_penalty and --presence_penalty (interact.py, serve.py and convai_evaluation.py)."""
+    parser.add_argument("--frequency_penalty", type=float, default=0.0,
+                        help="Lower a token's logit by this for each time the reply already holds it, as OpenAI's "
+                             "API does; -2 to 2 (default: 0, off)")
+    parser.add_argument("--presence_penalty", type=float, default=0.0,
+                        help="Lower a token's logit by this once the reply holds it, as OpenAI's API does; -2 to 2 "
+                             "(default: 0, off)")
 
 
 def add_decoding_args(parser):
@@ -41,6 +54,7 @@ def add_decoding_args(parser):
     parser.add_argument("--num_beams", type=int, default=1, help="Beam search with this many beams (default: 1, off)")
     parser.add_argument("--no_repeat_ngram_size", type=int, default=0,
                         help="Never repeat an n-gram of this size within a reply (default: 0, off)")
+    add_penalty_args(parser)
     parser.add_argument("--rerank", type=int, default=0,
                         help="Sample this many replies and answer with the one the ranker scores best: the run's own "
                              "multiple-choice head, or --ranker_checkpoint's (serve.py: such replies stream at their "
@@ -64,7 +78,9 @@ def check_decoding_ranges(parser, args):
                 (not 0 <= args.top_p <= 1, f"--top_p {args.top_p}: a probability mass between 0 and 1 (0: off)"),
                 (args.top_k < 0, f"--top_k {args.top_k}: at least 0 (0: off)"),
                 (args.num_beams < 1, f"--num_beams {args.num_beams}: at least 1"),
-                (args.no_repeat_ngram_size < 0, f"--no_repeat_ngram_size {args.no_repeat_ngram_size}: at least 0")]
+                (args.no_repeat_ngram_size < 0, f"--no_repeat_ngram_size {args.no_repeat_ngram_size}: at least 0"),
+                *((not -2 <= getattr(args, name) <= 2, f"--{name} {getattr(args, name)}: between -2 and 2")
+                  for name in ("frequency_penalty", "presence_penalty"))]
     for wrong, message in problems:
         if wrong:
             parser.error(message)
@@ -133,8 +149,12 @@ def banned_by_ngrams(tokens, n):
 
 
 def _adjust(logits, replies, t, stop_ids, configs):
-    """min_length (no ending token before it) and n-gram blocking of each row's config, in place."""
+    """Repetition penalties, min_length (no ending token before it) and n-gram blocking of each row's config, in
+    place. The penalties count the reply's own tokens, not the context's, as OpenAI's and vLLM's do."""
     for row, (reply, config) in enumerate(zip(replies, configs)):
+        if reply and (config.frequency_penalty or config.presence_penalty):
+            tokens, counts = torch.tensor(reply, device=logits.device).unique(return_counts=True)
+            logits[row, tokens] -= counts.to(logits.dtype) * config.frequency_penalty + config.presence_penalty
         if t < config.min_length:
             logits[row, stop_ids] = -float("inf")
         banned = banned_by_ngrams(reply, config.no_repeat_ngram_size)
@@ -158,8 +178,16 @@ def _pick(logits, configs, generators):
                       for row, (config, generator) in enumerate(zip(configs, generators))])
 
 
+def _logprobs_of(logprobs, row, token, k):
+    """(the token's log-probability, [(token, log-probability)] of the row's k likeliest), or None if k < 0."""
+    if k < 0:
+        return None
+    top = logprobs[row].topk(min(k, logprobs.shape[-1])) if k else None
+    return float(logprobs[row, token]), list(zip(top.indices.tolist(), top.values.tolist())) if k else []
+
+
 @torch.no_grad()
-def generate(model, contexts, layout, config, generator=None, on_token=None, stop_row=None):
+def generate(model, contexts, layout, config, generator=None, on_token=None, stop_row=None, logprobs=None):
     """Replies (token-id lists, end token excluded) to contexts [(input_ids, token_type_ids), ...] of `layout`.
 
     `config` and `generator` are one for all contexts or a list with one per context (a server batches requests
@@ -167,6 +195,9 @@ def generate(model, contexts, layout, config, generator=None, on_token=None, sto
     end of turn, and the other special tokens) once its min_length tokens are out, or at its max_length tokens.
     `on_token(row, token)` is called with each reply token as it is picked (beam search: once the beam is chosen).
     `stop_row(row)`, when true, ends that row's reply where it is (a server's request whose client has left).
+    `logprobs`, one int k per context, asks for a third argument to on_token: (the token's log-probability, the k
+    likeliest tokens as [(token, log-probability)]) by the model's own distribution, before temperature, filtering
+    and penalties (as vLLM reports them), or None where k is -1 and for beam search's rows.
     """
     if not contexts:
         return []
@@ -178,12 +209,13 @@ def generate(model, contexts, layout, config, generator=None, on_token=None, sto
                                                [configs[r] for r in beamed])))
         for row in beamed if on_token else ():
             for token in replies[row]:
-                on_token(row, token)
+                on_token(row, token, *([None] if logprobs is not None else []))
         rest = [row for row in range(len(contexts)) if row not in replies]
         replies.update(zip(rest, generate(model, [contexts[r] for r in rest], layout, [configs[r] for r in rest],
                                           [generators[r] for r in rest],
-                                          on_token and (lambda row, token: on_token(rest[row], token)),
-                                          stop_row and (lambda row: stop_row(rest[row])))))
+                                          on_token and (lambda row, *token: on_token(rest[row], *token)),
+                                          stop_row and (lambda row: stop_row(rest[row])),
+                                          logprobs and [logprobs[r] for r in rest])))
         return [replies[row] for row in range(len(contexts))]
     device = next(model.parameters()).device
     ids, types, mask, positions = left_pad(contexts, layout.pad, device)
@@ -194,7 +226,9 @@ def generate(model, contexts, layout, config, generator=None, on_token=None, sto
     done = [False] * len(contexts)
     next_position = positions[:, -1:] + 1
     speaker = torch.full((len(contexts), 1), layout.bot_type, device=device)
+    wanted = logprobs is not None and max(logprobs) >= 0
     for t in range(max(c.max_length for c in configs)):
+        raw = F.log_softmax(logits.float(), dim=-1) if wanted else None  # before _adjust changes the logits
         logits = _adjust(logits, replies, t, stop_ids, configs)
         tokens = _pick(logits, configs, generators)
         for row, token in enumerate(tokens.tolist()):
@@ -205,7 +239,9 @@ def generate(model, contexts, layout, config, generator=None, on_token=None, sto
                 continue
             replies[row].append(token)
             done[row] = len(replies[row]) >= configs[row].max_length
-            if on_token:
+            if on_token and logprobs is not None:
+                on_token(row, token, _logprobs_of(raw, row, token, logprobs[row]) if wanted else None)
+            elif on_token:
                 on_token(row, token)
         if all(done):
             break

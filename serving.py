@@ -23,6 +23,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from tokenizers import decoders
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from decoding import MIN_TEMPERATURE, DecodingConfig, generate, reply_text
 from ranking import score_candidates
@@ -35,13 +37,9 @@ PAGE = Path(__file__).parent / "web" / "chat.html"
 # Fields OpenAI clients send whose effect this server lacks: refused when asked for, as `stop` is, rather than
 # answered without it (a client parsing JSON or tool calls would break on a plain reply). Each: is it asked for?
 UNSUPPORTED = {
-    "logprobs": lambda v: v is True,
-    "top_logprobs": lambda v: v not in (None, 0),
     "response_format": lambda v: v is not None and not (isinstance(v, dict) and v.get("type") == "text"),
     "tools": lambda v: bool(v),
     "functions": lambda v: bool(v),
-    "frequency_penalty": lambda v: v not in (None, 0),
-    "presence_penalty": lambda v: v not in (None, 0),
     "logit_bias": lambda v: bool(v),
 }
 
@@ -93,8 +91,12 @@ class ChatRequest(BaseModel):
     stream: bool = Field(False, strict=True)
     stream_options: Optional[StreamOptions] = None
     stop: Optional[Union[str, list[str]]] = None  # refused unless empty: ignoring it would break a client's replies
+    frequency_penalty: Optional[float] = Field(None, ge=-2, le=2, strict=True)
+    presence_penalty: Optional[float] = Field(None, ge=-2, le=2, strict=True)
+    logprobs: bool = Field(False, strict=True)
+    top_logprobs: Optional[int] = Field(None, ge=0, le=20, strict=True)
 
-    @field_validator("n", "stream", mode="before")
+    @field_validator("n", "stream", "logprobs", mode="before")
     @classmethod
     def null_is_the_default(cls, value, info):
         return cls.model_fields[info.field_name].default if value is None else value
@@ -107,6 +109,8 @@ class ChatRequest(BaseModel):
                                      f"serve.py's flags and temperature, top_p, seed, n and max_tokens say)", name)
         if self.stream_options is not None and not self.stream:
             return APIError(400, "stream_options: only allowed when stream is true", "stream_options")
+        if self.top_logprobs and not self.logprobs:
+            return APIError(400, "top_logprobs: only allowed when logprobs is true", "top_logprobs")
         return None
 
 
@@ -173,6 +177,21 @@ class TextStream:
         return piece
 
 
+def token_bytes_of(tokenizer):
+    """A function giving a token's own bytes, as OpenAI's logprobs report them: a byte-level BPE token can hold
+    part of a character, which decoding it alone turns into U+FFFD."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    byte_of = ({c: b for b, c in bytes_to_unicode().items()}  # a byte-level BPE's characters stand for bytes
+               if backend is not None and isinstance(backend.decoder, decoders.ByteLevel) else {})
+
+    def token_bytes(token):
+        piece = tokenizer.convert_ids_to_tokens(token)
+        if byte_of and all(c in byte_of for c in piece):
+            return bytes(byte_of[c] for c in piece)
+        return tokenizer.decode([token]).encode("utf-8")
+    return token_bytes
+
+
 @dataclass(eq=False)  # a request: equal to itself alone (and kept in sets)
 class Job:
     """One request's rows (its choices, or its --rerank samples) and where its events go."""
@@ -185,6 +204,8 @@ class Job:
     persona: list = field(default_factory=list)  # for --rerank's ranker
     turns: list = field(default_factory=list)
     samples: int = 1
+    top_logprobs: int = -1  # k >= 0: each reply token's log-probability and its k likeliest alternatives' are sent
+    token_logprobs: list = field(default_factory=list)  # per row, (logprob, top) of each token so far
     gone: threading.Event = field(default_factory=threading.Event)  # set when its client leaves: its rows stop
     answered: bool = False  # a token or its replies were sent: it cannot start over
     taken: bool = False  # by a batch, or let go while queued (Batcher.leave): its place is counted no more
@@ -317,6 +338,7 @@ class ChatModel:
         self.model, self.tokenizer, self.layout, self.settings, self.max_len = model, tokenizer, layout, settings, max_len
         self.ranker = ranker
         self.device = next(model.parameters()).device
+        self.token_bytes = token_bytes_of(tokenizer)
         self.rng = random.Random(settings.seed)
 
     def encode(self, text):
@@ -338,6 +360,8 @@ class ChatModel:
             raise APIError(400, f"{param}: {max_tokens} {overflow}", param)
         config = self.settings.decoding
         changes = {"max_length": max_tokens or config.max_length}
+        changes.update({name: getattr(request, name) for name in ("frequency_penalty", "presence_penalty")
+                        if getattr(request, name) is not None})
         if request.temperature is not None:
             greedy = request.temperature < MIN_TEMPERATURE
             changes.update(no_sample=greedy, temperature=1.0 if greedy else request.temperature)
@@ -354,6 +378,9 @@ class ChatModel:
         persona = persona or list(self.settings.persona)
         turns = turns[-(2 * self.settings.max_history + 1):]
         config = self.config_of(request)
+        if request.logprobs and config.num_beams > 1:
+            raise APIError(400, f"logprobs: not reported by this server's beam search (--num_beams "
+                                f"{config.num_beams})", "logprobs")
         context = self.layout.context_inputs([self.encode(s) for s in persona], [self.encode(t) for t in turns],
                                              self.max_len, config.max_length)
         # greedy or beam decoding gives one reply however often it runs: nothing to rerank
@@ -362,48 +389,65 @@ class ChatModel:
         seed = request.seed if request.seed is not None else self.rng.getrandbits(62)
         generators = [torch.Generator(device=self.device).manual_seed(row_seed(seed, i)) for i in range(rows)]
         return Job([context] * rows, [config] * rows, generators, loop, asyncio.Queue(),
-                   stream=samples == 1 and config.num_beams == 1, persona=persona, turns=turns, samples=samples)
+                   stream=samples == 1 and config.num_beams == 1, persona=persona, turns=turns, samples=samples,
+                   top_logprobs=(request.top_logprobs or 0) if request.logprobs else -1)
 
     def decode_jobs(self, jobs, max_rows=None):
         """Decode the jobs' rows in batches of at most max_rows (default: one batch), streaming tokens to jobs that
         stream, then their replies. The rows of a job whose client has left stop where they are."""
         owners = [(job, i) for job in jobs for i in range(len(job.contexts))]
         size, replies = max_rows or max(len(owners), 1), []
+        for job in jobs:
+            job.token_logprobs = [[] for _ in job.contexts]  # afresh: a failed batch's job is decoded again
         for start in range(0, len(owners), size):
             rows = owners[start:start + size]
             replies += generate(self.model, [job.contexts[i] for job, i in rows], self.layout,
                                 [job.configs[i] for job, i in rows], [job.generators[i] for job, i in rows],
-                                on_token=partial(self._on_token, rows), stop_row=partial(self._client_gone, rows))
+                                on_token=partial(self._on_token, rows), stop_row=partial(self._client_gone, rows),
+                                logprobs=[job.top_logprobs for job, _ in rows])
         start = 0
         for job in jobs:
             mine = replies[start:start + len(job.contexts)]
             start += len(job.contexts)
             if not job.gone.is_set():
-                job.emit("done", self.choose(job, mine))
+                chosen = self.choose(job, mine)
+                job.emit("done", [mine[i] for i in chosen],
+                         [job.token_logprobs[i] for i in chosen] if job.top_logprobs >= 0 else None)
 
     @staticmethod
-    def _on_token(rows, row, token):
+    def _on_token(rows, row, token, logprobs):
         job, i = rows[row]
+        if logprobs is not None:
+            job.token_logprobs[i].append(logprobs)
         if job.stream:
-            job.emit("token", i, token)
+            job.emit("token", i, token, logprobs)
 
     @staticmethod
     def _client_gone(rows, row):
         return rows[row][0].gone.is_set()
 
     def choose(self, job, replies):
-        """One reply per choice: with --rerank, the sample the ranker (a BERT ranker, else the run's multiple-choice
-        head) scores best among each choice's samples."""
+        """The row of each choice's reply: with --rerank, of the sample the ranker (a BERT ranker, else the run's
+        multiple-choice head) scores best among the choice's samples."""
         if job.samples == 1:
-            return replies
-        groups = [replies[start:start + job.samples] for start in range(0, len(replies), job.samples)]
+            return list(range(len(replies)))
+        starts = range(0, len(replies), job.samples)
         if self.ranker is None:  # every choice's samples follow the same context: one pass scores them all
             mc_logits = score_candidates(self.model, job.contexts[0], replies, self.layout, lm_rows=[])[0]
-            return [group[int(scores.argmax())] for group, scores in zip(groups, mc_logits.split(job.samples))]
+            return [start + int(scores.argmax()) for start, scores in zip(starts, mc_logits.split(job.samples))]
         ranker_model, ranker_tokenizer, _, options = self.ranker
         context = context_text(job.persona, job.turns, options.get("max_history", 2))
-        return [group[int(score_pairs(ranker_model, ranker_tokenizer, options, context, [self.text(r) for r in group],
-                                      self.device).argmax())] for group in groups]
+        return [start + int(score_pairs(ranker_model, ranker_tokenizer, options, context,
+                                        [self.text(r) for r in replies[start:start + job.samples]],
+                                        self.device).argmax()) for start in starts]
+
+    def logprobs(self, reply, token_logprobs):
+        """OpenAI's `logprobs` of a choice: {"content": [{token, logprob, bytes, top_logprobs}, ...]}, a token each."""
+        def entry(token, logprob):
+            raw = self.token_bytes(token)
+            return {"token": raw.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(raw)}
+        return {"content": [{**entry(token, logprob), "top_logprobs": [entry(*alternative) for alternative in top]}
+                            for token, (logprob, top) in zip(reply, token_logprobs)]}
 
     def finish_reason(self, reply, config):
         return "length" if len(reply) >= config.max_length else "stop"
@@ -548,10 +592,11 @@ def create_app(chat_model, max_concurrency=32, max_batch_size=8):
         if body.stream:  # starlette cancels the stream when its client leaves
             return StreamingResponse(stream_events(job, head, body), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # not held by a proxy
-        replies = await wait_replies(job, request)
+        replies, logprobs = await wait_replies(job, request)
         return {**head, "object": "chat.completion", "usage": chat_model.usage(job, replies), "choices": [
             {"index": i, "message": {"role": "assistant", "content": chat_model.text(reply)},
-             "finish_reason": chat_model.finish_reason(reply, job.configs[i]), "logprobs": None}
+             "finish_reason": chat_model.finish_reason(reply, job.configs[i]),
+             "logprobs": chat_model.logprobs(reply, logprobs[i]) if logprobs else None}
             for i, reply in enumerate(replies)]}
 
     async def wait_replies(job, request):
@@ -567,7 +612,7 @@ def create_app(chat_model, max_concurrency=32, max_batch_size=8):
                     raise APIError(499, "the client closed the request", type_="client_closed_request")
                 kind, *rest = event.result()
                 if kind == "done":
-                    return rest[0]
+                    return rest
                 if kind == "error":
                     raise APIError(500, rest[0], type_="server_error")
                 if kind == "shutdown":
@@ -585,17 +630,18 @@ def create_app(chat_model, max_concurrency=32, max_batch_size=8):
         chunk = lambda choices: sse({**head, "object": "chat.completion.chunk", "choices": choices})  # noqa: E731
         streams = [TextStream(chat_model.text) for _ in range(n)]
         try:
-            yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
-                         for i in range(n)])
+            yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                          "finish_reason": None} for i in range(n)])
             while True:
                 kind, *rest = await job.events.get()
                 if kind == "token":
-                    i, token = rest
-                    yield chunk([{"index": i, "delta": {"content": streams[i].push(token)}, "finish_reason": None}])
+                    i, token, logprobs = rest
+                    yield chunk([{"index": i, "delta": {"content": streams[i].push(token)}, "finish_reason": None,
+                                  "logprobs": chat_model.logprobs([token], [logprobs]) if logprobs else None}])
                 elif kind == "done":
                     replies = rest[0]
                     for i, reply in enumerate(replies):
-                        yield chunk([{"index": i, "delta": {"content": streams[i].finish(reply)},
+                        yield chunk([{"index": i, "delta": {"content": streams[i].finish(reply)}, "logprobs": None,
                                       "finish_reason": chat_model.finish_reason(reply, job.configs[i])}])
                     if body.stream_options and body.stream_options.include_usage:
                         yield sse({**head, "object": "chat.completion.chunk", "choices": [],

@@ -47,6 +47,18 @@ def make_chat_tokenizer():
     return tokenizer
 
 
+def make_byte_level_tokenizer():
+    """One token per byte, as GPT-2's for rare characters: a character can span tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    byte_level = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))},
+                                      merges=[]))
+    byte_level.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=byte_level)
+
+
 def save_run_with_a_trained_head(checkpoint, directory):
     """A run directory of `checkpoint` whose multiple-choice head is random but marked trained (sharp preferences)."""
     import torch

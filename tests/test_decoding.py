@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from decoding import DecodingConfig, banned_by_ngrams, generate, reply_text, top_filtering
+from conftest import make_byte_level_tokenizer
+from decoding import DecodingConfig, _adjust, banned_by_ngrams, generate, reply_text, top_filtering
 from layouts import SpecialIds, TransferTransfoLayout
 from modeling import load_tokenizer_and_model
 
@@ -34,6 +35,35 @@ def test_ngram_blocking():
     assert banned_by_ngrams([1, 2, 3, 1, 2], 3) == {3}
     assert banned_by_ngrams([1, 2, 3], 2) == set()
     assert banned_by_ngrams([5, 5], 1) == {5}
+
+
+def test_penalties_count_the_reply_own_tokens_as_openai_defines_them():
+    config = DecodingConfig(frequency_penalty=0.5, presence_penalty=1.0)
+    logits = _adjust(torch.zeros(2, 8), [[3, 3, 5], []], 3, [1], [config, config])
+    assert logits[0].tolist() == [0, 0, 0, -2.0, 0, -1.5, 0, 0]  # 2 x 0.5 + 1 and 1 x 0.5 + 1
+    assert logits[1].tolist() == [0] * 8  # nothing said yet: nothing to penalise (the context is not counted)
+    negative = _adjust(torch.zeros(1, 8), [[3, 3]], 3, [1], [DecodingConfig(frequency_penalty=-1.0)])
+    assert negative[0, 3] == 2.0  # a negative penalty favours repeating
+
+
+def test_a_presence_penalty_changes_greedy_replies_as_its_logits_say():
+    """Logits 4, 3 and 2.6 for tokens 7, 8 and 9: greedy repeats 7; penalties let 8 and 9 in, each as it counts."""
+    class Repeater(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def step(self, input_ids, token_type_ids, attention_mask, position_ids, cache=None):
+            logits = torch.full((input_ids.shape[0], 10), -5.0)
+            logits[:, 7], logits[:, 8], logits[:, 9] = 4.0, 3.0, 2.6
+            return logits, cache
+
+    reply = lambda **penalty: generate(Repeater(), [([0, 2], [2, 2])], LAYOUT,  # noqa: E731
+                                       DecodingConfig(no_sample=True, max_length=5, **penalty))[0]
+    assert reply() == [7, 7, 7, 7, 7]
+    assert reply(presence_penalty=1.5) == [7, 8, 9, 7, 7]  # then 2.5 against 1.5 and 1.1, however often 7 came
+    assert reply(frequency_penalty=1.5) == [7, 8, 9, 7, 8]  # the second 7 costs 3: 1.0 against 1.5 and 1.1
+    assert reply(frequency_penalty=0.6) == [7, 7, 8, 7, 9]  # 3.4 > 3; 2.8 < 3; 2.8 > 2.6; 2.2 < 2.6
 
 
 SPECIAL = SpecialIds(bos=0, eos=1, speaker1=2, speaker2=3, pad=4)
@@ -134,6 +164,27 @@ def test_each_context_keeps_its_own_settings_and_seed_in_a_batch(chat_model):
     assert batched == alone and [len(r) for r in batched] == [5, 9]
     assert [t for r, t in seen if r == 0] == batched[0] and [t for r, t in seen if r == 1] == batched[1]
     assert [r for r, _ in seen][:4] == [0, 1, 0, 1]  # tokens come out step by step, not reply by reply
+
+
+def test_logprobs_are_the_model_own_distribution_at_each_reply_token(chat_model):
+    """on_token's logprobs: the picked token's and the k likeliest, by the logits before temperature and top-p."""
+    model, layout, contexts = chat_model
+    config = DecodingConfig(temperature=0.5, top_p=0.8, min_length=6, max_length=6)
+    seen = {0: [], 1: []}
+    replies = generate(model, contexts, layout, config, generator=torch.Generator().manual_seed(1),
+                       on_token=lambda row, token, logprobs: seen[row].append((token, logprobs)), logprobs=[3, -1])
+    assert [t for t, _ in seen[0]] == replies[0] and all(logprobs is None for _, logprobs in seen[1])
+    ids, types = (list(x) for x in contexts[0])
+    with torch.no_grad():
+        hidden, _ = model.hidden_states(torch.tensor([ids + replies[0]]),
+                                        torch.tensor([types + [layout.bot_type] * 6]), None,
+                                        torch.arange(len(ids) + 6)[None])
+        expected = torch.log_softmax(model.lm_logits(hidden[0, len(ids) - 1:-1]), dim=-1)  # what predicts each
+    for step, (token, (logprob, top)) in enumerate(seen[0]):
+        assert logprob == pytest.approx(float(expected[step, token]), abs=1e-4)
+        assert [t for t, _ in top] == expected[step].topk(3).indices.tolist()
+        assert [p for _, p in top] == pytest.approx(expected[step].topk(3).values.tolist(), abs=1e-4)
+    assert generate(model, contexts, layout, config, generator=torch.Generator().manual_seed(1)) == replies
 
 
 def test_beam_search_gives_a_reply_per_context_without_special_tokens(chat_model):
@@ -284,14 +335,7 @@ def test_transcript_replies_stop_at_the_end_of_the_line(num_beams):
 
 
 def test_a_reply_cut_inside_a_character_ends_before_it():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    byte_level = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))},
-                                      merges=[]))  # one token per byte, as GPT-2's for rare characters
-    byte_level.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    byte_level.decoder = decoders.ByteLevel()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=byte_level)
+    tokenizer = make_byte_level_tokenizer()
     tokens = tokenizer("hi \U0001F469", add_special_tokens=False)["input_ids"]
     assert len(tokens) == 7 and tokenizer.decode(tokens[:-1]).endswith("\ufffd")  # 3 ASCII bytes, 4 of the emoji
     assert [reply_text(tokenizer, tokens[:n]) for n in (7, 6, 4, 3)] == ["hi \U0001F469", "hi ", "hi ", "hi "]
@@ -300,7 +344,8 @@ def test_a_reply_cut_inside_a_character_ends_before_it():
 def test_every_decoding_flag_of_interact_reaches_the_config():
     import interact
     args = interact.get_args(["--max_length", "7", "--min_length", "2", "--temperature", "0.5", "--top_k", "3",
-                              "--top_p", "0.8", "--num_beams", "2", "--no_repeat_ngram_size", "3"])
+                              "--top_p", "0.8", "--num_beams", "2", "--no_repeat_ngram_size", "3",
+                              "--frequency_penalty", "0.25", "--presence_penalty", "-0.5"])
     assert DecodingConfig.from_args(args, no_sample=True) == DecodingConfig(
         max_length=7, min_length=2, temperature=0.5, top_k=3, top_p=0.8, no_sample=True, num_beams=2,
-        no_repeat_ngram_size=3)
+        no_repeat_ngram_size=3, frequency_penalty=0.25, presence_penalty=-0.5)

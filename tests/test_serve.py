@@ -39,6 +39,16 @@ def test_the_openai_client_gets_replies_streamed_and_not(server):
     sampled = client.chat.completions.create(model="smollm2", messages=messages, max_tokens=12, temperature=1.0,
                                              seed=3, n=2)
     assert len(sampled.choices) == 2 and all(c.message.content.strip() for c in sampled.choices)
+    scored = client.chat.completions.create(model="smollm2", messages=messages, max_tokens=12, temperature=0,
+                                            logprobs=True, top_logprobs=2)
+    tokens = scored.choices[0].logprobs.content
+    assert scored.choices[0].message.content == content  # logprobs change nothing of the reply
+    assert b"".join(bytes(t.bytes) for t in tokens).decode().strip() == content  # byte-level tokens, whole
+    assert all(t.top_logprobs[0].token == t.token and t.logprob <= 0 for t in tokens)  # greedy: the likeliest
+    penalised = client.chat.completions.create(model="smollm2", messages=messages, max_tokens=12, temperature=0,
+                                               frequency_penalty=2.0, presence_penalty=2.0)
+    repeats = len({bytes(t.bytes) for t in tokens}) < len(tokens)
+    assert (penalised.choices[0].message.content != content) == repeats  # penalties lower only tokens said before
 
 
 def chromium_driver(tmp_path):

@@ -8,6 +8,8 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
+from conftest import make_tokenizer
+
 from decoding import DecodingConfig
 from modeling import load_tokenizer_and_model, model_max_length
 from serving import (SHUTTING_DOWN, APIError, Batcher, ChatModel, Job, ServerSettings, TextStream, create_app,
@@ -95,6 +97,58 @@ def test_streamed_chunks_join_into_the_greedy_reply(served):
     assert token_chunks == len(whole["choices"][0]["message"]["content"].split())  # one chunk per token
 
 
+def test_logprobs_give_each_reply_token_and_its_likeliest_alternatives_streamed_or_not(served):
+    client, _, _ = served
+    messages = (PERSONA, {"role": "user", "content": "do you like music"})
+    body = ask(client, *messages, temperature=0, max_tokens=6, logprobs=True, top_logprobs=3).json()
+    (choice,) = body["choices"]
+    content = choice["logprobs"]["content"]
+    assert len(content) == body["usage"]["completion_tokens"] - (choice["finish_reason"] == "stop") > 1
+    assert " ".join(e["token"] for e in content) == choice["message"]["content"]  # the test tokenizer: words
+    for entry in content:
+        top = entry["top_logprobs"]
+        assert [t["logprob"] for t in top] == sorted((t["logprob"] for t in top), reverse=True) and len(top) == 3
+        assert (entry["token"], entry["logprob"]) == (top[0]["token"], top[0]["logprob"])  # greedy: the likeliest
+        assert entry["logprob"] < 0 and entry["bytes"] == list(entry["token"].encode())
+    streamed = [c["logprobs"] for e in stream_events(client, *messages, temperature=0, max_tokens=6, logprobs=True,
+                                                     top_logprobs=3) for c in e["choices"]]
+    assert streamed[0] is None and streamed[-1] is None  # the role chunk and the closing one
+    flat = lambda entries: [(e["token"], e["logprob"], [(t["token"], t["logprob"]) for t in e["top_logprobs"]])  # noqa
+                            for e in entries]
+    assert [(token, pytest.approx(logprob), [(t, pytest.approx(p)) for t, p in top]) for token, logprob, top in
+            flat(e for chunk in streamed[1:-1] for e in chunk["content"])] == flat(content)
+    plain = ask(client, *messages, temperature=0, max_tokens=6, logprobs=True).json()["choices"][0]
+    assert [e["token"] for e in plain["logprobs"]["content"]] == [e["token"] for e in content]
+    assert all(e["top_logprobs"] == [] for e in plain["logprobs"]["content"])  # top_logprobs 0 or left out
+    assert ask(client, *messages, temperature=0, max_tokens=6).json()["choices"][0]["logprobs"] is None
+
+
+def test_token_bytes_are_a_byte_level_token_own_bytes_not_its_replacement_character():
+    from conftest import make_byte_level_tokenizer
+    from serving import token_bytes_of
+
+    tokenizer = make_byte_level_tokenizer()
+    token_bytes = token_bytes_of(tokenizer)
+    tokens = tokenizer("hi \U0001F469", add_special_tokens=False)["input_ids"]
+    assert [token_bytes(t) for t in tokens[:3]] == [b"h", b"i", b" "]
+    assert b"".join(token_bytes(t) for t in tokens[3:]) == "\U0001F469".encode()  # 4 tokens, 1 byte each
+    assert token_bytes_of(make_tokenizer())(3) == make_tokenizer().decode([3]).encode()  # not byte-level: its text
+
+
+def test_penalties_of_a_request_reach_its_decoding_and_beam_search_refuses_logprobs(tiny_dirs):
+    from serving import ChatRequest
+
+    chat_model = make_chat_model(tiny_dirs["llama_chat"])
+    user = [{"role": "user", "content": "hi"}]
+    config = chat_model.config_of(ChatRequest(messages=user, frequency_penalty=0.5, presence_penalty=-1))
+    assert (config.frequency_penalty, config.presence_penalty) == (0.5, -1.0)
+    assert chat_model.config_of(ChatRequest(messages=user)) == DecodingConfig(max_length=8, temperature=1.0)
+    beams = make_chat_model(tiny_dirs["llama_chat"], decoding=DecodingConfig(max_length=8, num_beams=2))
+    with pytest.raises(APIError, match="logprobs: not reported by this server's beam search") as refused:
+        beams.job_for(ChatRequest(messages=user, logprobs=True), asyncio.new_event_loop())
+    assert refused.value.status == 400 and refused.value.param == "logprobs"
+
+
 def test_a_seed_makes_sampling_repeat(served):
     client, _, _ = served
     user = {"role": "user", "content": "tell me about your family"}
@@ -157,12 +211,14 @@ def test_the_persona_is_the_system_part_of_the_prompt_the_model_sees(served):
     ({"messages": [{"role": "user", "content": "hi"}, {"role": "user", "content": ""}]}, "messages[1].content"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
      "messages[0].content[0].type"),
-    ({"messages": [{"role": "user", "content": "hi"}], "logprobs": True}, "logprobs"),  # refused, as stop is
-    ({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, "top_logprobs"),
+    ({"messages": [{"role": "user", "content": "hi"}], "logprobs": "yes"}, "logprobs"),
+    ({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, "top_logprobs"),  # without logprobs
+    ({"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     ({"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}}, "response_format"),
     ({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function", "function": {"name": "f"}}]},
      "tools"),
-    ({"messages": [{"role": "user", "content": "hi"}], "frequency_penalty": 0.5}, "frequency_penalty"),
+    ({"messages": [{"role": "user", "content": "hi"}], "frequency_penalty": 2.5}, "frequency_penalty"),
+    ({"messages": [{"role": "user", "content": "hi"}], "presence_penalty": -3}, "presence_penalty"),
     ({"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"50256": -100}}, "logit_bias"),
     ({"messages": [{"role": "user", "content": "hi"}], "stream_options": {"include_usage": True}}, "stream_options"),
 ])
@@ -444,12 +500,15 @@ def test_rerank_answers_with_the_sample_the_ranker_scores_best(tiny_dirs, tiny_b
     with TestClient(create_app(plain)) as plain_client, TestClient(create_app(reranking)) as rerank_client:
         for seed in range(6):
             # the 4 samples a rerank request draws are the n=4 choices of the same seed
-            samples = [c["message"]["content"] for c in ask(plain_client, *messages, n=4, seed=seed,
-                                                            max_tokens=6).json()["choices"]]
+            choices = ask(plain_client, *messages, n=4, seed=seed, max_tokens=6, logprobs=True).json()["choices"]
+            samples = [c["message"]["content"] for c in choices]
             scores = score_pairs(ranker_model, ranker_tokenizer, ranker_options,
                                  context_text(["i love cats.", "i like music"], ["hi how are you"]), samples, "cpu")
-            reply = ask(rerank_client, *messages, seed=seed, max_tokens=6).json()["choices"][0]["message"]["content"]
-            assert reply == samples[int(scores.argmax())]
+            reply = ask(rerank_client, *messages, seed=seed, max_tokens=6, logprobs=True).json()["choices"][0]
+            assert reply["message"]["content"] == samples[int(scores.argmax())]
+            picked = choices[int(scores.argmax())]["logprobs"]["content"]  # the pick's own
+            assert [(e["token"], pytest.approx(e["logprob"])) for e in reply["logprobs"]["content"]] == [
+                (e["token"], e["logprob"]) for e in picked]
             picked_a_later_sample |= int(scores.argmax()) > 0
     assert picked_a_later_sample  # not just the first sample every time
 
