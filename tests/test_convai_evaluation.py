@@ -103,6 +103,35 @@ def test_pmi_ranks_by_the_replys_log_likelihood_after_the_context_minus_after_an
     assert [json.loads(row)["top_candidate"] for row in open(predictions)] == tops
 
 
+def test_rankers_joined_by_plus_rank_by_the_sum_of_their_standardized_scores(chatty, tmp_path):
+    lines = []
+    for k, text in enumerate(HISTORIES * 2):
+        candidates = DISTRACTORS[k:] + DISTRACTORS[:k]
+        lines += ["1 your persona: i like cats", f"2 {text}\t{candidates[-1]}\t\t{'|'.join(candidates)}"]
+    data = tmp_path / "valid_self_original.txt"
+    data.write_text("\n".join(lines) + "\n")
+    predictions = tmp_path / "pred.jsonl"
+    results = evaluate(chatty, str(data), tmp_path, "--eval_type", "hits@1", "--ranker", "lm+mc+pmi", "mc", "lm",
+                       "pmi", "--save_predictions", str(predictions))
+    rows = [json.loads(row) for row in open(predictions)]
+    assert all(sorted(row["scores"]) == ["lm", "mc", "pmi"] and len(row["scores"]["mc"]) == 6 for row in rows)
+
+    def z(values):  # standardized by hand: mean 0, sample standard deviation 1
+        mean = sum(values) / len(values)
+        sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+        return [(v - mean) / sd for v in values]
+
+    def mrr(score):
+        return sum(1 / sum(s >= score(row)[-1] for s in score(row)) for row in rows) / len(rows)
+
+    joined = mrr(lambda row: [sum(parts) for parts in zip(*(z(row["scores"][n]) for n in ("lm", "mc", "pmi")))])
+    assert results["ranker"] == "lm+mc+pmi" and results["mrr"] == pytest.approx(joined, rel=1e-6)
+    alone = {name: mrr(lambda row: row["scores"][name]) for name in ("lm", "mc", "pmi")}
+    assert {name: results["by_ranker"][name]["mrr"] for name in alone} == pytest.approx(alone, rel=1e-6)
+    assert len({round(v, 6) for v in [joined, *alone.values()]}) > 2  # the joined ranking is not one part's
+
+
+
 def test_ppl_is_exp_of_the_mean_nll_of_gold_tokens(chatty, convai_file, tmp_path):
     results = evaluate(chatty, convai_file, tmp_path, "--eval_type", "ppl")
     tokenizer, model, layout = load_tokenizer_and_model(chatty)
@@ -136,7 +165,7 @@ def test_f1_and_saved_predictions(chatty, convai_file, tmp_path):
                        "--ranker", "lm", "--save_predictions", str(predictions))
     rows = [json.loads(line) for line in open(predictions)]
     assert len(rows) == 3
-    assert set(rows[0]) == {"id", "context", "gold", "reply", "top_candidate", "f1"}
+    assert set(rows[0]) == {"id", "context", "gold", "reply", "top_candidate", "scores", "f1"}
     assert all(row["reply"] == row["gold"] and row["f1"] == 1.0 for row in rows)  # greedy reproduces the gold
     assert results["f1"] == 1.0 and results["hits@1"] == 1.0
     assert all(row["top_candidate"] == row["gold"] for row in rows)
@@ -266,7 +295,11 @@ def test_a_run_trained_on_a_parlai_train_file_is_scored_on_what_it_held_out(chat
     (["--batch_size", "0"], "--batch_size 0: at least 1"),
     (["--ranker", "lm", "--ranker_checkpoint", "r"], "--ranker_checkpoint r: only --ranker bert or biencoder reads it"),
     (["--temperature", "0"], "--temperature: at least 1e-05 (replies are greedy unless --sample or --rerank)"),
-    (["--temperature", "1e-45"], "--temperature: at least 1e-05")])
+    (["--temperature", "1e-45"], "--temperature: at least 1e-05"),
+    (["--ranker", "mc+pmx"], "argument --ranker: 'mc+pmx': unknown ranker 'pmx' (choose from mc, lm, pmi, bert, "),
+    (["--ranker", "mc+pmi+mc"], "argument --ranker: 'mc+pmi+mc': a ranker twice"),
+    (["--ranker", "lm+bert", "--ranker_checkpoint", "r", "--frequency_penalty", "3"],
+     "--frequency_penalty 3.0: between -2 and 2")])
 def test_bad_flags_are_refused_before_anything_loads(flags, message, tmp_path, capsys):
     with pytest.raises(SystemExit):
         convai_evaluation.get_args([flag.format(tmp=tmp_path) for flag in flags])

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -5,7 +7,7 @@ from conftest import make_personachat
 from inputs import collate
 from layouts import IGNORE_INDEX
 from modeling import load_tokenizer_and_model
-from ranking import best_by_mc_head, rank_of_gold, score_candidates
+from ranking import best_by_mc_head, rank_of_gold, score_candidates, standardized
 from tokenized import tokenize_dialogs
 
 
@@ -76,3 +78,10 @@ def test_best_by_mc_head_is_the_reply_whose_full_sequence_the_head_scores_highes
         assert best_by_mc_head(model, context, replies[::-1], layout) == len(replies) - 1 - best  # order-free
         picked.add(best)
     assert len(picked) > 1  # not one position every time
+
+
+def test_standardized_scores_keep_blank_candidates_last():
+    assert standardized(torch.tensor([1.0, 2.0, 3.0])).tolist() == [-1.0, 0.0, 1.0]
+    assert standardized(torch.tensor([5.0, -math.inf, 7.0])).tolist() == pytest.approx(
+        [-math.sqrt(0.5), -math.inf, math.sqrt(0.5)])
+    assert standardized(torch.tensor([2.0, 2.0])).tolist() == [0.0, 0.0]  # no spread: no say in the sum
