@@ -43,7 +43,8 @@ def add_penalty_args(parser):
 
 
 def add_decoding_args(parser):
-    """The decoding flags of interact.py and serve.py (the original interact.py's, plus beams and n-gram blocking)."""
+    """The decoding flags of interact.py and serve.py (the original interact.py's, plus beams, n-gram blocking and
+    OpenAI's penalties)."""
     parser.add_argument("--no_sample", action="store_true", help="Greedy decoding instead of sampling")
     parser.add_argument("--max_length", type=int, default=20, help="Most tokens in a reply (default: 20)")
     parser.add_argument("--min_length", type=int, default=1,
@@ -228,7 +229,9 @@ def generate(model, contexts, layout, config, generator=None, on_token=None, sto
     speaker = torch.full((len(contexts), 1), layout.bot_type, device=device)
     wanted = logprobs is not None and max(logprobs) >= 0
     for t in range(max(c.max_length for c in configs)):
-        raw = F.log_softmax(logits.float(), dim=-1) if wanted else None  # before _adjust changes the logits
+        # before _adjust changes the logits; -inf (a token the model rules out) as -9999, vLLM's stand-in, which JSON
+        # can carry
+        raw = F.log_softmax(logits.float(), dim=-1).nan_to_num(-9999.0, neginf=-9999.0) if wanted else None
         logits = _adjust(logits, replies, t, stop_ids, configs)
         tokens = _pick(logits, configs, generators)
         for row, token in enumerate(tokens.tolist()):

@@ -88,8 +88,8 @@ def best_by_mc_head(model, context, replies, layout):
 
 def standardized(scores):
     """Scores over one example's candidates with mean 0 and standard deviation 1, so that rankers of different
-    scales (logits, log-probabilities, cosines) add with equal weight. -inf (a blank candidate) stays -inf; equal
-    scores become 0."""
+    scales (logits, log-probabilities, cosines) add with equal weight. A score that is not finite (a BERT ranker's
+    -inf for a blank candidate, a NaN) becomes -inf, last; equal scores become 0."""
     finite = torch.isfinite(scores)
     values = scores[finite].double()
     spread = values.std() if len(values) > 1 else values.new_zeros(())

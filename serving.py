@@ -6,6 +6,7 @@ import json
 import logging
 import queue
 import random
+import re
 import subprocess
 import sys
 import threading
@@ -106,7 +107,8 @@ class ChatRequest(BaseModel):
         for name, asked in UNSUPPORTED.items():
             if asked((self.model_extra or {}).get(name)):
                 return APIError(400, f"{name}: not supported by this server (a reply is plain text, decoded as "
-                                     f"serve.py's flags and temperature, top_p, seed, n and max_tokens say)", name)
+                                     f"serve.py's flags and temperature, top_p, the penalties, seed, n and "
+                                     f"max_tokens say)", name)
         if self.stream_options is not None and not self.stream:
             return APIError(400, "stream_options: only allowed when stream is true", "stream_options")
         if self.top_logprobs and not self.logprobs:
@@ -178,16 +180,22 @@ class TextStream:
 
 
 def token_bytes_of(tokenizer):
-    """A function giving a token's own bytes, as OpenAI's logprobs report them: a byte-level BPE token can hold
-    part of a character, which decoding it alone turns into U+FFFD."""
+    """A function giving a token's own bytes, as OpenAI's logprobs report them: a byte-level BPE token, or a
+    SentencePiece byte-fallback piece (<0xE2>), can hold part of a character, which decoding it alone turns into
+    U+FFFD. Other tokens give the text they decode to alone (a SentencePiece word's leading space is lost there,
+    as in vLLM's); an id past the tokenizer's vocabulary (a model's padded embedding rows), no bytes."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     byte_of = ({c: b for b, c in bytes_to_unicode().items()}  # a byte-level BPE's characters stand for bytes
                if backend is not None and isinstance(backend.decoder, decoders.ByteLevel) else {})
 
     def token_bytes(token):
         piece = tokenizer.convert_ids_to_tokens(token)
+        if piece is None:
+            return b""
         if byte_of and all(c in byte_of for c in piece):
             return bytes(byte_of[c] for c in piece)
+        if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", piece):
+            return bytes([int(piece[3:5], 16)])
         return tokenizer.decode([token]).encode("utf-8")
     return token_bytes
 
@@ -348,7 +356,8 @@ class ChatModel:
         return reply_text(self.tokenizer, tokens).lstrip()
 
     def config_of(self, request):
-        """The server's decoding defaults with the request's max_tokens, temperature (0: greedy) and top_p."""
+        """The server's decoding defaults with the request's max_tokens, temperature (0: greedy), top_p and
+        penalties."""
         limit = self.settings.max_tokens_limit
         max_tokens = request.max_completion_tokens or request.max_tokens
         param = "max_completion_tokens" if request.max_completion_tokens else "max_tokens"
@@ -639,9 +648,12 @@ def create_app(chat_model, max_concurrency=32, max_batch_size=8):
                     yield chunk([{"index": i, "delta": {"content": streams[i].push(token)}, "finish_reason": None,
                                   "logprobs": chat_model.logprobs([token], [logprobs]) if logprobs else None}])
                 elif kind == "done":
-                    replies = rest[0]
+                    replies, logprobs = rest
                     for i, reply in enumerate(replies):
-                        yield chunk([{"index": i, "delta": {"content": streams[i].finish(reply)}, "logprobs": None,
+                        # a reply that did not stream (--rerank's pick) comes whole here, and so do its logprobs
+                        held = logprobs and not job.stream
+                        yield chunk([{"index": i, "delta": {"content": streams[i].finish(reply)},
+                                      "logprobs": chat_model.logprobs(reply, logprobs[i]) if held else None,
                                       "finish_reason": chat_model.finish_reason(reply, job.configs[i])}])
                     if body.stream_options and body.stream_options.include_usage:
                         yield sse({**head, "object": "chat.completion.chunk", "choices": [],

@@ -187,6 +187,21 @@ def test_logprobs_are_the_model_own_distribution_at_each_reply_token(chat_model)
     assert generate(model, contexts, layout, config, generator=torch.Generator().manual_seed(1)) == replies
 
 
+def test_a_token_the_model_rules_out_has_logprob_minus_9999_not_minus_infinity():
+    class RulesOut(EndEagerModel):
+        def step(self, *args, **kwargs):
+            logits, cache = super().step(*args, **kwargs)
+            logits[:, 9] = NEG
+            return logits, cache
+
+    seen = []
+    generate(RulesOut(), [([0, 2], [2, 2])], LAYOUT, DecodingConfig(no_sample=True, max_length=1, min_length=1),
+             on_token=lambda row, token, logprobs: seen.append(logprobs), logprobs=[10])
+    ((logprob, top),) = seen
+    assert dict(top)[9] == -9999.0 and all(math.isfinite(p) for _, p in top)  # JSON carries it, as vLLM's
+    assert logprob == pytest.approx(math.log(math.exp(4) / (math.exp(5) + math.exp(4) + 7 * math.exp(-5))))
+
+
 def test_beam_search_gives_a_reply_per_context_without_special_tokens(chat_model):
     model, layout, contexts = chat_model
     config = DecodingConfig(num_beams=3, max_length=10, no_repeat_ngram_size=2)

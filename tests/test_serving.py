@@ -105,11 +105,12 @@ def test_logprobs_give_each_reply_token_and_its_likeliest_alternatives_streamed_
     content = choice["logprobs"]["content"]
     assert len(content) == body["usage"]["completion_tokens"] - (choice["finish_reason"] == "stop") > 1
     assert " ".join(e["token"] for e in content) == choice["message"]["content"]  # the test tokenizer: words
+    assert [bytes(e["bytes"]).decode() for e in content] == choice["message"]["content"].split()
     for entry in content:
         top = entry["top_logprobs"]
         assert [t["logprob"] for t in top] == sorted((t["logprob"] for t in top), reverse=True) and len(top) == 3
         assert (entry["token"], entry["logprob"]) == (top[0]["token"], top[0]["logprob"])  # greedy: the likeliest
-        assert entry["logprob"] < 0 and entry["bytes"] == list(entry["token"].encode())
+        assert entry["logprob"] < 0
     streamed = [c["logprobs"] for e in stream_events(client, *messages, temperature=0, max_tokens=6, logprobs=True,
                                                      top_logprobs=3) for c in e["choices"]]
     assert streamed[0] is None and streamed[-1] is None  # the role chunk and the closing one
@@ -132,7 +133,14 @@ def test_token_bytes_are_a_byte_level_token_own_bytes_not_its_replacement_charac
     tokens = tokenizer("hi \U0001F469", add_special_tokens=False)["input_ids"]
     assert [token_bytes(t) for t in tokens[:3]] == [b"h", b"i", b" "]
     assert b"".join(token_bytes(t) for t in tokens[3:]) == "\U0001F469".encode()  # 4 tokens, 1 byte each
-    assert token_bytes_of(make_tokenizer())(3) == make_tokenizer().decode([3]).encode()  # not byte-level: its text
+    words = token_bytes_of(make_tokenizer())  # not byte-level: the text of the token alone
+    assert (words(3), words(10 ** 6)) == (b"how", b"")  # an id past the vocabulary (padded embedding rows): none
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    pieces = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(
+        {"<unk>": 0, "<0xE2>": 1, "\u2581cats": 2}, unk_token="<unk>")))  # SentencePiece's byte fallback
+    assert token_bytes_of(pieces)(1) == b"\xe2"
 
 
 def test_penalties_of_a_request_reach_its_decoding_and_beam_search_refuses_logprobs(tiny_dirs):
@@ -506,9 +514,13 @@ def test_rerank_answers_with_the_sample_the_ranker_scores_best(tiny_dirs, tiny_b
                                  context_text(["i love cats.", "i like music"], ["hi how are you"]), samples, "cpu")
             reply = ask(rerank_client, *messages, seed=seed, max_tokens=6, logprobs=True).json()["choices"][0]
             assert reply["message"]["content"] == samples[int(scores.argmax())]
-            picked = choices[int(scores.argmax())]["logprobs"]["content"]  # the pick's own
-            assert [(e["token"], pytest.approx(e["logprob"])) for e in reply["logprobs"]["content"]] == [
-                (e["token"], e["logprob"]) for e in picked]
+            picked = [(e["token"], e["logprob"]) for e in choices[int(scores.argmax())]["logprobs"]["content"]]
+            assert [(e["token"], pytest.approx(e["logprob"])) for e in reply["logprobs"]["content"]] == picked
+            if seed == 0:  # streamed, the pick comes whole in the closing chunk, its logprobs with it
+                *_, closing = stream_events(rerank_client, *messages, seed=seed, max_tokens=6, logprobs=True)
+                (choice,) = closing["choices"]
+                assert choice["delta"]["content"] == reply["message"]["content"] and choice["finish_reason"]
+                assert [(e["token"], pytest.approx(e["logprob"])) for e in choice["logprobs"]["content"]] == picked
             picked_a_later_sample |= int(scores.argmax()) > 0
     assert picked_a_later_sample  # not just the first sample every time
 
