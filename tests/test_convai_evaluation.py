@@ -64,14 +64,19 @@ def test_several_rankers_rank_the_same_examples(chatty, convai_file, tmp_path, c
         assert both["by_ranker"][name] == {k: alone[name][k] for k in ("hits@1", "mrr")}
 
 
-def test_pmi_ranks_by_the_replys_log_likelihood_after_the_context_minus_after_an_empty_one(chatty, tmp_path):
-    # gold replies the model was not made to prefer, so that likelihood alone ranks otherwise
+def unpreferred_golds(tmp_path):
+    """ConvAI2 text of 6 examples whose gold replies the model was not made to prefer, so that rankers differ."""
     lines = []
     for k, text in enumerate(HISTORIES * 2):
         candidates = DISTRACTORS[k:] + DISTRACTORS[:k]
         lines += ["1 your persona: i like cats", f"2 {text}\t{candidates[-1]}\t\t{'|'.join(candidates)}"]
     data = tmp_path / "valid_self_original.txt"
     data.write_text("\n".join(lines) + "\n")
+    return data
+
+
+def test_pmi_ranks_by_the_replys_log_likelihood_after_the_context_minus_after_an_empty_one(chatty, tmp_path):
+    data = unpreferred_golds(tmp_path)
     predictions = tmp_path / "pred.jsonl"
     results = evaluate(chatty, str(data), tmp_path, "--eval_type", "hits@1", "--ranker", "pmi", "lm",
                        "--save_predictions", str(predictions))
@@ -95,7 +100,7 @@ def test_pmi_ranks_by_the_replys_log_likelihood_after_the_context_minus_after_an
         scores = {"pmi": [total - logprob([], [], c)[0] for (total, _), c in zip(after, candidates)],
                   "lm": [total / count for total, count in after]}
         for name, values in scores.items():
-            mrr[name] += 1 / sum(v >= values[-1] for v in values) / len(lines) * 2
+            mrr[name] += 1 / sum(v >= values[-1] for v in values) / len(HISTORIES * 2)
         tops.append(candidates[scores["pmi"].index(max(scores["pmi"]))])
     assert mrr["pmi"] != pytest.approx(mrr["lm"])  # the two rankings differ on these examples
     assert results["ranker"] == "pmi" and results["mrr"] == pytest.approx(mrr["pmi"], rel=1e-6)
@@ -104,12 +109,7 @@ def test_pmi_ranks_by_the_replys_log_likelihood_after_the_context_minus_after_an
 
 
 def test_rankers_joined_by_plus_rank_by_the_sum_of_their_standardized_scores(chatty, tmp_path):
-    lines = []
-    for k, text in enumerate(HISTORIES * 2):
-        candidates = DISTRACTORS[k:] + DISTRACTORS[:k]
-        lines += ["1 your persona: i like cats", f"2 {text}\t{candidates[-1]}\t\t{'|'.join(candidates)}"]
-    data = tmp_path / "valid_self_original.txt"
-    data.write_text("\n".join(lines) + "\n")
+    data = unpreferred_golds(tmp_path)
     predictions = tmp_path / "pred.jsonl"
     results = evaluate(chatty, str(data), tmp_path, "--eval_type", "hits@1", "--ranker", "lm+mc+pmi", "mc", "lm",
                        "pmi", "--save_predictions", str(predictions))

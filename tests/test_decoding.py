@@ -46,26 +46,6 @@ def test_penalties_count_the_reply_own_tokens_as_openai_defines_them():
     assert negative[0, 3] == 2.0  # a negative penalty favours repeating
 
 
-def test_a_presence_penalty_changes_greedy_replies_as_its_logits_say():
-    """Logits 4, 3 and 2.6 for tokens 7, 8 and 9: greedy repeats 7; penalties let 8 and 9 in, each as it counts."""
-    class Repeater(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.w = torch.nn.Parameter(torch.zeros(1))
-
-        def step(self, input_ids, token_type_ids, attention_mask, position_ids, cache=None):
-            logits = torch.full((input_ids.shape[0], 10), -5.0)
-            logits[:, 7], logits[:, 8], logits[:, 9] = 4.0, 3.0, 2.6
-            return logits, cache
-
-    reply = lambda **penalty: generate(Repeater(), [([0, 2], [2, 2])], LAYOUT,  # noqa: E731
-                                       DecodingConfig(no_sample=True, max_length=5, **penalty))[0]
-    assert reply() == [7, 7, 7, 7, 7]
-    assert reply(presence_penalty=1.5) == [7, 8, 9, 7, 7]  # then 2.5 against 1.5 and 1.1, however often 7 came
-    assert reply(frequency_penalty=1.5) == [7, 8, 9, 7, 8]  # the second 7 costs 3: 1.0 against 1.5 and 1.1
-    assert reply(frequency_penalty=0.6) == [7, 7, 8, 7, 9]  # 3.4 > 3; 2.8 < 3; 2.8 > 2.6; 2.2 < 2.6
-
-
 SPECIAL = SpecialIds(bos=0, eos=1, speaker1=2, speaker2=3, pad=4)
 LAYOUT = TransferTransfoLayout(SPECIAL)
 
@@ -88,6 +68,22 @@ class EndEagerModel(torch.nn.Module):
 def test_min_length_holds_then_the_reply_ends(min_length):
     config = DecodingConfig(no_sample=True, min_length=min_length, max_length=8)
     assert generate(EndEagerModel(), [([0, 2], [2, 2])], LAYOUT, config) == [[7] * min_length]
+
+
+def test_a_presence_penalty_changes_greedy_replies_as_its_logits_say():
+    """Logits 4, 3 and 2.6 for tokens 7, 8 and 9: greedy repeats 7; penalties let 8 and 9 in, each as it counts."""
+    class Repeater(EndEagerModel):
+        def step(self, *args, **kwargs):
+            logits, cache = super().step(*args, **kwargs)
+            logits[:, SPECIAL.eos], logits[:, 8], logits[:, 9] = -5.0, 3.0, 2.6
+            return logits, cache
+
+    reply = lambda **penalty: generate(Repeater(), [([0, 2], [2, 2])], LAYOUT,  # noqa: E731
+                                       DecodingConfig(no_sample=True, max_length=5, **penalty))[0]
+    assert reply() == [7, 7, 7, 7, 7]
+    assert reply(presence_penalty=1.5) == [7, 8, 9, 7, 7]  # then 2.5 against 1.5 and 1.1, however often 7 came
+    assert reply(frequency_penalty=1.5) == [7, 8, 9, 7, 8]  # the second 7 costs 3: 1.0 against 1.5 and 1.1
+    assert reply(frequency_penalty=0.6) == [7, 7, 8, 7, 9]  # 3.4 > 3; 2.8 < 3; 2.8 > 2.6; 2.2 < 2.6
 
 
 def test_stop_row_ends_that_row_where_it_is_and_the_others_go_on():
