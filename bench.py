@@ -444,6 +444,7 @@ AT_LEAST_ONE = ("examples", "batch_size", "num_candidates", "max_seq_len", "base
                 "reply_tokens", "repeats", "num_beams", "beam_contexts", "clients", "requests", "max_tokens",
                 "max_steps", "max_examples", "max_valid_examples")  # the sizes of the benchmarks' flags
 QUALITY_METRICS = ("mc_hits@1", "lm_hits@1", "pmi_hits@1", "ppl", "word_ppl", "reply_ppl", "end_nll", "f1")
+JOINED = "mc+pmi+biencoder"  # the trained run's rankers joined (convai_evaluation.py --ranker a+b)
 
 
 def run_script(script, argv, launcher=()):
@@ -478,8 +479,9 @@ def bench_quality(args):
     work.mkdir(parents=True, exist_ok=True)
     rows = {}
     for input_format in INPUT_FORMATS:
-        rankers = ["mc", "lm"] + (["pmi"] if input_format == args.input_format else []) + (
-            ["biencoder"] if input_format == "transfertransfo" else [])  # PMI costs as much again as the LM ranker
+        # PMI costs as much again as the LM ranker; PMI joined with the bi-encoder is the best zero-shot ranker
+        rankers = ["mc", "lm"] + (["pmi", "pmi+biencoder"] if input_format == args.input_format else []) + (
+            ["biencoder"] if input_format == "transfertransfo" else [])
         row = evaluate(model, args, str(work / f"zero_shot_{input_format}.json"), "--input_format", input_format,
                        "--ranker", *rankers)
         if "biencoder_hits@1" in row:
@@ -492,7 +494,8 @@ def bench_quality(args):
                             "--max_valid_examples", str(args.max_valid_examples), *args.train_args])
     train_seconds = time.perf_counter() - start
     trained = f"trained {args.input_format} ({args.max_steps} steps)"
-    rows[trained] = evaluate(str(run_dir), args, str(work / "trained.json"), "--ranker", "mc", "lm", "pmi")
+    rows[trained] = evaluate(str(run_dir), args, str(work / "trained.json"), "--ranker", "mc", "lm", "pmi",
+                             JOINED)
     if args.rerank > 1:  # F1 of what interact.py --rerank N answers: the head's pick among N sampled replies
         rows[f"same, F1 of the MC head's best of {args.rerank} samples"] = evaluate(
             str(run_dir), args, str(work / f"trained_rerank{args.rerank}.json"), "--rerank", str(args.rerank),
@@ -504,6 +507,9 @@ def bench_quality(args):
             "mc_beats_zero_shot_lm_and_biencoder": rows[trained]["mc_hits@1"] > max(
                 zero_shot["lm_hits@1"], rows["biencoder (untrained MiniLM)"]["biencoder_hits@1"]),
             "mc_beats_zero_shot_pmi": rows[trained]["mc_hits@1"] > zero_shot["pmi_hits@1"],
+            "mc_beats_zero_shot_pmi_and_biencoder_joined": rows[trained]["mc_hits@1"] > zero_shot[
+                "pmi+biencoder_hits@1"],
+            "joined_beats_mc": rows[trained][f"{JOINED}_hits@1"] > rows[trained]["mc_hits@1"],
             **{f"zero_shot_{kind}_ratio_transfertransfo_over_{other}":
                rows["zero-shot transfertransfo"][kind] / rows[f"zero-shot {other}"][kind]
                for other in INPUT_FORMATS[1:] for kind in ("ppl", "reply_ppl")},
@@ -518,6 +524,9 @@ def print_quality(result):
                                       for m in ("biencoder_hits@1",) + QUALITY_METRICS))
     print(f"{'trained - zero-shot':>40}{'':>18}" + "".join(f"{result['deltas'].get(m, float('nan')):>+18.4f}"
                                                           for m in QUALITY_METRICS))
+    for name, row in result["rows"].items():  # rankers joined by '+': too wide for a column each
+        for key in (k for k in row if "+" in k):
+            print(f"{name:>40}  {key} {row[key]:.4f}")
 
 
 def stream_request(url, body):

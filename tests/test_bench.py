@@ -27,10 +27,14 @@ def test_quality_scores_zero_shot_and_trained_models_on_the_same_examples(tiny_d
         assert result["deltas"][name] == pytest.approx(trained[name] - zero_shot[name])
     assert "pmi_hits@1" not in rows["zero-shot transcript"]  # PMI for the trained format's zero-shot row only
     assert result["mc_beats_zero_shot_pmi"] == (trained["mc_hits@1"] > zero_shot["pmi_hits@1"])
+    assert result["mc_beats_zero_shot_pmi_and_biencoder_joined"] == (
+        trained["mc_hits@1"] > zero_shot["pmi+biencoder_hits@1"])
+    assert result["joined_beats_mc"] == (trained["mc+pmi+biencoder_hits@1"] > trained["mc_hits@1"])
     saved = json.load(open(tmp_path / "work" / "trained.json"))
     assert saved["examples"] == 4 and saved["input_format"] == "chat_template"
     assert saved["by_ranker"]["mc"]["hits@1"] == trained["mc_hits@1"]
     assert saved["by_ranker"]["pmi"]["hits@1"] == trained["pmi_hits@1"]
+    assert saved["by_ranker"]["mc+pmi+biencoder"]["hits@1"] == trained["mc+pmi+biencoder_hits@1"]
     assert json.load(open(tmp_path / "work" / "zero_shot_transfertransfo.json"))["input_format"] == "transfertransfo"
     assert result["zero_shot_ppl_ratio_transfertransfo_over_chat_template"] == pytest.approx(
         rows["zero-shot transfertransfo"]["ppl"] / zero_shot["ppl"])
