@@ -183,8 +183,8 @@ def _logprobs_of(logprobs, row, token, k):
     """(the token's log-probability, [(token, log-probability)] of the row's k likeliest), or None if k < 0."""
     if k < 0:
         return None
-    top = logprobs[row].topk(min(k, logprobs.shape[-1])) if k else None
-    return float(logprobs[row, token]), list(zip(top.indices.tolist(), top.values.tolist())) if k else []
+    top = logprobs[row].topk(min(k, logprobs.shape[-1]))
+    return float(logprobs[row, token]), list(zip(top.indices.tolist(), top.values.tolist()))
 
 
 @torch.no_grad()
