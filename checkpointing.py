@@ -48,25 +48,16 @@ class RunSaver(BaseSaveHandler):
 
     def __call__(self, checkpoint, filename, metadata=None):
         final = self.run_dir / filename
-        tmp = self.run_dir / f".{filename}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
         twin = f"best-{filename}"
-        try:
+
+        def fill(tmp):
             if self.newest and self.best is not None and self.best.written == twin:  # not one an older attempt left
-                tmp.mkdir(parents=True)
                 publish(self.run_dir / twin, tmp)
             else:
                 save_model(self.model, self.tokenizer, tmp, self.state_dict() if self.state_dict else None)
             if self.newest:
                 torch.save(checkpoint, tmp / TRAINING_STATE)
-            fsync_tree(tmp)  # on disk before it replaces anything: a power cut then leaves the old or the new
-        except BaseException:  # a full disk, a signal: no half-written directory stays behind
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        fsync_path(self.run_dir)  # the rename itself, before older checkpoints go
+        write_dir(final, fill)
         self.written = filename
         if self.newest:
             publish(final, self.run_dir)
@@ -82,6 +73,25 @@ class RunSaver(BaseSaveHandler):
 
     def remove(self, filename):
         self.stale.append(filename)
+
+
+def write_dir(final, fill):
+    """Write a directory whole or not at all: `fill(tmp)` fills a hidden sibling, which is flushed to disk before
+    it replaces `final` (a power cut then leaves the old or the new) and removed if filling fails (a full disk, a
+    signal); the rename is flushed too, before anything older goes."""
+    tmp = final.parent / f".{final.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        fill(tmp)
+        fsync_tree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    fsync_path(final.parent)
 
 
 @contextmanager
@@ -147,12 +157,7 @@ def restore_rotation(checkpoint, saver, step, best, write=True):
         source = run_dir / name.removeprefix("best-")
         if not (run_dir / name).is_dir() and (source / TRAINING_STATE).is_file():
             if write:
-                tmp = run_dir / f".{name}.tmp"
-                shutil.rmtree(tmp, ignore_errors=True)
-                tmp.mkdir()
-                publish(source, tmp)  # hard links: the same files
-                fsync_tree(tmp)
-                os.replace(tmp, run_dir / name)
+                write_dir(run_dir / name, lambda tmp: publish(source, tmp))  # hard links: the same files
             tracked.append((priority, name))
         elif (run_dir / name).is_dir():
             tracked.append((priority, name))

@@ -179,12 +179,12 @@ def _pick(logits, configs, generators):
                       for row, (config, generator) in enumerate(zip(configs, generators))])
 
 
-def _logprobs_of(logprobs, row, token, k):
-    """(the token's log-probability, [(token, log-probability)] of the row's k likeliest), or None if k < 0."""
+def _logprobs_of(logprobs, top, row, token, k):
+    """(the token's log-probability, [(token, log-probability)] of the row's k likeliest), or None if k < 0.
+    `top`: the batch's topk, sorted, as wide as the widest k."""
     if k < 0:
         return None
-    top = logprobs[row].topk(min(k, logprobs.shape[-1]))
-    return float(logprobs[row, token]), list(zip(top.indices.tolist(), top.values.tolist()))
+    return float(logprobs[row, token]), list(zip(top.indices[row, :k].tolist(), top.values[row, :k].tolist()))
 
 
 @torch.no_grad()
@@ -232,6 +232,7 @@ def generate(model, contexts, layout, config, generator=None, on_token=None, sto
         # before _adjust changes the logits; -inf (a token the model rules out) as -9999, vLLM's stand-in, which JSON
         # can carry
         raw = F.log_softmax(logits.float(), dim=-1).nan_to_num(-9999.0, neginf=-9999.0) if wanted else None
+        top = raw.topk(min(max(logprobs), raw.shape[-1])) if wanted else None  # once for the batch
         logits = _adjust(logits, replies, t, stop_ids, configs)
         tokens = _pick(logits, configs, generators)
         for row, token in enumerate(tokens.tolist()):
@@ -243,7 +244,7 @@ def generate(model, contexts, layout, config, generator=None, on_token=None, sto
             replies[row].append(token)
             done[row] = len(replies[row]) >= configs[row].max_length
             if on_token and logprobs is not None:
-                on_token(row, token, _logprobs_of(raw, row, token, logprobs[row]) if wanted else None)
+                on_token(row, token, _logprobs_of(raw, top, row, token, logprobs[row]) if wanted else None)
             elif on_token:
                 on_token(row, token)
         if all(done):
