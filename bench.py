@@ -29,7 +29,8 @@ zero-shot model in each input format, then a run of --max_steps optimizer steps 
 convai_evaluation.py on the same --max_examples examples (20 candidates): hits@1 by the multiple-choice head and
 by LM likelihood, token and word perplexity (and, apart, the reply's own tokens' perplexity and its end token's
 NLL), and F1 of greedy replies; plus the untrained MiniLM bi-encoder's hits@1. With --rerank N, also the
-trained run's F1 on its multiple-choice head's pick among N sampled replies. Prints every row and the
+trained run's F1 on its multiple-choice head's pick among N sampled replies, and on mc+pmi+biencoder's pick among
+the same samples. Prints every row and the
 trained-minus-zero-shot deltas. Training and evaluation run as the scripts themselves, in subprocesses.
 
 `serve`: serve.py started as a user starts it, then the same --requests chat completions (the first turns of
@@ -465,6 +466,7 @@ def evaluate(model_checkpoint, args, results_file, *extra, eval_type="all"):
     by_ranker = results.get("by_ranker", {results["ranker"]: results} if "ranker" in results else {})
     row = {f"{name}_hits@1": metrics["hits@1"] for name, metrics in by_ranker.items()}
     row.update({k: results[k] for k in QUALITY_METRICS if k in results})  # the hits@1 keys are the rankers' own
+    row.update({f"f1_by_{name}": f1 for name, f1 in results.get("f1_by_ranker", {}).items()})  # --rerank's picks
     return row
 
 
@@ -496,10 +498,11 @@ def bench_quality(args):
     trained = f"trained {args.input_format} ({args.max_steps} steps)"
     rows[trained] = evaluate(str(run_dir), args, str(work / "trained.json"), "--ranker", "mc", "lm", "pmi",
                              JOINED)
-    if args.rerank > 1:  # F1 of what interact.py --rerank N answers: the head's pick among N sampled replies
-        rows[f"same, F1 of the MC head's best of {args.rerank} samples"] = evaluate(
-            str(run_dir), args, str(work / f"trained_rerank{args.rerank}.json"), "--rerank", str(args.rerank),
-            eval_type="f1")
+    if args.rerank > 1:  # F1 of what interact.py --rerank N answers: the head's, or the join's, pick of N samples
+        picks = evaluate(str(run_dir), args, str(work / f"trained_rerank{args.rerank}.json"), "--rerank",
+                         str(args.rerank), "--ranker", "mc", JOINED, eval_type="f1")
+        rows[f"same, F1 of the MC head's best of {args.rerank} samples"] = {"f1": picks["f1"]}
+        rows[f"same, F1 of {JOINED}'s best of them"] = {"f1": picks[f"f1_by_{JOINED}"]}
     zero_shot = rows[f"zero-shot {args.input_format}"]
     deltas = {k: rows[trained][k] - zero_shot[k] for k in QUALITY_METRICS if k in zero_shot and k in rows[trained]}
     return {"examples": args.max_examples, "candidates": 20, "max_steps": args.max_steps,

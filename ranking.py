@@ -79,13 +79,6 @@ def prior_logprobs(model, candidates, layout):
     return score_candidates(model, layout.context([], []), candidates, layout)[1]
 
 
-def best_by_mc_head(model, context, replies, layout):
-    """Index of the reply (token ids, end excluded) the multiple-choice head scores best after `context`: a run's
-    own ranker for --rerank, trained to tell a dialog's real reply from others."""
-    mc_logits, *_ = score_candidates(model, context, replies, layout, lm_rows=[])
-    return int(mc_logits.argmax())
-
-
 def standardized(scores):
     """Scores over one example's candidates with mean 0 and standard deviation 1, so that rankers of different
     scales (logits, log-probabilities, cosines) add with equal weight. A score that is not finite (a BERT ranker's

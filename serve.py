@@ -23,10 +23,11 @@ from pathlib import Path
 import torch
 import uvicorn
 
-from classifier import DataError, load_classifier
-from decoding import DecodingConfig, add_decoding_args, check_decoding_args, mc_rerank_error
+from classifier import DataError
+from decoding import DecodingConfig, add_decoding_args, check_decoding_args
 from layouts import InputFormatError
 from modeling import add_run_args, load_tokenizer_and_model, model_max_length
+from rankers import Rankers, add_rerank_args, check_rerank_args, load_ranker_models, mc_rerank_error
 from serving import ChatModel, ServerSettings, create_app
 from utils import checkpoint_or_newest_run, seed_type
 
@@ -59,6 +60,7 @@ def get_args(argv=None):
     parser.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cuda or cpu (default: cuda when available)")
     add_decoding_args(parser)
+    add_rerank_args(parser)
     parser.add_argument("--seed", type=seed_type, default=None,
                         help="Seed of the sampling of requests that give none (default: none, a fresh draw)")
     parser.add_argument("--max_concurrency", type=int, default=32,
@@ -71,6 +73,7 @@ def get_args(argv=None):
     parser.add_argument("--log_level", type=str, default="info", help="uvicorn's log level (default: info)")
     args = parser.parse_args(argv)
     check_decoding_args(parser, args)
+    check_rerank_args(parser, args)
     if args.max_batch_size < 1 or args.max_concurrency < 1:
         parser.error("--max_batch_size and --max_concurrency: at least 1")
     if args.max_length > args.max_tokens_limit:
@@ -81,20 +84,21 @@ def get_args(argv=None):
 def build_app(args):
     """Load the run (once) and make the app, as `python serve.py` would serve it."""
     checkpoint = checkpoint_or_newest_run(args.model_checkpoint, args.runs_dir, "serve.py")
-    ranker = load_classifier(args.ranker_checkpoint, "--ranker_checkpoint", ranker=True) \
-        if args.ranker_checkpoint else None
+    parts = args.ranker.split("+") if args.rerank > 1 else []
+    bert, biencoder = load_ranker_models(parts, args.ranker_checkpoint)
     tokenizer, model, layout = load_tokenizer_and_model(checkpoint, input_format=args.input_format)
-    problem = mc_rerank_error(0 if args.ranker_checkpoint else args.rerank, model, checkpoint)
+    problem = mc_rerank_error(args.rerank if "mc" in parts else 0, model, checkpoint)
     if problem:
-        sys.exit(f"serve.py: error: {problem}; or give --ranker_checkpoint")
+        sys.exit(f"serve.py: error: {problem}; or rank by another --ranker (pmi+biencoder needs no training), or "
+                 "give --ranker_checkpoint")
     model.to(args.device).eval()
-    if ranker is not None:
-        ranker[0].to(args.device).eval()
     settings = ServerSettings(model_name=args.served_model_name or Path(checkpoint.rstrip("/")).name,
                               decoding=DecodingConfig.from_args(args, no_sample=args.no_sample),
                               max_history=args.max_history, persona=tuple(args.personality),
-                              max_tokens_limit=args.max_tokens_limit, rerank=args.rerank, seed=args.seed)
-    chat_model = ChatModel(model, tokenizer, layout, settings, model_max_length(model), ranker)
+                              max_tokens_limit=args.max_tokens_limit, rerank=args.rerank, ranker=args.ranker,
+                              seed=args.seed)
+    chat_model = ChatModel(model, tokenizer, layout, settings, model_max_length(model),
+                           Rankers(model, layout, args.device, bert, biencoder, args.max_history))
     overflow = layout.reply_overflow(args.max_length, chat_model.max_len)
     if overflow:  # every request giving no max_tokens would be refused
         sys.exit(f"serve.py: error: --max_length {args.max_length}: {overflow}")

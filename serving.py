@@ -28,8 +28,7 @@ from tokenizers import decoders
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from decoding import MIN_TEMPERATURE, DecodingConfig, generate, reply_text
-from ranking import score_candidates
-from reply_ranker import context_text, score_pairs
+from rankers import Rankers
 from utils import free_port
 
 logger = logging.getLogger(__name__)
@@ -327,6 +326,7 @@ class ServerSettings:
     persona: tuple = ()
     max_tokens_limit: int = 512
     rerank: int = 0
+    ranker: str = "mc"  # what --rerank's samples are ranked by (rankers.py)
     seed: Optional[int] = None
 
 
@@ -342,10 +342,10 @@ def row_seed(seed, row):
 class ChatModel:
     """A loaded run, its layout and decoding defaults: requests become rows, batches of rows become replies."""
 
-    def __init__(self, model, tokenizer, layout, settings, max_len, ranker=None):
+    def __init__(self, model, tokenizer, layout, settings, max_len, rankers=None):
         self.model, self.tokenizer, self.layout, self.settings, self.max_len = model, tokenizer, layout, settings, max_len
-        self.ranker = ranker
         self.device = next(model.parameters()).device
+        self.rankers = rankers or Rankers(model, layout, self.device)
         self.token_bytes = token_bytes_of(tokenizer)
         self.rng = random.Random(settings.seed)
 
@@ -436,19 +436,14 @@ class ChatModel:
         return rows[row][0].gone.is_set()
 
     def choose(self, job, replies):
-        """The row of each choice's reply: with --rerank, of the sample the ranker (a BERT ranker, else the run's
-        multiple-choice head) scores best among the choice's samples."""
+        """The row of each choice's reply: with --rerank, of the sample --ranker (by default the run's multiple-choice
+        head) scores best among the choice's samples."""
         if job.samples == 1:
             return list(range(len(replies)))
-        starts = range(0, len(replies), job.samples)
-        if self.ranker is None:  # every choice's samples follow the same context: one pass scores them all
-            mc_logits = score_candidates(self.model, job.contexts[0], replies, self.layout, lm_rows=[])[0]
-            return [start + int(scores.argmax()) for start, scores in zip(starts, mc_logits.split(job.samples))]
-        ranker_model, ranker_tokenizer, _, options = self.ranker
-        context = context_text(job.persona, job.turns, options.get("max_history", 2))
-        return [start + int(score_pairs(ranker_model, ranker_tokenizer, options, context,
-                                        [self.text(r) for r in replies[start:start + job.samples]],
-                                        self.device).argmax()) for start in starts]
+        return [start + self.rankers.best(self.settings.ranker, job.persona, job.turns, job.contexts[start],
+                                          replies[start:start + job.samples],
+                                          [self.text(r) for r in replies[start:start + job.samples]])
+                for start in range(0, len(replies), job.samples)]
 
     def logprobs(self, reply, token_logprobs):
         """OpenAI's `logprobs` of a choice: {"content": [{token, logprob, bytes, top_logprobs}, ...]}, a token each."""

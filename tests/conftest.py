@@ -72,19 +72,19 @@ def save_run_with_a_trained_head(checkpoint, directory):
     return tokenizer
 
 
-def spy_on_mc_choices(module, monkeypatch):
-    """Replace `module.best_by_mc_head` by one that records (replies, choice, MC logits) of each call, in a list."""
-    from ranking import best_by_mc_head, score_candidates
+def spy_on_choices(monkeypatch):
+    """Make Rankers.part_scores record (context, candidate ids, scores by part) of each call, in the list returned."""
+    from rankers import Rankers
 
-    chosen = []
+    calls, part_scores = [], Rankers.part_scores
 
-    def spy(model, context, replies, layout):
-        best = best_by_mc_head(model, context, replies, layout)
-        chosen.append((replies, best, score_candidates(model, context, replies, layout)[0]))
-        return best
+    def spy(self, parts, persona, history, context, cand_ids, candidates, own=None):
+        by_part = part_scores(self, parts, persona, history, context, cand_ids, candidates, own)
+        calls.append((context, cand_ids, by_part))
+        return by_part
 
-    monkeypatch.setattr(module, "best_by_mc_head", spy)
-    return chosen
+    monkeypatch.setattr(Rankers, "part_scores", spy)
+    return calls
 
 
 def sentence(rng, n=None):

@@ -18,10 +18,11 @@ def test_quality_scores_zero_shot_and_trained_models_on_the_same_examples(tiny_d
     rows = result["rows"]
     assert list(rows) == ["biencoder (untrained MiniLM)", "zero-shot transfertransfo", "zero-shot chat_template",
                           "zero-shot transcript", "trained chat_template (2 steps)",
-                          "same, F1 of the MC head's best of 3 samples"]
+                          "same, F1 of the MC head's best of 3 samples", "same, F1 of mc+pmi+biencoder's best of them"]
     reranked = json.load(open(tmp_path / "work" / "trained_rerank3.json"))
-    assert reranked["rerank"] == 3 and reranked["examples"] == 4
+    assert reranked["rerank"] == 3 and reranked["examples"] == 4 and reranked["rerank_ranker"] == "mc"
     assert rows["same, F1 of the MC head's best of 3 samples"] == {"f1": reranked["f1"]}
+    assert rows["same, F1 of mc+pmi+biencoder's best of them"] == {"f1": reranked["f1_by_ranker"]["mc+pmi+biencoder"]}
     trained, zero_shot = rows["trained chat_template (2 steps)"], rows["zero-shot chat_template"]
     for name in ("mc_hits@1", "lm_hits@1", "pmi_hits@1", "ppl", "word_ppl", "reply_ppl", "end_nll", "f1"):
         assert result["deltas"][name] == pytest.approx(trained[name] - zero_shot[name])

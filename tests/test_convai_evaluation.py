@@ -5,11 +5,13 @@ import pytest
 import torch
 
 import convai_evaluation
-from conftest import save_run_with_a_trained_head, spy_on_mc_choices
+from conftest import save_run_with_a_trained_head, spy_on_choices
 from decoding import DecodingConfig, generate
 from inputs import collate
 from layouts import IGNORE_INDEX
 from modeling import load_tokenizer_and_model
+from rankers import joined
+from ranking import score_candidates
 
 DISTRACTORS = ["cats dogs pizza music", "school work family", "yes no maybe sure", "running cooking today",
                "weather nice cool fun", "books friend city"]
@@ -176,24 +178,34 @@ def test_rerank_scores_f1_of_the_sample_the_runs_multiple_choice_head_prefers(ch
     with pytest.raises(SystemExit, match="--rerank 3: .* no trained multiple-choice head"):
         evaluate(chatty, convai_file, tmp_path, "--eval_type", "f1", "--rerank", "3")  # a pretrained model's
     tokenizer = save_run_with_a_trained_head(chatty, tmp_path / "run")
-    chosen = spy_on_mc_choices(convai_evaluation, monkeypatch)
+    calls = spy_on_choices(monkeypatch)
     predictions = tmp_path / "pred.jsonl"
     results = convai_evaluation.main(["--model_checkpoint", str(tmp_path / "run"), "--dataset_path", convai_file,
                                       "--device", "cpu", "--eval_type", "f1", "--rerank", "3", "--max_length", "6",
-                                      "--temperature", "2.0", "--save_predictions", str(predictions)])
+                                      "--temperature", "2.0", "--save_predictions", str(predictions),
+                                      "--ranker", "mc", "lm", "mc+lm"])
     rows = [json.loads(line) for line in open(predictions)]
-    assert results["rerank"] == 3 and results["f1_decoding"] == "sampled"
-    assert len(chosen) == len(rows) == 3
-    for row, (replies, best, mc_logits) in zip(rows, chosen):
-        assert len(replies) == 3 and best == int(mc_logits.argmax())
+    assert results["rerank"] == 3 and results["f1_decoding"] == "sampled" and results["rerank_ranker"] == "mc"
+    assert len(calls) == len(rows) == 3
+    _, model, layout = load_tokenizer_and_model(str(tmp_path / "run"))
+    for row, (context, replies, by_part) in zip(rows, calls):
+        mc_logits = score_candidates(model.eval(), context, replies, layout)[0]
+        assert len(replies) == 3 and torch.allclose(by_part["mc"], mc_logits, atol=1e-5)
+        best = int(mc_logits.argmax())
+        assert row["picks"] == {"mc": best, "lm": int(by_part["lm"].argmax()),
+                                "mc+lm": int(joined("mc+lm", by_part).argmax())}
         assert row["reply"] == row["samples"][best] == " ".join(
             tokenizer.decode(replies[best], skip_special_tokens=True).split())
         assert row["f1"] == row["samples_f1"][best]
     assert results["f1"] == pytest.approx(sum(row["f1"] for row in rows) / 3)
+    assert results["f1_by_ranker"]["mc"] == results["f1"]
+    for name in ("lm", "mc+lm"):
+        assert results["f1_by_ranker"][name] == pytest.approx(sum(r["samples_f1"][r["picks"][name]] for r in rows) / 3)
     assert results["f1_random_sample"] == pytest.approx(sum(sum(row["samples_f1"]) / 3 for row in rows) / 3)
     assert results["f1_best_sample"] == pytest.approx(sum(max(row["samples_f1"]) for row in rows) / 3)
     assert results["f1_best_sample"] >= results["f1"]
-    assert any(best > 0 for _, best, _ in chosen)  # not just the first sample
+    assert any(row["picks"]["mc"] > 0 for row in rows)  # not just the first sample
+    assert any(len(set(row["picks"].values())) > 1 for row in rows)  # the rankers do not all agree
 
 
 @pytest.mark.parametrize("flags, message", [(["--eval_type", "f1", "--num_beams", "2"], "--num_beams decodes one"),
@@ -212,9 +224,14 @@ def test_f1_results_say_how_replies_were_decoded(chatty, convai_file, tmp_path):
         "max_length": 4, "num_beams": 2, "no_repeat_ngram_size": 3, "no_sample": True}
 
 
-def test_bert_ranker_needs_its_checkpoint(chatty, convai_file, tmp_path):
-    with pytest.raises(SystemExit, match="--ranker_checkpoint"):
-        evaluate(chatty, convai_file, tmp_path, "--ranker", "bert")
+@pytest.mark.parametrize("flags, message", [
+    (["--ranker", "bert"], "--ranker bert needs --ranker_checkpoint DIR"),
+    (["--ranker", "bert", "biencoder", "--ranker_checkpoint", "r"], "--ranker bert and biencoder read "
+                                                                     "--ranker_checkpoint each: give one of them")])
+def test_bert_ranker_needs_its_checkpoint(flags, message, capsys):
+    with pytest.raises(SystemExit):
+        convai_evaluation.get_args(flags)
+    assert message in capsys.readouterr().err
 
 
 def scored_contexts(predictions):

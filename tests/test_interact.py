@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, save_run_with_a_trained_head, spy_on_mc_choices
+from conftest import ROOT, save_run_with_a_trained_head, spy_on_choices
 from dialogs import read_personas
 from utils import newest_run
 
@@ -98,14 +98,37 @@ def test_decoding_flags_out_of_range_are_refused(flags, message, capsys):
         assert message in capsys.readouterr().err
 
 @pytest.mark.parametrize("rerank", [[], ["--rerank", "1"]])
-def test_a_ranker_checkpoint_without_replies_to_rank_is_refused(rerank, capsys):
+@pytest.mark.parametrize("flag, value", [("--ranker_checkpoint", "r"), ("--ranker", "pmi+biencoder")])
+def test_a_ranker_without_replies_to_rank_is_refused(rerank, flag, value, capsys):
     import interact
     import serve
 
     for get_args in (interact.get_args, serve.get_args):
         with pytest.raises(SystemExit):
-            get_args(["--ranker_checkpoint", "r", *rerank])
-        assert "--ranker_checkpoint r: it ranks the replies of --rerank N (N at least 2)" in capsys.readouterr().err
+            get_args([flag, value, *rerank])
+        assert f"{flag} {value}: it ranks the replies of --rerank N (N at least 2)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, ranker, message", [
+    ([], "mc", ""), (["--ranker_checkpoint", "r"], "bert", ""),
+    (["--ranker_checkpoint", "r", "--ranker", "biencoder"], "biencoder", ""),
+    (["--ranker", "mc+pmi+biencoder"], "mc+pmi+biencoder", ""),
+    (["--ranker", "bert"], "", "--ranker bert needs --ranker_checkpoint DIR"),
+    (["--ranker", "pmi", "--ranker_checkpoint", "r"], "", "--ranker_checkpoint r: only --ranker bert or biencoder"),
+    (["--ranker", "bert+biencoder", "--ranker_checkpoint", "r"], "", "--ranker bert and biencoder read "
+                                                                       "--ranker_checkpoint each"),
+    (["--ranker", "mc+mx"], "", "argument --ranker: 'mc+mx': unknown ranker 'mx'")])
+def test_what_rerank_ranks_by(flags, ranker, message, capsys):
+    import interact
+    import serve
+
+    for get_args in (interact.get_args, serve.get_args):
+        if message:
+            with pytest.raises(SystemExit):
+                get_args(["--rerank", "3", *flags])
+            assert message in capsys.readouterr().err
+        else:
+            assert get_args(["--rerank", "3", *flags]).ranker == ranker
 
 
 def test_same_seed_same_replies(tiny_dirs):
@@ -193,23 +216,34 @@ def test_rerank_by_the_runs_multiple_choice_head_and_refused_without_a_trained_o
                                                                                    capsys):
     import io
 
+    import torch
+
     import interact
+    from modeling import load_tokenizer_and_model
+    from ranking import score_candidates
 
     tokenizer = save_run_with_a_trained_head(tiny_dirs["llama_chat"], tmp_path / "run")
     common = ["--personality", "i like cats", "--rerank", "3", "--max_length", "5", "--temperature", "2.0"]
-    chosen = spy_on_mc_choices(interact, monkeypatch)
+    calls = spy_on_choices(monkeypatch)
     monkeypatch.setattr("sys.stdin", io.StringIO("hi\nhow are you\nwhat do you like\n"))
-    interact.run(interact.get_args(["--model_checkpoint", str(tmp_path / "run"), "--device", "cpu", *common]))
+    args = interact.get_args(["--model_checkpoint", str(tmp_path / "run"), "--device", "cpu", *common])
+    interact.run(args)
     printed = capsys.readouterr().out.splitlines()
-    assert len(printed) == len(chosen) == 3
-    for line, (replies, best, mc_logits) in zip(printed, chosen):
-        assert len(replies) == 3 and best == int(mc_logits.argmax())
-        assert line == " ".join(tokenizer.decode(replies[best], skip_special_tokens=True).split())
-    assert any(best > 0 for _, best, _ in chosen)  # not just the first sample
+    assert len(printed) == len(calls) == 3
+    _, model, layout = load_tokenizer_and_model(str(tmp_path / "run"))
+    bests = []
+    for line, (context, replies, by_part) in zip(printed, calls):
+        mc_logits = score_candidates(model.eval(), context, replies, layout)[0]
+        assert len(replies) == 3 and list(by_part) == ["mc"] and torch.allclose(by_part["mc"], mc_logits, atol=1e-5)
+        bests.append(int(mc_logits.argmax()))
+        assert line == " ".join(tokenizer.decode(replies[bests[-1]], skip_special_tokens=True).split())
+    assert any(best > 0 for best in bests)  # not just the first sample
 
     refused = run_interact(["--model_checkpoint", tiny_dirs["llama_chat"], *common], "hi\n")
     assert refused.returncode != 0 and refused.stdout == ""
     assert "--rerank 3: " in refused.stderr and "no trained multiple-choice head" in refused.stderr
-    assert "--ranker_checkpoint" in refused.stderr
+    assert "another --ranker" in refused.stderr and "--ranker_checkpoint" in refused.stderr
+    by_pmi = run_interact(["--model_checkpoint", tiny_dirs["llama_chat"], *common, "--ranker", "pmi"], "hi\n")
+    assert by_pmi.returncode == 0 and len(by_pmi.stdout.splitlines()) == 1  # PMI needs no trained head
     greedy = run_interact(["--model_checkpoint", str(tmp_path / "run"), *common, "--no_sample"], "hi\n")
     assert greedy.returncode == 2 and "--rerank 3: reranks sampled replies" in greedy.stderr

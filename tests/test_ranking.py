@@ -7,7 +7,7 @@ from conftest import make_personachat
 from inputs import collate
 from layouts import IGNORE_INDEX
 from modeling import load_tokenizer_and_model
-from ranking import best_by_mc_head, rank_of_gold, score_candidates, standardized
+from ranking import rank_of_gold, score_candidates, standardized
 from tokenized import tokenize_dialogs
 
 
@@ -57,27 +57,6 @@ def test_rank_of_gold_counts_better_and_tied_candidates():
     assert rank_of_gold(torch.tensor([0.1, 0.2, 0.5]), 2) == 1
     assert rank_of_gold(torch.tensor([0.7, 0.9, 0.5]), 2) == 3
     assert rank_of_gold(torch.tensor([0.5, 0.1, 0.5]), 2) == 2  # a tie does not favour the gold
-
-
-def test_best_by_mc_head_is_the_reply_whose_full_sequence_the_head_scores_highest(tiny_dirs):
-    torch.manual_seed(0)
-    tokenizer, model, layout = load_tokenizer_and_model(tiny_dirs["llama_chat"])
-    model.eval()
-    torch.nn.init.normal_(model.mc_head.weight)
-    data = tokenize_dialogs(make_personachat(n_cands=6), tokenizer)
-    picked = set()
-    for k in range(4):
-        persona, history, replies = data.utterance("train", k)
-        context = layout.context_inputs(persona, history, 256, 20)
-        persona, history, _ = layout.fit(persona, history, 20, 256)
-        full_mc = model(**{key: v for key, v in collate([{"instances": [
-            layout.build(persona, history, r) for r in replies], "mc_labels": 0}], layout.pad).items()
-            if key in ("input_ids", "token_type_ids", "attention_mask", "mc_token_ids")})[2][0]
-        best = best_by_mc_head(model, context, replies, layout)
-        assert best == int(full_mc.argmax())
-        assert best_by_mc_head(model, context, replies[::-1], layout) == len(replies) - 1 - best  # order-free
-        picked.add(best)
-    assert len(picked) > 1  # not one position every time
 
 
 def test_standardized_scores_keep_blank_candidates_last():

@@ -12,6 +12,7 @@ from conftest import make_tokenizer
 
 from decoding import DecodingConfig
 from modeling import load_tokenizer_and_model, model_max_length
+from rankers import Rankers
 from serving import (SHUTTING_DOWN, APIError, Batcher, ChatModel, Job, ServerSettings, TextStream, create_app,
                      persona_and_turns)
 
@@ -501,8 +502,9 @@ def test_rerank_answers_with_the_sample_the_ranker_scores_best(tiny_dirs, tiny_b
     ranker_model = BertClassifier(AutoModel.from_pretrained(tiny_bert_dir), 2, "mean", pair_encoding="siamese").eval()
     ranker_tokenizer = AutoTokenizer.from_pretrained(tiny_bert_dir)
     plain = make_chat_model(tiny_dirs["llama_chat"])
-    reranking = make_chat_model(tiny_dirs["llama_chat"], rerank=4)
-    reranking.ranker = (ranker_model, ranker_tokenizer, None, ranker_options)
+    reranking = make_chat_model(tiny_dirs["llama_chat"], rerank=4, ranker="bert")
+    reranking.rankers = Rankers(reranking.model, reranking.layout,
+                                bert=(ranker_model, ranker_tokenizer, None, ranker_options))
     messages = [PERSONA, {"role": "user", "content": "hi how are you"}]
     picked_a_later_sample = False
     with TestClient(create_app(plain)) as plain_client, TestClient(create_app(reranking)) as rerank_client:
@@ -565,6 +567,34 @@ def test_rerank_without_a_ranker_answers_with_the_sample_the_multiple_choice_hea
     assert len(picked) > 1  # not just one position every time
 
 
+def test_rerank_by_a_joined_ranker_answers_with_the_sample_the_join_scores_best(tiny_dirs, tiny_bert_dir):
+    from transformers import AutoModel, AutoTokenizer
+
+    from conftest import spy_on_choices
+
+    encoder = AutoModel.from_pretrained(tiny_bert_dir), AutoTokenizer.from_pretrained(tiny_bert_dir)
+    plain = make_chat_model(tiny_dirs["llama_chat"])
+    reranking = make_chat_model(tiny_dirs["llama_chat"], rerank=4, ranker="pmi+biencoder")
+    reranking.rankers = Rankers(reranking.model, reranking.layout, biencoder=encoder)
+    judge = Rankers(plain.model, plain.layout, biencoder=encoder)  # the same join, scored apart
+    messages = [PERSONA, {"role": "user", "content": "hi how are you"}]
+    picked = set()
+    with pytest.MonkeyPatch.context() as monkeypatch, TestClient(create_app(plain)) as plain_client, \
+            TestClient(create_app(reranking)) as rerank_client:
+        calls = spy_on_choices(monkeypatch)
+        for seed in range(6):
+            samples = [c["message"]["content"] for c in ask(plain_client, *messages, n=4, seed=seed,
+                                                            max_tokens=6).json()["choices"]]
+            reply = ask(rerank_client, *messages, seed=seed, max_tokens=6).json()["choices"][0]["message"]["content"]
+            context, drawn, by_part = calls[-1]
+            assert [reranking.text(tokens) for tokens in drawn] == samples and set(by_part) == {"pmi", "biencoder"}
+            best = judge.best("pmi+biencoder", ["i love cats.", "i like music"], ["hi how are you"], context, drawn,
+                              samples)
+            assert reply == samples[best]
+            picked.add(best)
+    assert len(picked) > 1  # not just one position every time
+
+
 def test_serve_refuses_rerank_by_an_untrained_head_and_a_max_length_the_model_cannot_hold(tiny_dirs, tmp_path):
     import serve
     from conftest import save_run_with_a_trained_head
@@ -574,7 +604,7 @@ def test_serve_refuses_rerank_by_an_untrained_head_and_a_max_length_the_model_ca
                                          r"shortest prompt takes \d+ of them; at most \d+$"):
         serve.build_app(serve.get_args(too_long))
     args = ["--device", "cpu", "--rerank", "3"]
-    with pytest.raises(SystemExit, match="--rerank 3: .* no trained multiple-choice head.*--ranker_checkpoint"):
+    with pytest.raises(SystemExit, match="--rerank 3: .* no trained multiple-choice head.*another --ranker"):
         serve.build_app(serve.get_args(["--model_checkpoint", tiny_dirs["llama_chat"], *args]))
     save_run_with_a_trained_head(tiny_dirs["llama_chat"], tmp_path / "run")
     app = serve.build_app(serve.get_args(["--model_checkpoint", str(tmp_path / "run"), *args]))
@@ -583,6 +613,8 @@ def test_serve_refuses_rerank_by_an_untrained_head_and_a_max_length_the_model_ca
         reply = ask(client, {"role": "user", "content": "hi how are you"}, max_tokens=4, seed=1)
     assert reply.status_code == 200 and reply.json()["choices"][0]["message"]["content"] is not None
     assert sizes and set(sizes) <= {3, 2, 1} and sizes[0] == 3  # three samples decoded for the head to choose from
+    by_pmi = serve.build_app(serve.get_args(["--model_checkpoint", tiny_dirs["llama_chat"], *args, "--ranker", "pmi"]))
+    assert by_pmi.state.chat_model.settings.ranker == "pmi"  # PMI needs no trained head
 
 
 def slow_steps(chat_model, seconds=0.02):
