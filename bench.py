@@ -662,7 +662,8 @@ def main(argv=None):
     quality.add_argument("--work_dir", default="", help="Where the run and results go (default: a new temporary dir)")
     quality.add_argument("--rerank", type=int, default=0,
                          help="Also score the trained run's F1 on the best of N sampled replies by its multiple-choice "
-                              "head, as interact.py --rerank N answers (default: 0, off)")
+                              "head, as interact.py --rerank N answers, and by mc+pmi+biencoder among the same "
+                              "samples (default: 0, off)")
     quality.add_argument("train_args", nargs=argparse.REMAINDER,
                          help="After --: more train.py flags (e.g. -- --lr 1e-4 --num_candidates 4)")
     args = parser.parse_args(argv)

@@ -33,6 +33,7 @@ from utils import newest_run, resolve_dataset_path, seed_type, set_seed, spread_
 
 logger = logging.getLogger(__file__)
 
+
 def get_args(argv=None):
     parser = ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--eval_type", default="all", choices=["hits@1", "ppl", "f1", "all"],
@@ -56,7 +57,9 @@ def get_args(argv=None):
                              "joined by '+' (mc+pmi+biencoder) rank by the sum of their scores, each standardized over "
                              "an example's candidates; several rank the same examples, the first reported as hits@1 "
                              "(default: mc)")
-    parser.add_argument("--ranker_checkpoint", default="", help="--ranker bert: a ranker trained by bert_classifier.py")
+    parser.add_argument("--ranker_checkpoint", default="",
+                        help="--ranker bert: a ranker trained by `bert_classifier.py train --ranker`; --ranker "
+                             "biencoder: an encoder (default: the packaged MiniLM)")
     parser.add_argument("--num_candidates", type=int, default=20, help="Candidates per example (default: 20)")
     parser.add_argument("--max_history", type=int, default=2, help="Previous exchanges kept (default: 2)")
     parser.add_argument("--max_examples", type=int, default=0,
@@ -67,8 +70,8 @@ def get_args(argv=None):
     parser.add_argument("--sample", action="store_true", help="Sample replies for F1 (default: greedy)")
     parser.add_argument("--rerank", type=int, default=0,
                         help="F1 of the best of N sampled replies by the first --ranker (by default the run's "
-                             "multiple-choice head), as interact.py --rerank N --ranker R answers; every --ranker's "
-                             "pick among the same samples goes to f1_by_ranker (default: 0, off)")
+                             "multiple-choice head), as interact.py --rerank N --ranker R answers; with several --rankers, "
+                             "the F1 of each one's pick among the same samples goes to f1_by_ranker (default: 0, off)")
     parser.add_argument("--max_length", type=int, default=20, help="Most tokens in a generated reply (default: 20)")
     parser.add_argument("--min_length", type=int, default=1, help="Fewest tokens in a generated reply (default: 1)")
     parser.add_argument("--temperature", type=float, default=0.7, help="Sampling temperature (default: 0.7)")
@@ -146,7 +149,7 @@ def main(argv=None):
     bert, biencoder = load_ranker_models(parts, args.ranker_checkpoint)
     tokenizer, model, layout = load_tokenizer_and_model(checkpoint, input_format=args.input_format)
     # get_args refused --rerank without F1; every --ranker ranks the samples, the first gives the reply
-    problem = mc_rerank_error(args.rerank if "mc" in parts else 0, model, checkpoint)
+    problem = mc_rerank_error(args.rerank if "mc" in rankers[0].split("+") else 0, model, checkpoint)
     if problem:
         sys.exit(f"convai_evaluation.py: error: {problem}")
     model.to(args.device).eval()
@@ -169,9 +172,9 @@ def main(argv=None):
     path = resolve_dataset_path(dataset_path, args.dataset_cache)
     # the split seed of training: held-out dialogs of a file without a valid part are those train.py held out
     examples = examples_of(evaluation_dialogs(path, split_seed, trained.get("dataset_path") or ""), args.max_examples)
-    if "hits@1" in want and "mc" in parts and not model.heads_trained:
-        logger.warning("--ranker mc: %s has no trained multiple-choice head; its hits@1 is an untrained head's, near "
-                       "chance (the LM ranker is the zero-shot baseline: --ranker lm)", checkpoint)
+    if ("hits@1" in want or args.rerank > 1) and "mc" in parts and not model.heads_trained:
+        logger.warning("--ranker mc: %s has no trained multiple-choice head; its hits@1 (and --rerank pick) is an "
+                       "untrained head's, near chance (the LM ranker is the zero-shot baseline: --ranker lm)", checkpoint)
 
     ranks, nll, n_tokens, n_words, f1s, records, n_candidates = {r: [] for r in rankers}, 0.0, 0, 0, [], [], []
     end_nll = 0.0  # of the reply end's tokens alone

@@ -127,8 +127,7 @@ def run(args):
         sys.exit(f"interact.py: --model {args.model}, but {checkpoint} holds a {model.config.model_type} model")
     problem = mc_rerank_error(args.rerank if "mc" in parts else 0, model, checkpoint)
     if problem:
-        sys.exit(f"interact.py: error: {problem}; or rank by another --ranker (pmi+biencoder needs no training), or "
-                 "give --ranker_checkpoint")
+        sys.exit(f"interact.py: error: {problem}")
     model.to(args.device).eval()
     rankers = Rankers(model, layout, args.device, bert, biencoder, args.max_history)
     config = DecodingConfig.from_args(args, no_sample=args.no_sample)

@@ -91,7 +91,8 @@ def mc_rerank_error(rerank, model, checkpoint):
     pretrained model's head is untrained, and its choice would be a random one."""
     if rerank > 1 and not model.heads_trained:
         return (f"--rerank {rerank}: {checkpoint} has no trained multiple-choice head to rank replies with (a run of "
-                "train.py has one)")
+                "train.py has one); rank by another --ranker (pmi+biencoder needs no training; bert, a BERT ranker "
+                "of --ranker_checkpoint)")
     return ""
 
 
@@ -150,6 +151,10 @@ class Rankers:
                 scores = own[0] if name == "mc" else own[1] / own[2]
             by_part[name] = torch.as_tensor(scores).cpu()
         return by_part
+
+    def lacking(self, name):
+        """The part of ranker `name` whose model this holds not ("" if none): a BERT ranker or an encoder."""
+        return next((part for part in name.split("+") if getattr(self, part, True) is None), "")
 
     def best(self, name, persona, history, context, cand_ids, candidates):
         """Index of the candidate that ranker `name` (a single one or a join) scores best."""

@@ -89,8 +89,7 @@ def build_app(args):
     tokenizer, model, layout = load_tokenizer_and_model(checkpoint, input_format=args.input_format)
     problem = mc_rerank_error(args.rerank if "mc" in parts else 0, model, checkpoint)
     if problem:
-        sys.exit(f"serve.py: error: {problem}; or rank by another --ranker (pmi+biencoder needs no training), or "
-                 "give --ranker_checkpoint")
+        sys.exit(f"serve.py: error: {problem}")
     model.to(args.device).eval()
     settings = ServerSettings(model_name=args.served_model_name or Path(checkpoint.rstrip("/")).name,
                               decoding=DecodingConfig.from_args(args, no_sample=args.no_sample),

@@ -346,6 +346,9 @@ class ChatModel:
         self.model, self.tokenizer, self.layout, self.settings, self.max_len = model, tokenizer, layout, settings, max_len
         self.device = next(model.parameters()).device
         self.rankers = rankers or Rankers(model, layout, self.device)
+        lacking = self.rankers.lacking(settings.ranker) if settings.rerank > 1 else ""
+        if lacking:
+            raise ValueError(f"ranker {settings.ranker!r}: no {lacking} model to rank --rerank's samples with")
         self.token_bytes = token_bytes_of(tokenizer)
         self.rng = random.Random(settings.seed)
 

@@ -174,9 +174,13 @@ def test_f1_and_saved_predictions(chatty, convai_file, tmp_path):
 
 
 def test_rerank_scores_f1_of_the_sample_the_runs_multiple_choice_head_prefers(chatty, convai_file, tmp_path,
-                                                                               monkeypatch):
-    with pytest.raises(SystemExit, match="--rerank 3: .* no trained multiple-choice head"):
+                                                                               monkeypatch, caplog):
+    with pytest.raises(SystemExit, match="--rerank 3: .* no trained multiple-choice head.*another --ranker"):
         evaluate(chatty, convai_file, tmp_path, "--eval_type", "f1", "--rerank", "3")  # a pretrained model's
+    # the reply by PMI, which needs no training; the untrained head's picks beside it, with a warning
+    by_pmi = evaluate(chatty, convai_file, tmp_path, "--eval_type", "f1", "--rerank", "3", "--ranker", "pmi", "mc")
+    assert by_pmi["rerank_ranker"] == "pmi" and set(by_pmi["f1_by_ranker"]) == {"pmi", "mc"}
+    assert "--rerank pick) is an untrained head's" in caplog.text
     tokenizer = save_run_with_a_trained_head(chatty, tmp_path / "run")
     calls = spy_on_choices(monkeypatch)
     predictions = tmp_path / "pred.jsonl"

@@ -44,7 +44,8 @@ def test_each_part_is_its_rankers_score_and_a_join_picks_by_their_standardized_s
     tokenizer, model, layout = chat
     encoder = AutoModel.from_pretrained(tiny_bert_dir), AutoTokenizer.from_pretrained(tiny_bert_dir)
     rankers = Rankers(model, layout, bert=None, biencoder=encoder, max_history=1)
-    persona, history = ["i like cats .", "i read books ."], ["hello", "hi there", "how are you ?"]
+    persona = ["i like cats .", "i read books ."]
+    history = ["good day", "day to you", "hello", "hi there", "how are you ?"]
     candidates = ["i am fine .", "cats are great", "no", "i read a lot of books", "what ?"]
     encode = lambda texts: [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]  # noqa: E731
     context = layout.context_inputs(encode(persona), encode(history), 256, 20)
@@ -55,10 +56,12 @@ def test_each_part_is_its_rankers_score_and_a_join_picks_by_their_standardized_s
     assert torch.allclose(by_part["mc"], mc, atol=1e-5)
     assert torch.allclose(by_part["lm"], logp / lengths, atol=1e-5)
     assert torch.allclose(by_part["pmi"], logp - prior, atol=1e-4)
-    # the bi-encoder reads the last max_history exchanges: here the last turn and its two before
-    assert torch.allclose(by_part["biencoder"], biencoder_scores(*encoder, "\n".join(persona + history), candidates,
-                                                                 "cpu"), atol=1e-5)
-    assert context_text(persona, history, 1) == "\n".join(persona + history)
+    # the bi-encoder reads the persona and the last max_history exchanges: here the last turn and its two before
+    kept = "\n".join(persona + history[-3:])
+    assert context_text(persona, history, 1) == kept
+    assert torch.allclose(by_part["biencoder"], biencoder_scores(*encoder, kept, candidates, "cpu"), atol=1e-5)
+    assert not torch.allclose(by_part["biencoder"], biencoder_scores(*encoder, "\n".join(persona + history),
+                                                                     candidates, "cpu"), atol=1e-5)
     for name in ("mc+pmi", "lm+biencoder", "mc+pmi+biencoder"):
         parts = name.split("+")
         total = sum((by_part[p] - by_part[p].mean()) / by_part[p].std() for p in parts)

@@ -17,13 +17,14 @@ from serving import (SHUTTING_DOWN, APIError, Batcher, ChatModel, Job, ServerSet
                      persona_and_turns)
 
 
-def make_chat_model(directory, input_format="", **settings):
+def make_chat_model(directory, input_format="", bert=None, biencoder=None, **settings):
+    """A ChatModel of a tiny model; `bert` and `biencoder` are the models of --rerank's rankers that need one."""
     torch.manual_seed(0)
     tokenizer, model, layout = load_tokenizer_and_model(directory, input_format=input_format)
     torch.nn.init.normal_(model.speaker_embeddings)
     defaults = dict(model_name="tiny", decoding=DecodingConfig(max_length=8, temperature=1.0), max_tokens_limit=32)
     return ChatModel(model.eval(), tokenizer, layout, ServerSettings(**{**defaults, **settings}),
-                     model_max_length(model))
+                     model_max_length(model), Rankers(model, layout, bert=bert, biencoder=biencoder))
 
 
 @pytest.fixture(scope="module")
@@ -502,9 +503,10 @@ def test_rerank_answers_with_the_sample_the_ranker_scores_best(tiny_dirs, tiny_b
     ranker_model = BertClassifier(AutoModel.from_pretrained(tiny_bert_dir), 2, "mean", pair_encoding="siamese").eval()
     ranker_tokenizer = AutoTokenizer.from_pretrained(tiny_bert_dir)
     plain = make_chat_model(tiny_dirs["llama_chat"])
-    reranking = make_chat_model(tiny_dirs["llama_chat"], rerank=4, ranker="bert")
-    reranking.rankers = Rankers(reranking.model, reranking.layout,
+    reranking = make_chat_model(tiny_dirs["llama_chat"], rerank=4, ranker="bert",
                                 bert=(ranker_model, ranker_tokenizer, None, ranker_options))
+    with pytest.raises(ValueError, match="ranker 'bert': no bert model to rank --rerank's samples with"):
+        make_chat_model(tiny_dirs["llama_chat"], rerank=4, ranker="bert")
     messages = [PERSONA, {"role": "user", "content": "hi how are you"}]
     picked_a_later_sample = False
     with TestClient(create_app(plain)) as plain_client, TestClient(create_app(reranking)) as rerank_client:
@@ -570,28 +572,45 @@ def test_rerank_without_a_ranker_answers_with_the_sample_the_multiple_choice_hea
 def test_rerank_by_a_joined_ranker_answers_with_the_sample_the_join_scores_best(tiny_dirs, tiny_bert_dir):
     from transformers import AutoModel, AutoTokenizer
 
-    from conftest import spy_on_choices
+    from ranking import score_candidates, standardized
+    from reply_ranker import biencoder_scores
 
     encoder = AutoModel.from_pretrained(tiny_bert_dir), AutoTokenizer.from_pretrained(tiny_bert_dir)
     plain = make_chat_model(tiny_dirs["llama_chat"])
-    reranking = make_chat_model(tiny_dirs["llama_chat"], rerank=4, ranker="pmi+biencoder")
-    reranking.rankers = Rankers(reranking.model, reranking.layout, biencoder=encoder)
-    judge = Rankers(plain.model, plain.layout, biencoder=encoder)  # the same join, scored apart
+    reranking = make_chat_model(tiny_dirs["llama_chat"], rerank=4, ranker="pmi+biencoder", biencoder=encoder)
+    seen = []  # the context each request's rows are decoded after, on the server without --rerank
+    decode_jobs = plain.decode_jobs
+    plain.decode_jobs = lambda jobs, **kw: (seen.extend(j.contexts[0] for j in jobs), decode_jobs(jobs, **kw))
+    drawn = []  # the samples' own tokens, as the reranking server drew them
+    choose = reranking.choose
+    reranking.choose = lambda job, replies: (drawn.append(list(replies)), choose(job, replies))[1]
+    empty = plain.layout.context([], [])
+
+    def join(context, tokens, texts):  # PMI and the bi-encoder's cosine, each standardized, summed
+        pmi = (score_candidates(plain.model, context, tokens, plain.layout)[1]
+               - score_candidates(plain.model, empty, tokens, plain.layout)[1])
+        cosine = biencoder_scores(*encoder, "i love cats.\ni like music\nhi how are you", texts, "cpu")
+        return standardized(pmi) + standardized(cosine)
+
     messages = [PERSONA, {"role": "user", "content": "hi how are you"}]
     picked = set()
-    with pytest.MonkeyPatch.context() as monkeypatch, TestClient(create_app(plain)) as plain_client, \
-            TestClient(create_app(reranking)) as rerank_client:
-        calls = spy_on_choices(monkeypatch)
+    with TestClient(create_app(plain)) as plain_client, TestClient(create_app(reranking)) as rerank_client:
         for seed in range(6):
             samples = [c["message"]["content"] for c in ask(plain_client, *messages, n=4, seed=seed,
                                                             max_tokens=6).json()["choices"]]
             reply = ask(rerank_client, *messages, seed=seed, max_tokens=6).json()["choices"][0]["message"]["content"]
-            context, drawn, by_part = calls[-1]
-            assert [reranking.text(tokens) for tokens in drawn] == samples and set(by_part) == {"pmi", "biencoder"}
-            best = judge.best("pmi+biencoder", ["i love cats.", "i like music"], ["hi how are you"], context, drawn,
-                              samples)
+            assert [reranking.text(tokens) for tokens in drawn[-1]] == samples
+            best = int(join(seen[-1], drawn[-1], samples).argmax())
             assert reply == samples[best]
             picked.add(best)
+        # n=2: each choice the join's best of its own 4 samples, the 8 rows those of n=8 with the same seed
+        samples = [c["message"]["content"] for c in ask(plain_client, *messages, n=8, seed=0,
+                                                        max_tokens=6).json()["choices"]]
+        replies = [c["message"]["content"] for c in ask(rerank_client, *messages, n=2, seed=0,
+                                                        max_tokens=6).json()["choices"]]
+        assert [reranking.text(tokens) for tokens in drawn[-1]] == samples
+        assert replies == [samples[i + int(join(seen[-1], drawn[-1][i:i + 4], samples[i:i + 4]).argmax())]
+                           for i in (0, 4)]
     assert len(picked) > 1  # not just one position every time
 
 
@@ -615,6 +634,9 @@ def test_serve_refuses_rerank_by_an_untrained_head_and_a_max_length_the_model_ca
     assert sizes and set(sizes) <= {3, 2, 1} and sizes[0] == 3  # three samples decoded for the head to choose from
     by_pmi = serve.build_app(serve.get_args(["--model_checkpoint", tiny_dirs["llama_chat"], *args, "--ranker", "pmi"]))
     assert by_pmi.state.chat_model.settings.ranker == "pmi"  # PMI needs no trained head
+    with TestClient(by_pmi) as client:
+        reply = ask(client, {"role": "user", "content": "hi how are you"}, max_tokens=4, seed=1)
+    assert reply.status_code == 200 and reply.json()["choices"][0]["message"]["content"] is not None
 
 
 def slow_steps(chat_model, seconds=0.02):
