@@ -70,8 +70,9 @@ def get_args(argv=None):
     parser.add_argument("--sample", action="store_true", help="Sample replies for F1 (default: greedy)")
     parser.add_argument("--rerank", type=int, default=0,
                         help="F1 of the best of N sampled replies by the first --ranker (by default the run's "
-                             "multiple-choice head), as interact.py --rerank N --ranker R answers; with several --rankers, "
-                             "the F1 of each one's pick among the same samples goes to f1_by_ranker (default: 0, off)")
+                             "multiple-choice head), as interact.py --rerank N --ranker R answers; with several "
+                             "--rankers, the F1 of each one's pick among the same samples goes to f1_by_ranker "
+                             "(default: 0, off)")
     parser.add_argument("--max_length", type=int, default=20, help="Most tokens in a generated reply (default: 20)")
     parser.add_argument("--min_length", type=int, default=1, help="Fewest tokens in a generated reply (default: 1)")
     parser.add_argument("--temperature", type=float, default=0.7, help="Sampling temperature (default: 0.7)")
@@ -174,7 +175,8 @@ def main(argv=None):
     examples = examples_of(evaluation_dialogs(path, split_seed, trained.get("dataset_path") or ""), args.max_examples)
     if ("hits@1" in want or args.rerank > 1) and "mc" in parts and not model.heads_trained:
         logger.warning("--ranker mc: %s has no trained multiple-choice head; its hits@1 (and --rerank pick) is an "
-                       "untrained head's, near chance (the LM ranker is the zero-shot baseline: --ranker lm)", checkpoint)
+                       "untrained head's, near chance (the LM ranker is the zero-shot baseline: --ranker lm)",
+                       checkpoint)
 
     ranks, nll, n_tokens, n_words, f1s, records, n_candidates = {r: [] for r in rankers}, 0.0, 0, 0, [], [], []
     end_nll = 0.0  # of the reply end's tokens alone
