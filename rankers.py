@@ -62,9 +62,8 @@ def add_rerank_args(parser):
                         help="What --rerank ranks the samples by: the run's multiple-choice head (mc), the chat "
                              "model's likelihood per token (lm) or PMI (pmi), a BERT ranker (bert, "
                              "--ranker_checkpoint) or an encoder's cosine (biencoder, --ranker_checkpoint, default: "
-                             "the packaged MiniLM); "
-                             "several joined by '+' sum their scores, each standardized over the samples "
-                             "(default: bert with --ranker_checkpoint, else mc)")
+                             "the packaged MiniLM); several joined by '+' sum their scores, each standardized over "
+                             "the samples (default: bert with --ranker_checkpoint, else mc)")
     parser.add_argument("--ranker_checkpoint", default="",
                         help="--ranker bert: a ranker trained by `bert_classifier.py train --ranker`; --ranker "
                              "biencoder: an encoder (with --rerank and no --ranker: bert)")
@@ -154,7 +153,8 @@ class Rankers:
 
     def lacking(self, name):
         """The part of ranker `name` whose model this holds not ("" if none): a BERT ranker or an encoder."""
-        return next((part for part in name.split("+") if getattr(self, part, True) is None), "")
+        held = {"bert": self.bert, "biencoder": self.biencoder}
+        return next((part for part in name.split("+") if part in held and held[part] is None), "")
 
     def best(self, name, persona, history, context, cand_ids, candidates):
         """Index of the candidate that ranker `name` (a single one or a join) scores best."""
