@@ -30,8 +30,8 @@ convai_evaluation.py on the same --max_examples examples (20 candidates): hits@1
 by LM likelihood, token and word perplexity (and, apart, the reply's own tokens' perplexity and its end token's
 NLL), and F1 of greedy replies; plus the untrained MiniLM bi-encoder's hits@1. With --rerank N, also the
 trained run's F1 on its multiple-choice head's pick among N sampled replies, and on mc+pmi+biencoder's pick among
-the same samples. Prints every row and the
-trained-minus-zero-shot deltas. Training and evaluation run as the scripts themselves, in subprocesses.
+the same samples. Prints every row and the trained-minus-zero-shot deltas. Training and evaluation run as the
+scripts themselves, in subprocesses.
 
 `serve`: serve.py started as a user starts it, then the same --requests chat completions (the first turns of
 held-out dialogs, greedy, streamed) sent one at a time and by --clients concurrent clients: requests/s, reply
