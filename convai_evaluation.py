@@ -179,6 +179,7 @@ def main(argv=None):
                        checkpoint)
 
     ranks, nll, n_tokens, n_words, f1s, records, n_candidates = {r: [] for r in rankers}, 0.0, 0, 0, [], [], []
+    echoes = []  # (F1 of the reply, of the gold) against the turn they answer
     end_nll = 0.0  # of the reply end's tokens alone
     contexts, dialog_texts = [], []
     for example_id, persona, history, candidates, labels in tqdm(examples, desc="Scoring",
@@ -236,6 +237,9 @@ def main(argv=None):
                     record["samples"], record["samples_f1"], record["picks"] = group, group_f1, picks
                 record["reply"], record["f1"] = group[picks[rankers[0]]], group_f1[picks[rankers[0]]]
                 f1s.append(record["f1"])
+                if record["context"]:  # how much the reply repeats the turn it answers (and the gold, people)
+                    echoes.append((f1_score(record["reply"], [record["context"]]),
+                                   f1_score(record["gold"], [record["context"]])))
 
     results = {"model_checkpoint": str(checkpoint), "dataset_path": str(path), "examples": len(examples),
                "input_format": layout.name, "split_seed": split_seed}  # it chose the held-out dialogs and distractors
@@ -264,6 +268,9 @@ def main(argv=None):
         results.update({"f1": sum(f1s) / len(f1s), "f1_decoding": decoding,
                         "rerank": args.rerank if args.rerank > 1 else 0,
                         "decoding": asdict(config)})  # every setting, to reproduce the replies
+        if echoes:  # a reply that repeats its partner's turn scores F1 against it near 1; people's replies, low
+            results.update({"echo_f1": sum(e for e, _ in echoes) / len(echoes),
+                            "gold_echo_f1": sum(g for _, g in echoes) / len(echoes)})
         if args.rerank > 1:  # the same samples picked at random (expected F1) and by an oracle that knows the gold
             results["f1_random_sample"] = sum(sum(r["samples_f1"]) / len(r["samples_f1"]) for r in records) / len(f1s)
             results["f1_best_sample"] = sum(max(r["samples_f1"]) for r in records) / len(f1s)

@@ -9,6 +9,7 @@ from conftest import save_run_with_a_trained_head, spy_on_choices
 from decoding import DecodingConfig, generate
 from inputs import collate
 from layouts import IGNORE_INDEX
+from metrics import f1_score
 from modeling import load_tokenizer_and_model
 from rankers import joined
 from ranking import score_candidates
@@ -171,6 +172,9 @@ def test_f1_and_saved_predictions(chatty, convai_file, tmp_path):
     assert all(row["reply"] == row["gold"] and row["f1"] == 1.0 for row in rows)  # greedy reproduces the gold
     assert results["f1"] == 1.0 and results["hits@1"] == 1.0
     assert all(row["top_candidate"] == row["gold"] for row in rows)
+    assert [row["context"] for row in rows] == HISTORIES  # the turn each reply answers
+    echoes = [f1_score(row["reply"], [row["context"]]) for row in rows]
+    assert results["echo_f1"] == pytest.approx(sum(echoes) / 3) and results["gold_echo_f1"] == results["echo_f1"]
 
 
 def test_rerank_scores_f1_of_the_sample_the_runs_multiple_choice_head_prefers(chatty, convai_file, tmp_path,
