@@ -529,17 +529,15 @@ def test_rerank_answers_with_the_sample_the_ranker_scores_best(tiny_dirs, tiny_b
     assert picked_a_later_sample  # not just the first sample every time
 
 
-def test_rerank_without_a_ranker_answers_with_the_sample_the_multiple_choice_head_scores_best(tiny_dirs):
-    from ranking import score_candidates
-
-    plain = make_chat_model(tiny_dirs["llama_chat"])
-    reranking = make_chat_model(tiny_dirs["llama_chat"], rerank=4)
-    torch.nn.init.normal_(reranking.model.mc_head.weight)  # a trained-looking head, sharp preferences
-    seen, rows = [], []
-    decode_jobs = reranking.decode_jobs
-    reranking.decode_jobs = lambda jobs, **kw: (seen.extend(j.contexts[0] for j in jobs),
-                                                rows.extend(len(j.contexts) for j in jobs), decode_jobs(jobs, **kw))
-    drawn = []  # the samples' own tokens (a text drops special tokens, so it may not encode back to them)
+def check_rerank_picks(plain, reranking, scores_of):
+    """`reranking` (--rerank 4) answers with the sample that scores_of(context, sample tokens, sample texts) tops
+    among the 4 that `plain` gives as n=4 choices of the same seed; with n=2, each choice among its own 4 samples
+    (the 8 of n=8); a greedy request decodes once, nothing to rerank."""
+    seen, rows, drawn = [], [], []  # contexts decoded after; rows per request; the samples' own tokens (a text drops
+    decode_jobs = plain.decode_jobs  # special tokens, so it may not encode back to them)
+    plain.decode_jobs = lambda jobs, **kw: (seen.extend(j.contexts[0] for j in jobs), decode_jobs(jobs, **kw))[1]
+    rerank_jobs = reranking.decode_jobs
+    reranking.decode_jobs = lambda jobs, **kw: (rows.extend(len(j.contexts) for j in jobs), rerank_jobs(jobs, **kw))[1]
     choose = reranking.choose
     reranking.choose = lambda job, replies: (drawn.append(list(replies)), choose(job, replies))[1]
     messages = [PERSONA, {"role": "user", "content": "hi how are you"}]
@@ -550,23 +548,31 @@ def test_rerank_without_a_ranker_answers_with_the_sample_the_multiple_choice_hea
                                                             max_tokens=6).json()["choices"]]
             reply = ask(rerank_client, *messages, seed=seed, max_tokens=6).json()["choices"][0]["message"]["content"]
             assert [reranking.text(tokens) for tokens in drawn[-1]] == samples
-            mc_logits = score_candidates(reranking.model, seen[-1], drawn[-1], reranking.layout)[0]
-            assert reply == samples[int(mc_logits.argmax())]
-            picked.add(int(mc_logits.argmax()))
+            best = int(scores_of(seen[-1], drawn[-1], samples).argmax())
+            assert reply == samples[best]
+            picked.add(best)
         assert rows == [4] * 6
-        # n=2: each choice the best of its own 4 samples, the 8 rows those of n=8 with the same seed
         samples = [c["message"]["content"] for c in ask(plain_client, *messages, n=8, seed=0,
                                                         max_tokens=6).json()["choices"]]
         replies = [c["message"]["content"] for c in ask(rerank_client, *messages, n=2, seed=0,
                                                         max_tokens=6).json()["choices"]]
-        assert [reranking.text(tokens) for tokens in drawn[-1]] == samples
-        mc_logits = score_candidates(reranking.model, seen[-1], drawn[-1], reranking.layout)[0]
-        assert replies == [samples[int(mc_logits[:4].argmax())], samples[4 + int(mc_logits[4:].argmax())]]
-        assert rows[-1] == 8
+        assert [reranking.text(tokens) for tokens in drawn[-1]] == samples and rows[-1] == 8
+        assert replies == [samples[i + int(scores_of(seen[-1], drawn[-1][i:i + 4], samples[i:i + 4]).argmax())]
+                           for i in (0, 4)]
         greedy = [ask(client, *messages, temperature=0, max_tokens=6).json()["choices"][0]["message"]["content"]
                   for client in (plain_client, rerank_client)]
-        assert greedy[0] == greedy[1] and rows[-1] == 1  # a greedy request decodes once: nothing to rerank
+        assert greedy[0] == greedy[1] and rows[-1] == 1
     assert len(picked) > 1  # not just one position every time
+
+
+def test_rerank_without_a_ranker_answers_with_the_sample_the_multiple_choice_head_scores_best(tiny_dirs):
+    from ranking import score_candidates
+
+    plain = make_chat_model(tiny_dirs["llama_chat"])
+    reranking = make_chat_model(tiny_dirs["llama_chat"], rerank=4)
+    torch.nn.init.normal_(reranking.model.mc_head.weight)  # a trained-looking head, sharp preferences
+    check_rerank_picks(plain, reranking, lambda context, tokens, texts: score_candidates(
+        reranking.model, context, tokens, reranking.layout)[0])
 
 
 def test_rerank_by_a_joined_ranker_answers_with_the_sample_the_join_scores_best(tiny_dirs, tiny_bert_dir):
@@ -578,12 +584,6 @@ def test_rerank_by_a_joined_ranker_answers_with_the_sample_the_join_scores_best(
     encoder = AutoModel.from_pretrained(tiny_bert_dir), AutoTokenizer.from_pretrained(tiny_bert_dir)
     plain = make_chat_model(tiny_dirs["llama_chat"])
     reranking = make_chat_model(tiny_dirs["llama_chat"], rerank=4, ranker="pmi+biencoder", biencoder=encoder)
-    seen = []  # the context each request's rows are decoded after, on the server without --rerank
-    decode_jobs = plain.decode_jobs
-    plain.decode_jobs = lambda jobs, **kw: (seen.extend(j.contexts[0] for j in jobs), decode_jobs(jobs, **kw))
-    drawn = []  # the samples' own tokens, as the reranking server drew them
-    choose = reranking.choose
-    reranking.choose = lambda job, replies: (drawn.append(list(replies)), choose(job, replies))[1]
     empty = plain.layout.context([], [])
 
     def join(context, tokens, texts):  # PMI and the bi-encoder's cosine, each standardized, summed
@@ -592,26 +592,7 @@ def test_rerank_by_a_joined_ranker_answers_with_the_sample_the_join_scores_best(
         cosine = biencoder_scores(*encoder, "i love cats.\ni like music\nhi how are you", texts, "cpu")
         return standardized(pmi) + standardized(cosine)
 
-    messages = [PERSONA, {"role": "user", "content": "hi how are you"}]
-    picked = set()
-    with TestClient(create_app(plain)) as plain_client, TestClient(create_app(reranking)) as rerank_client:
-        for seed in range(6):
-            samples = [c["message"]["content"] for c in ask(plain_client, *messages, n=4, seed=seed,
-                                                            max_tokens=6).json()["choices"]]
-            reply = ask(rerank_client, *messages, seed=seed, max_tokens=6).json()["choices"][0]["message"]["content"]
-            assert [reranking.text(tokens) for tokens in drawn[-1]] == samples
-            best = int(join(seen[-1], drawn[-1], samples).argmax())
-            assert reply == samples[best]
-            picked.add(best)
-        # n=2: each choice the join's best of its own 4 samples, the 8 rows those of n=8 with the same seed
-        samples = [c["message"]["content"] for c in ask(plain_client, *messages, n=8, seed=0,
-                                                        max_tokens=6).json()["choices"]]
-        replies = [c["message"]["content"] for c in ask(rerank_client, *messages, n=2, seed=0,
-                                                        max_tokens=6).json()["choices"]]
-        assert [reranking.text(tokens) for tokens in drawn[-1]] == samples
-        assert replies == [samples[i + int(join(seen[-1], drawn[-1][i:i + 4], samples[i:i + 4]).argmax())]
-                           for i in (0, 4)]
-    assert len(picked) > 1  # not just one position every time
+    check_rerank_picks(plain, reranking, join)
 
 
 def test_serve_refuses_rerank_by_an_untrained_head_and_a_max_length_the_model_cannot_hold(tiny_dirs, tmp_path):
