@@ -226,8 +226,7 @@ def test_rerank_by_the_runs_multiple_choice_head_and_refused_without_a_trained_o
     common = ["--personality", "i like cats", "--rerank", "3", "--max_length", "5", "--temperature", "2.0"]
     calls = spy_on_choices(monkeypatch)
     monkeypatch.setattr("sys.stdin", io.StringIO("hi\nhow are you\nwhat do you like\n"))
-    args = interact.get_args(["--model_checkpoint", str(tmp_path / "run"), "--device", "cpu", *common])
-    interact.run(args)
+    interact.run(interact.get_args(["--model_checkpoint", str(tmp_path / "run"), "--device", "cpu", *common]))
     printed = capsys.readouterr().out.splitlines()
     assert len(printed) == len(calls) == 3
     _, model, layout = load_tokenizer_and_model(str(tmp_path / "run"))
