@@ -26,8 +26,8 @@ from dialogs import (NUM_DISTRACTORS, VALID_FRACTION, DialogFormatError, add_dis
 from layouts import INPUT_FORMATS, InputFormatError
 from metrics import f1_score, perplexity
 from modeling import load_tokenizer_and_model, model_max_length
-from rankers import (RANKERS, Rankers, joined, load_ranker_models, mc_rerank_error, ranker_checkpoint_problem,
-                     ranker_parts, ranker_type)
+from rankers import (RANKERS, Rankers, add_rerank_greedy_arg, joined, load_ranker_models, mc_rerank_error,
+                     ranker_checkpoint_problem, ranker_parts, ranker_type, rerank_configs, rerank_greedy_problem)
 from ranking import HITS_AT, rank_metrics, rank_of_gold, score_candidates
 from utils import newest_run, resolve_dataset_path, seed_type, set_seed, spread_indices, write_json
 
@@ -73,6 +73,7 @@ def get_args(argv=None):
                              "multiple-choice head), as interact.py --rerank N --ranker R answers; with several "
                              "--rankers, the F1 of each one's pick among the same samples goes to f1_by_ranker "
                              "(default: 0, off)")
+    add_rerank_greedy_arg(parser)
     parser.add_argument("--max_length", type=int, default=20, help="Most tokens in a generated reply (default: 20)")
     parser.add_argument("--min_length", type=int, default=1, help="Fewest tokens in a generated reply (default: 1)")
     parser.add_argument("--temperature", type=float, default=0.7, help="Sampling temperature (default: 0.7)")
@@ -103,6 +104,9 @@ def get_args(argv=None):
             parser.error(f"{flag} {path}: its directory does not exist")
     if args.rerank < 0:
         parser.error(f"--rerank {args.rerank}: the number of replies to sample, at least 0")
+    problem = rerank_greedy_problem(args.rerank, args.rerank_greedy)
+    if problem:
+        parser.error(problem)
     if args.rerank > 1 and args.num_beams > 1:
         parser.error(f"--rerank {args.rerank}: reranks sampled replies; --num_beams decodes one reply N times over")
     if args.rerank > 1 and args.eval_type not in ("f1", "all"):
@@ -221,10 +225,11 @@ def main(argv=None):
     if "f1" in want:
         config = DecodingConfig.from_args(args, no_sample=not args.sample and args.rerank < 2)
         generator = torch.Generator(device=args.device).manual_seed(args.seed)
-        samples = max(args.rerank, 1)
+        rows = rerank_configs(config, args.rerank, args.rerank_greedy)  # per context: its samples (and greedy reply)
+        samples = len(rows)
         for start in tqdm(range(0, len(contexts), args.batch_size), desc="Generating"):
             batch = contexts[start:start + args.batch_size]
-            replies = generate(model, [c for c in batch for _ in range(samples)], layout, config, generator=generator)
+            replies = generate(model, [c for c in batch for _ in rows], layout, rows * len(batch), generator=generator)
             for i, (record, context) in enumerate(zip(records[start:], batch)):
                 mine = replies[i * samples:(i + 1) * samples]
                 group = [" ".join(reply_text(tokenizer, r).split()) for r in mine]
@@ -275,6 +280,9 @@ def main(argv=None):
             results["f1_random_sample"] = sum(sum(r["samples_f1"]) / len(r["samples_f1"]) for r in records) / len(f1s)
             results["f1_best_sample"] = sum(max(r["samples_f1"]) for r in records) / len(f1s)
             results["rerank_ranker"] = rankers[0]
+            results["rerank_greedy"] = args.rerank_greedy
+            if args.rerank_greedy:  # the greedy reply is each example's first; how often the pick was it
+                results["greedy_picked"] = sum(r["picks"][rankers[0]] == 0 for r in records) / len(f1s)
             if len(rankers) > 1:
                 results["f1_by_ranker"] = {name: sum(r["samples_f1"][r["picks"][name]] for r in records) / len(f1s)
                                            for name in rankers}

@@ -138,16 +138,23 @@ def _adjust(logits, replies, t, stop_ids, configs):
 def _pick(logits, configs, generators):
     """Next token of each row: greedy, or sampled after temperature and top-k / nucleus filtering.
 
-    Rows that share a config and a generator are sampled in one draw, as the original did.
+    Rows that share a config and a generator are picked together, sampled ones in one draw, as the original did
+    (--rerank_greedy's greedy row apart from its samples; a server's rows, each with its own seed, one by one).
     """
-    if len(set(configs)) == 1 and len(set(map(id, generators))) == 1:
-        config = configs[0]
-        if config.no_sample:
-            return logits.argmax(dim=-1)
-        probs = F.softmax(top_filtering(logits / config.temperature, config.top_k, config.top_p), dim=-1)
-        return torch.multinomial(probs, 1, generator=generators[0]).squeeze(1)
-    return torch.cat([_pick(logits[row:row + 1], [config], [generator])
-                      for row, (config, generator) in enumerate(zip(configs, generators))])
+    groups = {}
+    for row, (config, generator) in enumerate(zip(configs, generators)):
+        groups.setdefault((config, id(generator)), []).append(row)
+    if len(groups) > 1:
+        tokens = torch.empty(len(configs), dtype=torch.long, device=logits.device)
+        for rows in groups.values():
+            index = torch.tensor(rows, device=logits.device)
+            tokens[index] = _pick(logits[index], [configs[rows[0]]] * len(rows), [generators[rows[0]]] * len(rows))
+        return tokens
+    config = configs[0]
+    if config.no_sample:
+        return logits.argmax(dim=-1)
+    probs = F.softmax(top_filtering(logits / config.temperature, config.top_k, config.top_p), dim=-1)
+    return torch.multinomial(probs, 1, generator=generators[0]).squeeze(1)
 
 
 def _logprobs_of(logprobs, top, row, token, k):

@@ -27,7 +27,8 @@ from decoding import DecodingConfig, add_decoding_args, check_decoding_args, gen
 from dialogs import DialogFormatError, read_personas
 from layouts import InputFormatError
 from modeling import add_run_args, load_tokenizer_and_model, model_max_length
-from rankers import Rankers, add_rerank_args, check_rerank_args, load_ranker_models, mc_rerank_error
+from rankers import (Rankers, add_rerank_args, check_rerank_args, load_ranker_models, mc_rerank_error,
+                     rerank_configs)
 from utils import DATASET_SHORT_NAMES, checkpoint_or_newest_run, resolve_dataset_path, seed_type, set_seed
 
 COMMANDS = "/reset starts over, /persona shows the persona, Ctrl-D ends"
@@ -163,7 +164,8 @@ def run(args):
         history_text.append(text)
         history, history_text = history[-(2 * args.max_history + 1):], history_text[-(2 * args.max_history + 1):]
         context = layout.context_inputs(persona_ids, history, max_len, args.max_length)
-        replies = generate(model, [context] * max(args.rerank, 1), layout, config, generator=generator)
+        configs = rerank_configs(config, args.rerank, args.rerank_greedy)
+        replies = generate(model, [context] * len(configs), layout, configs, generator=generator)
         texts = [" ".join(reply_text(tokenizer, r).split()) for r in replies]  # one line each
         best = rankers.best(args.ranker, persona, history_text, context, replies, texts) if len(replies) > 1 else 0
         history.append(replies[best])

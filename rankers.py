@@ -10,7 +10,7 @@ them (hits@1), and `--rerank N` chooses among N sampled replies with them (inter
   any of its parts (the README's joined-ranker table).
 """
 from argparse import ArgumentTypeError
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -67,6 +67,15 @@ def add_rerank_args(parser):
     parser.add_argument("--ranker_checkpoint", default="",
                         help="--ranker bert: a ranker trained by `bert_classifier.py train --ranker`; --ranker "
                              "biencoder: an encoder (with --rerank and no --ranker: bert)")
+    add_rerank_greedy_arg(parser)
+
+
+def add_rerank_greedy_arg(parser):
+    """--rerank_greedy, of interact.py, serve.py and convai_evaluation.py."""
+    parser.add_argument("--rerank_greedy", action="store_true",
+                        help="With --rerank N: the first of the N replies is decoded greedily and the other N-1 "
+                             "sampled; --ranker picks among all N, so the reply is greedy decoding's unless the "
+                             "ranker prefers a sample")
 
 
 def check_rerank_args(parser, args):
@@ -76,6 +85,9 @@ def check_rerank_args(parser, args):
     for flag, value in (("--ranker", args.ranker), ("--ranker_checkpoint", args.ranker_checkpoint)):
         if value and args.rerank < 2:
             parser.error(f"{flag} {value}: it ranks the replies of --rerank N (N at least 2), which is {args.rerank}")
+    problem = rerank_greedy_problem(args.rerank, args.rerank_greedy)
+    if problem:
+        parser.error(problem)
     if args.rerank > 1 and (args.no_sample or args.num_beams > 1):
         parser.error(f"--rerank {args.rerank}: reranks sampled replies; --no_sample and --num_beams decode one "
                      "reply N times over")
@@ -83,6 +95,23 @@ def check_rerank_args(parser, args):
     problem = ranker_checkpoint_problem(args.ranker.split("+"), args.ranker_checkpoint)
     if problem:
         parser.error(problem)
+
+
+def rerank_greedy_problem(rerank, rerank_greedy):
+    """What is wrong with --rerank_greedy ("" if nothing): it needs samples beside the greedy reply."""
+    if rerank_greedy and rerank < 2:
+        return (f"--rerank_greedy: needs --rerank N with N at least 2 (the greedy reply and N-1 samples); --rerank "
+                f"is {rerank}")
+    return ""
+
+
+def rerank_configs(config, rerank, rerank_greedy):
+    """The decoding config of each of --rerank's rows for one context: all `config` (sampling), but the first
+    greedy with --rerank_greedy."""
+    rows = [config] * max(rerank, 1)
+    if rerank_greedy and rerank > 1:
+        rows[0] = replace(config, no_sample=True)
+    return rows
 
 
 def mc_rerank_error(rerank, model, checkpoint):

@@ -95,7 +95,7 @@ def build_app(args):
                               decoding=DecodingConfig.from_args(args, no_sample=args.no_sample),
                               max_history=args.max_history, persona=tuple(args.personality),
                               max_tokens_limit=args.max_tokens_limit, rerank=args.rerank, ranker=args.ranker,
-                              seed=args.seed)
+                              rerank_greedy=args.rerank_greedy, seed=args.seed)
     chat_model = ChatModel(model, tokenizer, layout, settings, model_max_length(model),
                            Rankers(model, layout, args.device, bert, biencoder, args.max_history))
     overflow = layout.reply_overflow(args.max_length, chat_model.max_len)

@@ -28,7 +28,7 @@ from tokenizers import decoders
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from decoding import MIN_TEMPERATURE, DecodingConfig, generate, reply_text
-from rankers import Rankers
+from rankers import Rankers, rerank_configs
 from utils import free_port
 
 logger = logging.getLogger(__name__)
@@ -327,6 +327,7 @@ class ServerSettings:
     max_tokens_limit: int = 512
     rerank: int = 0
     ranker: str = "mc"  # what --rerank's samples are ranked by (rankers.py)
+    rerank_greedy: bool = False  # the first of a choice's --rerank rows decodes greedily
     seed: Optional[int] = None
 
 
@@ -397,10 +398,11 @@ class ChatModel:
                                              self.max_len, config.max_length)
         # greedy or beam decoding gives one reply however often it runs: nothing to rerank
         samples = max(self.settings.rerank, 1) if not config.no_sample and config.num_beams == 1 else 1
-        rows = request.n * samples
+        configs = rerank_configs(config, samples, self.settings.rerank_greedy) * request.n
+        rows = len(configs)
         seed = request.seed if request.seed is not None else self.rng.getrandbits(62)
         generators = [torch.Generator(device=self.device).manual_seed(row_seed(seed, i)) for i in range(rows)]
-        return Job([context] * rows, [config] * rows, generators, loop, asyncio.Queue(),
+        return Job([context] * rows, configs, generators, loop, asyncio.Queue(),
                    stream=samples == 1 and config.num_beams == 1, persona=persona, turns=turns, samples=samples,
                    top_logprobs=(request.top_logprobs or 0) if request.logprobs else -1)
 

@@ -216,6 +216,24 @@ def test_rerank_scores_f1_of_the_sample_the_runs_multiple_choice_head_prefers(ch
     assert any(len(set(row["picks"].values())) > 1 for row in rows)  # the rankers do not all agree
 
 
+def test_rerank_greedy_ranks_the_greedy_reply_among_the_samples(chatty, convai_file, tmp_path):
+    common = ["--eval_type", "f1", "--max_length", "4", "--min_length", "4", "--temperature", "2.0"]
+    evaluate(chatty, convai_file, tmp_path, *common, "--save_predictions", str(tmp_path / "greedy.jsonl"))
+    results = evaluate(chatty, convai_file, tmp_path, *common, "--rerank", "3", "--rerank_greedy", "--ranker", "pmi",
+                       "lm", "--save_predictions", str(tmp_path / "rerank.jsonl"))
+    greedy = [json.loads(line) for line in open(tmp_path / "greedy.jsonl")]
+    rows = [json.loads(line) for line in open(tmp_path / "rerank.jsonl")]
+    assert [row["samples"][0] for row in rows] == [row["reply"] for row in greedy]  # the first, greedy
+    assert all(len(row["samples"]) == 3 for row in rows)
+    assert any(sample not in row["samples"][:1] for row in rows for sample in row["samples"][1:])  # others sampled
+    assert results["rerank_greedy"] is True and results["rerank"] == 3
+    assert results["greedy_picked"] == pytest.approx(sum(row["picks"]["pmi"] == 0 for row in rows) / 3)
+    assert results["f1"] == pytest.approx(sum(row["samples_f1"][row["picks"]["pmi"]] for row in rows) / 3)
+    assert results["f1_best_sample"] == 1.0  # the greedy reply is the gold here, and it is among them
+    plain = evaluate(chatty, convai_file, tmp_path, *common, "--rerank", "3", "--ranker", "pmi")
+    assert plain["rerank_greedy"] is False and "greedy_picked" not in plain
+
+
 @pytest.mark.parametrize("flags, message", [(["--eval_type", "f1", "--num_beams", "2"], "--num_beams decodes one"),
                                            (["--eval_type", "hits@1"], "only F1 generates replies")])
 def test_rerank_needs_sampled_replies_to_choose_from(flags, message, capsys):

@@ -1,4 +1,5 @@
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -160,6 +161,18 @@ def test_each_context_keeps_its_own_settings_and_seed_in_a_batch(chat_model):
     assert batched == alone and [len(r) for r in batched] == [5, 9]
     assert [t for r, t in seen if r == 0] == batched[0] and [t for r, t in seen if r == 1] == batched[1]
     assert [r for r, _ in seen][:4] == [0, 1, 0, 1]  # tokens come out step by step, not reply by reply
+
+
+def test_a_greedy_row_beside_samples_of_one_generator_leaves_their_one_draw_as_it_was(chat_model):
+    """--rerank_greedy: rows [greedy, sampled, sampled] sharing a generator; the sampled rows are drawn together, as
+    they would be without the greedy row, and the greedy row is greedy decoding's."""
+    model, layout, contexts = chat_model
+    sampled = DecodingConfig(temperature=1.5, top_p=0.95, min_length=8, max_length=8)
+    greedy = replace(sampled, no_sample=True)
+    mixed = generate(model, [contexts[0]] * 3, layout, [greedy, sampled, sampled], torch.Generator().manual_seed(5))
+    assert mixed[0] == generate(model, [contexts[0]], layout, greedy)[0]
+    assert mixed[1:] == generate(model, [contexts[0]] * 2, layout, sampled, torch.Generator().manual_seed(5))
+    assert mixed[1] != mixed[2]  # two draws, not one twice
 
 
 def test_logprobs_are_the_model_own_distribution_at_each_reply_token(chat_model):

@@ -109,6 +109,20 @@ def test_a_ranker_without_replies_to_rank_is_refused(rerank, flag, value, capsys
         assert f"{flag} {value}: it ranks the replies of --rerank N (N at least 2)" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("rerank", [[], ["--rerank", "1"]])
+def test_rerank_greedy_without_samples_beside_it_is_refused(rerank, capsys):
+    import convai_evaluation
+    import interact
+    import serve
+
+    for get_args in (interact.get_args, serve.get_args, convai_evaluation.get_args):
+        with pytest.raises(SystemExit):
+            get_args(["--rerank_greedy", *rerank])
+        assert ("--rerank_greedy: needs --rerank N with N at least 2 (the greedy reply and N-1 samples); --rerank is "
+                f"{rerank[1] if rerank else 0}") in capsys.readouterr().err
+    assert interact.get_args(["--rerank_greedy", "--rerank", "2"]).rerank_greedy
+
+
 @pytest.mark.parametrize("flags, ranker, message", [
     ([], "mc", ""), (["--ranker_checkpoint", "r"], "bert", ""),
     (["--ranker_checkpoint", "r", "--ranker", "biencoder"], "biencoder", ""),
@@ -210,6 +224,26 @@ def test_a_persona_is_drawn_from_the_runs_own_training_data(personachat_file, tm
     args.personality_file = str(tmp_path / "missing.txt")
     with pytest.raises(FileNotFoundError, match="--personality_file .*missing.txt: No such file"):
         choose_persona(args, str(run))
+
+
+def test_rerank_greedy_ranks_the_greedy_reply_among_the_samples(tiny_dirs, monkeypatch, capsys):
+    import io
+
+    import interact
+    from decoding import DecodingConfig, generate
+    from modeling import load_tokenizer_and_model
+
+    calls = spy_on_choices(monkeypatch)
+    monkeypatch.setattr("sys.stdin", io.StringIO("hi\nhow are you\nwhat do you like\n"))
+    interact.run(interact.get_args(["--model_checkpoint", tiny_dirs["llama_chat"], "--device", "cpu", "--personality",
+                                    "i like cats", "--rerank", "3", "--rerank_greedy", "--ranker", "pmi",
+                                    "--max_length", "5", "--temperature", "2.0"]))
+    assert len(capsys.readouterr().out.splitlines()) == len(calls) == 3
+    _, model, layout = load_tokenizer_and_model(tiny_dirs["llama_chat"])
+    greedy = DecodingConfig(max_length=5, temperature=2.0, no_sample=True)
+    for context, replies, _ in calls:
+        assert len(replies) == 3 and replies[0] == generate(model.eval(), [context], layout, greedy)[0]
+    assert any(reply != replies[0] for _, replies, _ in calls for reply in replies[1:])  # the others sampled
 
 
 def test_rerank_by_the_runs_multiple_choice_head_and_refused_without_a_trained_one(tiny_dirs, tmp_path, monkeypatch,

@@ -77,3 +77,16 @@ def test_a_join_can_pick_what_no_part_tops():
     assert int(joined("mc+pmi", by_part).argmax()) == 2  # second by both
     by_part["biencoder"] = torch.tensor([1.0, 1.0, 1.0])  # no preference: adds nothing
     assert torch.equal(joined("mc+pmi+biencoder", by_part), joined("mc+pmi", by_part))
+
+
+def test_rerank_greedy_decodes_the_first_row_greedily_and_samples_the_others():
+    from decoding import DecodingConfig
+    from rankers import rerank_configs
+
+    sampling = DecodingConfig(temperature=0.9, top_p=0.8, max_length=7)
+    rows = rerank_configs(sampling, 4, True)
+    assert len(rows) == 4 and rows[0].no_sample and rows[1:] == [sampling] * 3
+    assert rows[0] == DecodingConfig(temperature=0.9, top_p=0.8, max_length=7, no_sample=True)  # nothing else changed
+    assert rerank_configs(sampling, 4, False) == [sampling] * 4
+    for rerank_greedy in (False, True):  # no rerank (or a greedy request to a server): one row, as asked
+        assert rerank_configs(sampling, 0, rerank_greedy) == rerank_configs(sampling, 1, rerank_greedy) == [sampling]

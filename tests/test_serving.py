@@ -595,6 +595,40 @@ def test_rerank_by_a_joined_ranker_answers_with_the_sample_the_join_scores_best(
     check_rerank_picks(plain, reranking, join)
 
 
+def test_rerank_greedy_ranks_each_choices_greedy_reply_among_its_samples(tiny_dirs):
+    from ranking import score_candidates
+
+    plain = make_chat_model(tiny_dirs["llama_chat"])
+    messages = [PERSONA, {"role": "user", "content": "hi how are you"}]
+    picks = set()
+    with TestClient(create_app(plain)) as plain_client:
+        greedy = ask(plain_client, *messages, temperature=0, max_tokens=6).json()["choices"][0]["message"]["content"]
+        samples = [[c["message"]["content"] for c in ask(plain_client, *messages, n=4, seed=seed,
+                                                         max_tokens=6).json()["choices"]] for seed in range(4)]
+    for ranker, column in (("mc", 0), ("lm", None)):  # the random head prefers samples, likelihood the greedy reply
+        reranking = make_chat_model(tiny_dirs["llama_chat"], rerank=4, ranker=ranker, rerank_greedy=True)
+        torch.nn.init.normal_(reranking.model.mc_head.weight)  # a trained-looking head, sharp preferences
+        drawn, contexts = [], []  # each request's rows, as choose() is given them, and its context
+        choose = reranking.choose
+        reranking.choose = lambda job, replies: (drawn.append(list(replies)), contexts.append(job.contexts[0]),
+                                                 choose(job, replies))[2]
+        with TestClient(create_app(reranking)) as rerank_client:
+            for seed in range(4):
+                reply = ask(rerank_client, *messages, seed=seed, max_tokens=6).json()["choices"][0]
+                reply = reply["message"]["content"]
+                texts = [reranking.text(tokens) for tokens in drawn[-1]]
+                assert texts == [greedy] + samples[seed][1:]  # the first row greedy, the others a plain request's
+                mc, logp, lengths, _ = score_candidates(reranking.model, contexts[-1], drawn[-1], reranking.layout)
+                best = int((mc if column == 0 else logp / lengths).argmax())
+                assert reply == texts[best]
+                picks.add(best)
+            ask(rerank_client, *messages, n=2, seed=0, max_tokens=6)
+            assert len(drawn[-1]) == 8 and [reranking.text(drawn[-1][i]) for i in (0, 4)] == [greedy, greedy]
+            ask(rerank_client, *messages, temperature=0, max_tokens=6)  # a greedy request decodes one row
+            assert [reranking.text(tokens) for tokens in drawn[-1]] == [greedy]
+    assert 0 in picks and len(picks) > 1  # the greedy reply and a sample, each picked at times
+
+
 def test_serve_refuses_rerank_by_an_untrained_head_and_a_max_length_the_model_cannot_hold(tiny_dirs, tmp_path):
     import serve
     from conftest import save_run_with_a_trained_head
@@ -613,8 +647,10 @@ def test_serve_refuses_rerank_by_an_untrained_head_and_a_max_length_the_model_ca
         reply = ask(client, {"role": "user", "content": "hi how are you"}, max_tokens=4, seed=1)
     assert reply.status_code == 200 and reply.json()["choices"][0]["message"]["content"] is not None
     assert sizes and set(sizes) <= {3, 2, 1} and sizes[0] == 3  # three samples decoded for the head to choose from
-    by_pmi = serve.build_app(serve.get_args(["--model_checkpoint", tiny_dirs["llama_chat"], *args, "--ranker", "pmi"]))
-    assert by_pmi.state.chat_model.settings.ranker == "pmi"  # PMI needs no trained head
+    by_pmi = serve.build_app(serve.get_args(["--model_checkpoint", tiny_dirs["llama_chat"], *args, "--ranker", "pmi",
+                                             "--rerank_greedy"]))
+    settings = by_pmi.state.chat_model.settings
+    assert settings.ranker == "pmi" and settings.rerank_greedy  # PMI needs no trained head
     with TestClient(by_pmi) as client:
         reply = ask(client, {"role": "user", "content": "hi how are you"}, max_tokens=4, seed=1)
     assert reply.status_code == 200 and reply.json()["choices"][0]["message"]["content"] is not None
