@@ -2,9 +2,10 @@ import pytest
 import torch
 
 from conftest import make_personachat
+from decoding import DecodingConfig
 from inputs import collate
 from modeling import load_tokenizer_and_model
-from rankers import Rankers, joined
+from rankers import Rankers, joined, rerank_configs
 from ranking import score_candidates
 from reply_ranker import biencoder_scores, context_text
 from tokenized import tokenize_dialogs
@@ -80,9 +81,6 @@ def test_a_join_can_pick_what_no_part_tops():
 
 
 def test_rerank_greedy_decodes_the_first_row_greedily_and_samples_the_others():
-    from decoding import DecodingConfig
-    from rankers import rerank_configs
-
     sampling = DecodingConfig(temperature=0.9, top_p=0.8, max_length=7)
     rows = rerank_configs(sampling, 4, True)
     assert len(rows) == 4 and rows[0].no_sample and rows[1:] == [sampling] * 3
