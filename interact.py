@@ -132,6 +132,7 @@ def run(args):
     model.to(args.device).eval()
     rankers = Rankers(model, layout, args.device, bert, biencoder, args.max_history)
     config = DecodingConfig.from_args(args, no_sample=args.no_sample)
+    configs = rerank_configs(config, args.rerank, args.rerank_greedy)  # each turn's rows: samples (and greedy)
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     persona_ids = [encode(s) for s in persona]
@@ -164,7 +165,6 @@ def run(args):
         history_text.append(text)
         history, history_text = history[-(2 * args.max_history + 1):], history_text[-(2 * args.max_history + 1):]
         context = layout.context_inputs(persona_ids, history, max_len, args.max_length)
-        configs = rerank_configs(config, args.rerank, args.rerank_greedy)
         replies = generate(model, [context] * len(configs), layout, configs, generator=generator)
         texts = [" ".join(reply_text(tokenizer, r).split()) for r in replies]  # one line each
         best = rankers.best(args.ranker, persona, history_text, context, replies, texts) if len(replies) > 1 else 0
